@@ -1,0 +1,63 @@
+"""Encode and decode the teacher's per-token arrays for storage.
+
+Ids dominate the bytes of a top-k cache (an id at vocab ~152k needs 18 bits, a float16
+log-prob 16), so the default id codec sorts the ids within each position and stores the
+first id plus deltas: small, repetitive integers that zstd/gzip compress well. The
+log-probs travel in the same (sorted-id) order; decoding restores descending probability.
+
+Shapes: T positions, K top-k entries, L MoE layers, R router entries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+ID_CODECS = ("sorted_delta", "plain")
+VALUE_DTYPES = ("float16", "float32")
+# fp16 cannot hold -inf usefully; a log-prob below this is a probability of ~0 anyway.
+MIN_LOGPROB = -1.0e4
+
+
+@dataclass(frozen=True)
+class Codec:
+    ids: str = "sorted_delta"
+    values: str = "float16"
+
+    def __post_init__(self):
+        if self.ids not in ID_CODECS:
+            raise ValueError(f"cache.id_codec={self.ids!r} is unknown; allowed: {', '.join(ID_CODECS)}")
+        if self.values not in VALUE_DTYPES:
+            raise ValueError(f"cache.value_dtype={self.values!r} is unknown; allowed: {', '.join(VALUE_DTYPES)}")
+
+
+def encode_topk(ids_TK: np.ndarray, logprobs_TK: np.ndarray, codec: Codec) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, log-probs) in descending-probability order → the stored pair."""
+    lp_TK = np.maximum(logprobs_TK.astype(np.float32), MIN_LOGPROB).astype(codec.values)
+    ids_TK = ids_TK.astype(np.int32)
+    if codec.ids == "plain" or ids_TK.shape[1] == 0:
+        return ids_TK, lp_TK
+    order_TK = np.argsort(ids_TK, axis=1, kind="stable")
+    sorted_TK = np.take_along_axis(ids_TK, order_TK, axis=1)
+    delta_TK = np.diff(sorted_TK, axis=1, prepend=0).astype(np.int32)
+    return delta_TK, np.take_along_axis(lp_TK, order_TK, axis=1)
+
+
+def decode_topk(stored_ids_TK: np.ndarray, stored_lp_TK: np.ndarray, codec: Codec) -> tuple[np.ndarray, np.ndarray]:
+    """The stored pair → (ids int64, log-probs float32) by descending probability."""
+    lp_TK = np.asarray(stored_lp_TK, dtype=np.float32)
+    ids_TK = np.asarray(stored_ids_TK).astype(np.int64)
+    if codec.ids == "plain" or ids_TK.shape[1] == 0:
+        return ids_TK, lp_TK
+    ids_TK = np.cumsum(ids_TK, axis=1)
+    order_TK = np.argsort(-lp_TK, axis=1, kind="stable")
+    return np.take_along_axis(ids_TK, order_TK, axis=1), np.take_along_axis(lp_TK, order_TK, axis=1)
+
+
+def router_id_dtype(num_experts: int) -> str:
+    return "uint8" if num_experts <= 256 else "int16"
+
+
+def encode_values(x: np.ndarray, codec: Codec) -> np.ndarray:
+    return np.maximum(x.astype(np.float32), MIN_LOGPROB).astype(codec.values)

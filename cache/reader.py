@@ -1,0 +1,80 @@
+"""Read a finished cache: manifest checks, lazy shard handles, decoded sequence ranges.
+
+Shard handles open on first use in the process that reads (h5py handles do not survive
+fork), so a reader can be built in the parent and used inside DataLoader workers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cache.codec import Codec, decode_topk
+from cache.schema import CacheError, Manifest, ShardInfo, TeacherOutput, read_manifest
+from cache.shards import checksum, open_shard
+
+TOKEN_FIELDS = ("input_ids", "loss_mask", "target_logprob", "log_partition", "topk_ids", "topk_logprobs",
+                "router_ids", "router_probs")
+
+
+class CacheReader:
+    def __init__(self, cache_dir: str | Path):
+        self.cache_dir = Path(cache_dir)
+        self.manifest: Manifest = read_manifest(self.cache_dir)
+        if not self.manifest.complete:
+            raise CacheError(f"{cache_dir} is not complete; finish the cache stage first")
+        self.codec = Codec(**self.manifest.identity["codec"])
+        self._handles: dict[str, object] = {}
+        self._offsets: dict[str, np.ndarray] = {}
+
+    @property
+    def shards(self) -> list[ShardInfo]:
+        return self.manifest.shards
+
+    def shard(self, name: str):
+        if name not in self._handles:
+            self._handles[name] = open_shard(self.cache_dir, self.manifest.store, name)
+        return self._handles[name]
+
+    def seq_offsets(self, name: str) -> np.ndarray:
+        if name not in self._offsets:
+            self._offsets[name] = np.asarray(self.shard(name)["seq_offsets"][:])
+        return self._offsets[name]
+
+    def sample_ids(self, name: str) -> np.ndarray:
+        return np.asarray(self.shard(name)["sample_ids"][:])
+
+    def read(self, name: str, first_seq: int, last_seq: int) -> TeacherOutput:
+        """Sequences [first_seq, last_seq) of a shard, decoded."""
+        shard, offsets = self.shard(name), self.seq_offsets(name)
+        a, b = int(offsets[first_seq]), int(offsets[last_seq])
+        fields = {k: np.asarray(shard[k][a:b]) for k in TOKEN_FIELDS if k in shard}
+        if "topk_ids" in fields:
+            fields["topk_ids"], fields["topk_logprobs"] = decode_topk(fields["topk_ids"], fields["topk_logprobs"], self.codec)
+        if "draw_offsets" in shard:
+            bounds = np.asarray(shard["draw_offsets"][a:b + 1])
+            fields["draw_n"] = np.diff(bounds)
+            fields["draw_ids"] = np.asarray(shard["draw_ids"][bounds[0]:bounds[-1]])
+            fields["draw_counts"] = np.asarray(shard["draw_counts"][bounds[0]:bounds[-1]])
+        return TeacherOutput(
+            sample_ids=self.sample_ids(name)[first_seq:last_seq],
+            seq_lens=np.diff(offsets[first_seq:last_seq + 1]), **fields,
+        )
+
+    def read_shard(self, name: str) -> TeacherOutput:
+        return self.read(name, 0, len(self.seq_offsets(name)) - 1)
+
+    def verify(self) -> list[str]:
+        """Names of the shards whose bytes no longer match their recorded checksum."""
+        bad = []
+        for info in self.shards:
+            path = self.cache_dir / info.name
+            if not path.exists() or checksum(path) != info.checksum:
+                bad.append(info.name)
+        return bad
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()

@@ -1,0 +1,155 @@
+"""The cache format: one source of truth for its version, fields and manifest.
+
+A cache is a directory holding ``manifest.json`` plus shards (one Zarr group or one HDF5
+file each). Arrays use a flat token axis: sequences are concatenated and ``seq_offsets``
+marks their bounds. A shard that the manifest does not list does not exist.
+
+Shapes: T tokens in the shard, S sequences, K top-k entries, L MoE layers, R router
+entries per layer (k_r), D stored draw entries, P cached temperatures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    name: str
+    dtype: str
+    axis: str  # which flat axis dim 0 runs over: token | seq | seq+1 | token+1 | draw
+    meaning: str
+
+
+FIELDS: dict[str, FieldSpec] = {
+    f.name: f
+    for f in [
+        FieldSpec("input_ids", "int32", "token", "[T] tokens the teacher saw"),
+        FieldSpec("loss_mask", "uint8", "token", "[T] 1 where the next-token target is trained on"),
+        FieldSpec("seq_offsets", "int64", "seq+1", "[S+1] sequence bounds in the token axis"),
+        FieldSpec("sample_ids", "int64", "seq", "[S] stable id of each sequence"),
+        FieldSpec("topk_ids", "int32", "token", "[T, K] top-k next-token ids (codec-encoded)"),
+        FieldSpec("topk_logprobs", "float16", "token", "[T, K] their log-probs at temperature 1"),
+        FieldSpec("target_logprob", "float16", "token", "[T] log-prob of the actual next token"),
+        FieldSpec("log_partition", "float32", "token", "[T, P] log sum exp(z/tau) per cached tau"),
+        FieldSpec("draw_offsets", "int64", "token+1", "[T+1] bounds of each position's draws"),
+        FieldSpec("draw_ids", "int32", "draw", "[D] unique ids among the N draws"),
+        FieldSpec("draw_counts", "uint16", "draw", "[D] how often each id was drawn"),
+        FieldSpec("router_ids", "int16", "token", "[T, L, R] top-k_r expert ids per MoE layer"),
+        FieldSpec("router_probs", "float16", "token", "[T, L, R] their router probabilities"),
+    ]
+}
+
+REQUIRED_FIELDS = ("input_ids", "loss_mask", "seq_offsets", "sample_ids")
+
+
+class CacheError(ValueError):
+    """A cache that cannot be used as asked (wrong version, other teacher, corrupt shard)."""
+
+
+@dataclass
+class ShardInfo:
+    name: str
+    rank: int
+    n_tokens: int
+    n_seqs: int
+    nbytes: int
+    checksum: str
+
+
+@dataclass
+class Manifest:
+    """What a cache holds. ``identity`` must match for a resume or a reader to accept it."""
+
+    identity: dict[str, Any]
+    store: str
+    fields: list[str]
+    shards: list[ShardInfo] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+    complete: bool = False
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(s.n_tokens for s in self.shards)
+
+    @property
+    def n_seqs(self) -> int:
+        return sum(s.n_seqs for s in self.shards)
+
+    @property
+    def k(self) -> int:
+        return int(self.identity.get("k", 0))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Manifest":
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CacheError(
+                f"cache format version {version!r} is not supported (this kdcache reads "
+                f"version {FORMAT_VERSION}); re-create the cache with this version"
+            )
+        shards = [ShardInfo(**s) for s in data.get("shards", [])]
+        return cls(**{**data, "shards": shards})
+
+
+def write_json_atomic(path: Path, text: str) -> None:
+    """Write ``text`` so that readers see either the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_manifest(cache_dir: Path, manifest: Manifest) -> None:
+    write_json_atomic(Path(cache_dir) / MANIFEST_NAME, manifest.to_json())
+
+
+def read_manifest(cache_dir: str | Path) -> Manifest:
+    path = Path(cache_dir) / MANIFEST_NAME
+    if not path.exists():
+        raise CacheError(f"{cache_dir} holds no {MANIFEST_NAME}: not a finished kdcache cache")
+    return Manifest.from_dict(json.loads(path.read_text()))
+
+
+def identity_mismatch(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:
+    """Names of the identity keys whose values differ (missing counts as different)."""
+    keys = sorted(set(expected) | set(found))
+    return [k for k in keys if expected.get(k) != found.get(k)]
+
+
+@dataclass
+class TeacherOutput:
+    """The teacher's signal for a batch of whole sequences, flat over their tokens (T).
+
+    Produced by a teacher backend in phase one and decoded from shards in phase two; the
+    trainer sees only this record. Optional parts are None when the cache lacks them.
+    """
+
+    sample_ids: Any  # [S] int64
+    seq_lens: Any  # [S] int64, sums to T
+    input_ids: Any  # [T] int
+    loss_mask: Any  # [T] uint8
+    target_logprob: Any  # [T] float
+    log_partition: Any  # [T, P] float: log sum exp(z / tau) per cached tau
+    topk_ids: Any = None  # [T, K] int, descending probability
+    topk_logprobs: Any = None  # [T, K] float at tau = 1
+    draw_n: Any = None  # [T] unique draws per position
+    draw_ids: Any = None  # [D] int
+    draw_counts: Any = None  # [D] int
+    router_ids: Any = None  # [T, L, R] int
+    router_probs: Any = None  # [T, L, R] float (absent for an ids-only router cache)
+
+    def arrays(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}

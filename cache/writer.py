@@ -1,0 +1,144 @@
+"""One rank's cache writer, and the manifest merge that ends a cache.
+
+The writer takes whole batches of sequences (flat arrays, see ``assemble_shard``), commits
+a shard once it holds ``shard_tokens`` tokens, and after every commit rewrites its rank's
+journal atomically. A resumed run skips the sample ids the journals list. The last act of
+a cache is ``finalize``: it merges every journal into ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from cache.codec import Codec, encode_topk, encode_values, router_id_dtype
+from cache.schema import CacheError, Manifest, ShardInfo, identity_mismatch, write_json_atomic, write_manifest
+from cache.shards import commit_shard, open_shard, shard_name
+
+JOURNAL_DIR = "journal"
+PER_SEQ = ("sample_ids", "seq_lens")
+PER_DRAW = ("draw_ids", "draw_counts")
+
+
+def journal_path(cache_dir: Path, rank: int) -> Path:
+    return Path(cache_dir) / JOURNAL_DIR / f"rank{rank:03d}.json"
+
+
+def read_journals(cache_dir: Path) -> list[dict]:
+    folder = Path(cache_dir) / JOURNAL_DIR
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("rank*.json"))] if folder.exists() else []
+
+
+def check_identity(cache_dir: Path, identity: dict) -> None:
+    """Refuse to add to a cache made from another teacher, tokenizer, dataset or k."""
+    for journal in read_journals(cache_dir):
+        diff = identity_mismatch(identity, journal["identity"])
+        if diff:
+            raise CacheError(
+                f"{cache_dir} holds a cache made with other settings ({', '.join(diff)} differ); "
+                f"use another run name or output directory, or pass --force to set it aside"
+            )
+
+
+def committed_shards(cache_dir: Path) -> list[ShardInfo]:
+    return [ShardInfo(**s) for j in read_journals(cache_dir) for s in j["shards"]]
+
+
+def committed_sample_ids(cache_dir: Path, store: str) -> set[int]:
+    done: set[int] = set()
+    for info in committed_shards(cache_dir):
+        shard = open_shard(cache_dir, store, info.name)
+        done.update(int(i) for i in shard["sample_ids"][:])
+        shard.close()
+    return done
+
+
+def assemble_shard(batches: list[dict[str, np.ndarray]], codec: Codec, num_experts: int) -> dict[str, np.ndarray]:
+    """Concatenate batch records into the stored arrays of one shard."""
+    cat = {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+    out = {
+        "sample_ids": cat["sample_ids"].astype(np.int64),
+        "seq_offsets": np.concatenate([[0], np.cumsum(cat["seq_lens"])]).astype(np.int64),
+        "input_ids": cat["input_ids"].astype(np.int32),
+        "loss_mask": cat["loss_mask"].astype(np.uint8),
+        "target_logprob": encode_values(cat["target_logprob"], codec),
+        "log_partition": cat["log_partition"].astype(np.float32),
+    }
+    if "topk_ids" in cat:
+        out["topk_ids"], out["topk_logprobs"] = encode_topk(cat["topk_ids"], cat["topk_logprobs"], codec)
+    if "draw_n" in cat:
+        out["draw_offsets"] = np.concatenate([[0], np.cumsum(cat["draw_n"])]).astype(np.int64)
+        out["draw_ids"] = cat["draw_ids"].astype(np.int32)
+        out["draw_counts"] = cat["draw_counts"].astype(np.uint16)
+    if "router_ids" in cat:
+        out["router_ids"] = cat["router_ids"].astype(router_id_dtype(num_experts))
+        out["router_probs"] = cat["router_probs"].astype(codec.values)
+    return out
+
+
+class CacheWriter:
+    """Context manager for one rank: ``add`` batches, shards commit in a background thread."""
+
+    def __init__(self, cache_dir: Path, *, rank: int, identity: dict, store: str, codec: Codec,
+                 shard_tokens: int, chunk_rows: int, compression: str, level: int, num_experts: int = 0):
+        self.cache_dir, self.rank, self.identity, self.store = Path(cache_dir), rank, identity, store
+        self.codec, self.num_experts = codec, num_experts
+        self.shard_tokens, self.chunk_rows, self.compression, self.level = shard_tokens, chunk_rows, compression, level
+        self._buffer: list[dict] = []
+        self._buffered_tokens = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kdcache-writer{rank}")
+        self._pending: Future | None = None
+        path = journal_path(self.cache_dir, rank)
+        self._shards = [ShardInfo(**s) for s in json.loads(path.read_text())["shards"]] if path.exists() else []
+
+    def __enter__(self) -> "CacheWriter":
+        journal_path(self.cache_dir, self.rank).parent.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        self._buffer.append(batch)
+        self._buffered_tokens += len(batch["input_ids"])
+        if self._buffered_tokens >= self.shard_tokens:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        self._wait()  # at most one shard in flight bounds the memory held
+        batches, self._buffer, self._buffered_tokens = self._buffer, [], 0
+        self._pending = self._pool.submit(self._commit, batches)
+
+    def _commit(self, batches: list[dict]) -> None:
+        arrays = assemble_shard(batches, self.codec, self.num_experts)
+        name = shard_name(self.store, self.rank, len(self._shards))
+        info = commit_shard(self.cache_dir, self.store, name, self.rank, arrays,
+                            self.chunk_rows, self.compression, self.level)
+        self._shards.append(info)
+        journal = {"identity": self.identity, "shards": [asdict(s) for s in self._shards]}
+        write_json_atomic(journal_path(self.cache_dir, self.rank), json.dumps(journal, indent=1))
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.flush()
+            self._wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def finalize(cache_dir: Path, identity: dict, store: str, fields: list[str]) -> Manifest:
+    """Merge every rank's journal into the manifest, written last and atomically."""
+    check_identity(cache_dir, identity)
+    shards = sorted(committed_shards(cache_dir), key=lambda s: s.name)
+    manifest = Manifest(identity=identity, store=store, fields=fields, shards=shards, complete=True)
+    write_manifest(Path(cache_dir), manifest)
+    return manifest

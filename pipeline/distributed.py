@@ -1,0 +1,35 @@
+"""Rank, world size, device and barriers for multi-process stages (torchrun / accelerate).
+
+A thin layer over accelerate's PartialState: gloo on CPU, NCCL on GPUs, one process
+when no launcher set the environment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    device: torch.device
+    _state: object = None
+
+    @classmethod
+    def from_env(cls, cpu: bool | None = None) -> "Dist":
+        from accelerate import PartialState
+
+        cpu = not torch.cuda.is_available() if cpu is None else cpu
+        st = PartialState(cpu=cpu)
+        return cls(rank=st.process_index, world_size=st.num_processes, device=st.device, _state=st)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            self._state.wait_for_everyone()

@@ -1,0 +1,95 @@
+"""From teacher logits to cache fields, a chunk of positions at a time.
+
+Per chunk of C positions (a view into one sequence's logits) we take the top-k, the
+log-partition at every cached temperature and the target's log-prob; the fp32 copy of a
+chunk is the largest temporary, never the whole batch × vocabulary.
+
+Shapes: C positions in a chunk, V vocabulary, K top-k, N draws, P temperatures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+TARGETS = ("topk", "sampled", "topk+sampled")
+
+
+@dataclass(frozen=True)
+class ExtractSpec:
+    k: int
+    temperatures: tuple[float, ...]  # temperatures[0] == 1.0
+    targets: str = "topk"
+    num_draws: int = 64
+    draw_temperature: float = 1.0
+    seed: int = 0
+    vocab_limit: int = 0  # ids >= this are vocabulary padding and never a target
+    chunk_tokens: int = 1024
+    router_topk: str = "all"  # 'all' | 'none' | an integer
+
+    @property
+    def wants_topk(self) -> bool:
+        return "topk" in self.targets
+
+    @property
+    def wants_draws(self) -> bool:
+        return "sampled" in self.targets
+
+
+def sequence_generator(seed: int, sample_id: int) -> torch.Generator:
+    """The draws of a sequence depend on (seed, sample id) only: resume- and rank-proof."""
+    digest = hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def topk_and_partitions(z_CV: torch.Tensor, spec: ExtractSpec) -> dict[str, torch.Tensor]:
+    zf_CV = z_CV.float()
+    log_z_CP = torch.stack([torch.logsumexp(zf_CV if t == 1.0 else zf_CV / t, dim=-1) for t in spec.temperatures], -1)
+    out = {"log_partition": log_z_CP, "zf": zf_CV}
+    if spec.wants_topk:
+        vals_CK, ids_CK = torch.topk(zf_CV, spec.k, dim=-1, sorted=True)
+        out["topk_ids"] = ids_CK.to(torch.int32)
+        out["topk_logprobs"] = vals_CK - log_z_CP[:, :1]
+    return out
+
+
+def target_logprob(zf_CV: torch.Tensor, log_z1_C: torch.Tensor, targets_C: torch.Tensor) -> torch.Tensor:
+    """Teacher log-prob of each position's next token; 0 where there is none (target -1)."""
+    safe_C = targets_C.clamp(min=0)
+    lp_C = zf_CV.gather(1, safe_C[:, None])[:, 0] - log_z1_C
+    return torch.where(targets_C >= 0, lp_C, torch.zeros_like(lp_C))
+
+
+def draw(zf_CV: torch.Tensor, u_CN: torch.Tensor, temperature: float) -> dict[str, torch.Tensor]:
+    """Inverse-CDF sampling of N ids per position, returned as unique ids + counts."""
+    probs_CV = torch.softmax(zf_CV / temperature, dim=-1)
+    cdf_CV = torch.cumsum(probs_CV, dim=-1)
+    ids_CN = torch.searchsorted(cdf_CV, u_CN * cdf_CV[:, -1:]).clamp_(max=zf_CV.shape[1] - 1)
+    rows_CN = torch.arange(ids_CN.shape[0], device=ids_CN.device)[:, None].expand_as(ids_CN)
+    keys, counts = torch.unique(rows_CN * zf_CV.shape[1] + ids_CN, return_counts=True)
+    rows = keys // zf_CV.shape[1]
+    return {
+        "draw_n": torch.bincount(rows, minlength=ids_CN.shape[0]),
+        "draw_ids": (keys % zf_CV.shape[1]).to(torch.int32),
+        "draw_counts": counts.to(torch.int32),
+    }
+
+
+def extract_sequence(z_LV: torch.Tensor, targets_L: torch.Tensor, u_LN: torch.Tensor | None,
+                     spec: ExtractSpec) -> dict[str, torch.Tensor]:
+    """All cache fields for one sequence's L positions, computed chunk by chunk."""
+    if spec.vocab_limit:
+        z_LV = z_LV[:, : spec.vocab_limit]
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, z_LV.shape[0], spec.chunk_tokens):
+        stop = min(start + spec.chunk_tokens, z_LV.shape[0])
+        out = topk_and_partitions(z_LV[start:stop], spec)
+        zf_CV = out.pop("zf")
+        out["target_logprob"] = target_logprob(zf_CV, out["log_partition"][:, 0], targets_L[start:stop])
+        if u_LN is not None:
+            out.update(draw(zf_CV, u_LN[start:stop].to(zf_CV.device), spec.draw_temperature))
+        for key, value in out.items():
+            parts.setdefault(key, []).append(value)
+    return {key: torch.cat(values) for key, values in parts.items()}

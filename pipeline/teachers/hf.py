@@ -1,0 +1,119 @@
+"""The transformers teacher: one forward per batch, extraction on the device.
+
+bf16 on GPU, fp32 on CPU (``teacher.dtype=auto``). Positions are flattened per sequence
+(views into the logits, never a gathered copy of batch × vocab), router logits come from
+hooks on the router modules (see pipeline/router.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cache.schema import TeacherOutput
+from pipeline.config import ConfigError, fingerprint
+from pipeline.router import RouterCapture, check_raw_logits, num_experts, router_family
+from pipeline.teachers.base import TeacherBatch, TeacherConfig, resolve_dtype
+from pipeline.teachers.extract import ExtractSpec, extract_sequence, sequence_generator
+
+# config keys that say nothing about the function the model computes
+_VOLATILE = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "attn_implementation",
+             "_attn_implementation_autoset", "use_cache", "output_router_logits", "architectures")
+
+
+def load_causal_lm(path: str, dtype: torch.dtype, device: torch.device, attn: str, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM
+
+    if not Path(path).exists() and ("/" not in path or path.startswith((".", "/"))):
+        raise ConfigError(f"model path {path!r} does not exist; pass a model directory or a hub id")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn,
+                                                     trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise ConfigError(f"cannot load model {path!r}: {str(err).splitlines()[0]}") from None
+    return model.to(device).eval()
+
+
+def config_fingerprint(config) -> str:
+    return fingerprint({k: v for k, v in config.to_dict().items() if k not in _VOLATILE})
+
+
+def resolve_router_topk(setting: str, experts: int) -> int:
+    """'all' → every expert, 'none' → no router data, an integer → that many (≤ experts)."""
+    if setting == "none" or experts == 0:
+        return 0
+    if setting == "all":
+        return experts
+    if not setting.isdigit() or not 0 < int(setting) <= experts:
+        raise ConfigError(f"cache.router_topk={setting!r} must be 'all', 'none' or 1..{experts}")
+    return int(setting)
+
+
+class HFTeacher:
+    def __init__(self, cfg: TeacherConfig, spec: ExtractSpec, device: torch.device):
+        self.cfg, self.spec, self.device = cfg, spec, device
+        self.model = load_causal_lm(cfg.path, resolve_dtype(cfg.dtype, device), device,
+                                    cfg.attn_implementation, cfg.trust_remote_code)
+        config = self.model.config
+        self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        self.family = router_family(config) if spec.router_topk != "none" else None
+        self.num_experts = num_experts(config) if self.family else 0
+        self.router_topk = resolve_router_topk(spec.router_topk, self.num_experts)
+        self.capture = RouterCapture(self.model, self.family) if self.router_topk else None
+        self._checked = False
+
+    def identity(self) -> dict:
+        config = self.model.config
+        return {
+            "teacher_path": str(Path(self.cfg.path).resolve()) if Path(self.cfg.path).exists() else self.cfg.path,
+            "teacher_config": config_fingerprint(config),
+            "teacher_model_type": config.model_type,
+            "router_topk": self.router_topk,
+            "num_experts": self.num_experts,
+            "moe_layers": self.capture.layers if self.capture else [],
+        }
+
+    @torch.inference_mode()
+    def score(self, batch: TeacherBatch) -> TeacherOutput:
+        input_ids = batch.input_ids.to(self.device)
+        positions = torch.arange(input_ids.shape[1], device=self.device)
+        attention_mask = (positions[None, :] < batch.lengths.to(self.device)[:, None]).long()
+        if self.capture:
+            with self.capture:
+                logits_BLV = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            router = self._router(self.capture.pop(), attention_mask)
+        else:
+            logits_BLV = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            router = {}
+        per_seq = [self._sequence(logits_BLV[b], input_ids[b], batch, b) for b in range(len(batch.lengths))]
+        return self._output(batch, per_seq, router)
+
+    def _sequence(self, logits_LV, ids_L, batch: TeacherBatch, b: int) -> dict[str, torch.Tensor]:
+        n = int(batch.lengths[b])
+        targets_L = torch.full((n,), -1, dtype=torch.long, device=ids_L.device)
+        targets_L[:-1] = ids_L[1:n]
+        u_LN = None
+        if self.spec.wants_draws:
+            u_LN = torch.rand(n, self.spec.num_draws, generator=sequence_generator(self.spec.seed, int(batch.sample_ids[b])))
+        return extract_sequence(logits_LV[:n], targets_L, u_LN, self.spec)
+
+    def _router(self, logits: list[torch.Tensor], attention_mask_BL: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not self._checked:
+            check_raw_logits(logits[0])
+            self._checked = True
+        valid = attention_mask_BL.reshape(-1).bool()
+        probs = [self.family.probs(layer_NE[valid]) for layer_NE in logits]
+        top = [torch.topk(p_NE, self.router_topk, dim=-1) for p_NE in probs]
+        return {"router_probs": torch.stack([t.values for t in top], 1), "router_ids": torch.stack([t.indices for t in top], 1)}
+
+    def _output(self, batch: TeacherBatch, per_seq: list[dict], router: dict) -> TeacherOutput:
+        fields = {key: torch.cat([s[key] for s in per_seq]).cpu().numpy() for key in per_seq[0]}
+        fields.update({key: value.cpu().numpy() for key, value in router.items()})
+        lengths = batch.lengths.numpy()
+        valid = np.arange(batch.input_ids.shape[1])[None, :] < lengths[:, None]
+        return TeacherOutput(
+            sample_ids=batch.sample_ids.numpy(), seq_lens=lengths,
+            input_ids=batch.input_ids.numpy()[valid], loss_mask=batch.loss_mask.numpy()[valid], **fields,
+        )

@@ -1,0 +1,75 @@
+"""kdcache command line: one subcommand per stage.
+
+    python run_pipeline.py                                   # the embedded demo, on CPU
+    python run_pipeline.py cache --config configs/x.yaml cache.k=32
+    python run_pipeline.py inspect runs/x/cache --verify --plots runs/x/plots
+    python run_pipeline.py status runs/x
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+STAGE_COMMANDS = ("run", "prepare", "cache")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="run_pipeline.py", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command")
+    for name in STAGE_COMMANDS:
+        p = sub.add_parser(name, help=f"the '{name}' stage" if name != "run" else "every stage in order")
+        p.add_argument("--config", action="append", default=[], help="YAML file(s); later ones win")
+        p.add_argument("--force", action="store_true", help="set aside outputs made with other inputs and redo")
+        p.add_argument("overrides", nargs="*", help="section.key=value")
+    p = sub.add_parser("inspect", help="statistics of a cache")
+    p.add_argument("cache_dir")
+    p.add_argument("--verify", action="store_true", help="re-check every shard's checksum")
+    p.add_argument("--plots", default="", help="write PNG charts to this directory")
+    p.add_argument("--max-tokens", type=int, default=2_000_000, help="tokens sampled for the statistics")
+    p = sub.add_parser("status", help="the state of each stage of a run")
+    p.add_argument("run_dir")
+    sub.add_parser("demo", help="the embedded demo (the default)")
+    return parser.parse_args(argv)
+
+
+def stage_command(args) -> None:
+    from pipeline.config import load_config
+    from stages import cache_teacher, prepare
+    from stages.config import PipelineConfig
+
+    cfg = load_config(PipelineConfig, args.config, args.overrides)
+    if args.command in ("prepare", "run"):
+        prepare.run(cfg, force=args.force)
+    if args.command in ("cache", "run"):
+        cache_teacher.run(cfg, force=args.force)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cache.schema import CacheError
+    from pipeline.config import ConfigError
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if args.command in STAGE_COMMANDS:
+            stage_command(args)
+        elif args.command == "inspect":
+            from stages import inspect_cache
+
+            inspect_cache.main(args.cache_dir, verify=args.verify, plots=args.plots, max_tokens=args.max_tokens)
+        elif args.command == "status":
+            from stages import status
+
+            status.main(args.run_dir)
+        else:
+            from stages import demo
+
+            demo.main()
+    except (ConfigError, CacheError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Stage (phase one): run the teacher once over the prepared data and cache its signal.
+
+    python run_pipeline.py cache --config configs/demo.yaml
+    torchrun --nproc_per_node 8 run_pipeline.py cache --config configs/demo.yaml
+
+Sequences are cut into fixed batches in sample-id order and batch i goes to rank
+i % world_size, so every rank count yields the same batches and the same cache. Each rank
+writes its own shards; rank 0 merges the journals into manifest.json last. A killed run
+resumes at shard granularity: batches whose sequences a committed shard holds are skipped.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from cache.codec import ID_CODECS, VALUE_DTYPES, Codec
+from cache.schema import Manifest, read_manifest
+from cache.shards import STORES, resolve_compression
+from cache.writer import CacheWriter, check_identity, committed_sample_ids, finalize
+from pipeline import state
+from pipeline.config import ConfigError, choice, fingerprint, save_config
+from pipeline.distributed import Dist
+from pipeline.teachers.base import TeacherBatch, build_teacher
+from pipeline.teachers.extract import TARGETS, ExtractSpec
+
+
+@dataclass
+class CacheConfig:
+    k: int = 64
+    """Top-k teacher log-probs stored per position."""
+    targets: str = choice("topk", TARGETS)
+    """'topk', 'sampled' (N draws per position, unbiased) or both."""
+    num_draws: int = 64
+    """Draws per position for sampled targets."""
+    draw_temperature: float = 1.0
+    """Temperature of the distribution the draws come from."""
+    temperatures: list[float] = field(default_factory=lambda: [1.0])
+    """Temperatures whose log-partition is cached (tail buckets are exact at these)."""
+    router_topk: str = "all"
+    """Router entries per MoE layer: 'all', 'none' or an integer k_r."""
+    store: str = choice("zarr", tuple(STORES))
+    """Shard format."""
+    compression: str = "auto"
+    """'auto' (zstd for zarr, gzip for hdf5), zstd, gzip, lzf (hdf5) or none."""
+    compression_level: int = 3
+    """Compressor level."""
+    id_codec: str = choice("sorted_delta", ID_CODECS)
+    """How top-k ids are stored."""
+    value_dtype: str = choice("float16", VALUE_DTYPES)
+    """How log-probs and router probabilities are stored."""
+    shard_tokens: int = 262144
+    """Tokens per shard (the unit of resume)."""
+    chunk_tokens: int = 4096
+    """Rows per compressed chunk inside a shard."""
+    batch_size: int = 8
+    """Sequences per teacher forward."""
+    extract_chunk_tokens: int = 1024
+    """Positions per extraction step (bounds the fp32 vocab-sized temporary)."""
+    seed: int = 0
+    """Seed of the sampled targets (with each sample id)."""
+    splits: list[str] = field(default_factory=lambda: ["train", "eval"])
+    """Prepared splits to cache: train → cache/, others → cache_<split>/."""
+
+    def validate(self) -> None:
+        if self.k < 0 or (self.k == 0 and "topk" in self.targets):
+            raise ConfigError(f"cache.k={self.k} must be positive for cache.targets={self.targets}")
+        if self.num_draws < 1 or self.num_draws > 65535:
+            raise ConfigError(f"cache.num_draws={self.num_draws} must be in 1..65535")
+        if any(t <= 0 for t in self.temperatures) or self.draw_temperature <= 0:
+            raise ConfigError("cache.temperatures and cache.draw_temperature must be positive")
+        resolve_compression(self.store, self.compression)
+
+
+def cache_dir(run_dir: Path, split: str) -> Path:
+    return Path(run_dir) / ("cache" if split == "train" else f"cache_{split}")
+
+
+def extract_spec(cfg: CacheConfig, vocab_limit: int) -> ExtractSpec:
+    temps = tuple([1.0] + [t for t in cfg.temperatures if t != 1.0])
+    return ExtractSpec(k=cfg.k, temperatures=temps, targets=cfg.targets, num_draws=cfg.num_draws,
+                       draw_temperature=cfg.draw_temperature, seed=cfg.seed, vocab_limit=vocab_limit,
+                       chunk_tokens=cfg.extract_chunk_tokens, router_topk=str(cfg.router_topk))
+
+
+def plan_batches(sample_ids: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Row indices of fixed batches in sample-id order (the same for every rank count)."""
+    order = np.argsort(sample_ids, kind="stable")
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def make_batch(ds, rows: np.ndarray, pad_id: int) -> TeacherBatch:
+    records = ds[rows.tolist()]
+    seqs, masks = list(records["input_ids"]), list(records["loss_mask"])
+    lengths = np.array([len(s) for s in seqs])
+    ids = np.full((len(seqs), lengths.max()), pad_id, dtype=np.int64)
+    mask = np.zeros_like(ids, dtype=np.uint8)
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        ids[i, : len(s)], mask[i, : len(m)] = s, m
+    return TeacherBatch(torch.as_tensor(records["sample_id"], dtype=torch.long), torch.from_numpy(ids),
+                        torch.from_numpy(lengths), torch.from_numpy(mask))
+
+
+def check_teacher_fits(teacher, data_manifest: dict, spec: ExtractSpec, ds) -> None:
+    vocab = data_manifest["vocab_size"]
+    if teacher.vocab_size < vocab:
+        raise ConfigError(f"the tokenizer has {vocab} tokens but the teacher's vocabulary is {teacher.vocab_size}: "
+                          f"tokenizer/teacher mismatch; use the teacher's own tokenizer (data.tokenizer)")
+    if spec.wants_topk and spec.k > vocab:
+        raise ConfigError(f"cache.k={spec.k} is larger than the vocabulary ({vocab}); use cache.k<={vocab}")
+    teacher_tok = getattr(teacher, "tokenizer_fingerprint", None)
+    if teacher_tok and teacher_tok != data_manifest["tokenizer"]:
+        raise ConfigError("the prepared data used another tokenizer than the teacher's own; "
+                          "set data.tokenizer to the teacher's and re-run prepare")
+
+
+def identity(cfg, teacher, spec: ExtractSpec, data_manifest: dict, split: str) -> dict:
+    c = cfg.cache
+    return {
+        **teacher.identity(), "tokenizer": data_manifest["tokenizer"], "vocab_size": data_manifest["vocab_size"],
+        "dataset": data_manifest["splits"][split]["fingerprint"], "split": split, "k": c.k if spec.wants_topk else 0,
+        "targets": c.targets, "temperatures": list(spec.temperatures),
+        "draws": {"n": c.num_draws, "temperature": c.draw_temperature, "seed": c.seed} if spec.wants_draws else None,
+        "codec": {"ids": c.id_codec, "values": c.value_dtype}, "store": c.store,
+    }
+
+
+def cache_split(cfg, teacher, spec: ExtractSpec, split: str, dist: Dist) -> Manifest | None:
+    from stages.prepare import load_split
+
+    ds, data_manifest = load_split(cfg.run_dir, split)
+    out_dir = cache_dir(cfg.run_dir, split)
+    if len(ds) == 0:
+        return None
+    check_teacher_fits(teacher, data_manifest, spec, ds)
+    ident = identity(cfg, teacher, spec, data_manifest, split)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_identity(out_dir, ident)
+    if (out_dir / "manifest.json").exists() and read_manifest(out_dir).identity == ident:
+        return read_manifest(out_dir)
+
+    c = cfg.cache
+    done = committed_sample_ids(out_dir, c.store)
+    sample_ids = np.asarray(ds["sample_id"])
+    mine = plan_batches(sample_ids, c.batch_size)[dist.rank::dist.world_size]
+    todo = [rows for rows in mine if not all(int(s) in done for s in sample_ids[rows])]
+    writer = CacheWriter(out_dir, rank=dist.rank, identity=ident, store=c.store, codec=Codec(c.id_codec, c.value_dtype),
+                         shard_tokens=c.shard_tokens, chunk_rows=c.chunk_tokens,
+                         compression=resolve_compression(c.store, c.compression), level=c.compression_level,
+                         num_experts=teacher.num_experts)
+    run_batches(teacher, ds, todo, writer, dist, split)
+    dist.barrier()
+    if dist.is_main:
+        finalize(out_dir, ident, c.store, sorted(cached_fields(spec, teacher)))
+        save_config(cfg, out_dir / "config.yaml")
+    dist.barrier()
+    return read_manifest(out_dir)
+
+
+def cached_fields(spec: ExtractSpec, teacher) -> set[str]:
+    out = {"input_ids", "loss_mask", "seq_offsets", "sample_ids", "target_logprob", "log_partition"}
+    if spec.wants_topk:
+        out |= {"topk_ids", "topk_logprobs"}
+    if spec.wants_draws:
+        out |= {"draw_offsets", "draw_ids", "draw_counts"}
+    if teacher.router_topk:
+        out |= {"router_ids", "router_probs"}
+    return out
+
+
+def run_batches(teacher, ds, todo: list[np.ndarray], writer: CacheWriter, dist: Dist, split: str) -> None:
+    lengths = np.array([len(x) for x in ds["input_ids"]])
+    total = int(sum(lengths[rows].sum() for rows in todo))
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"cache {split} (rank 0 of {dist.world_size})",
+               disable=not dist.is_main, smoothing=0.1)
+    with writer:
+        for rows in todo:
+            batch = make_batch(ds, rows, pad_id=0)  # padding is masked out; any id will do
+            out = teacher.score(batch)
+            writer.add(out.arrays())
+            bar.update(int(batch.lengths.sum()))
+    bar.close()
+
+
+def begin_on_all_ranks(run_dir: Path, inputs: str, outputs: list[Path], force: bool, dist: Dist) -> bool:
+    """Rank 0 decides (and sets old outputs aside on --force) before the others look."""
+    must_run = state.begin(run_dir, "cache", inputs, outputs, force) if dist.is_main else False
+    dist.barrier()
+    return must_run if dist.is_main else state.begin(run_dir, "cache", inputs, [], False)
+
+
+def run(cfg, force: bool = False) -> dict[str, Manifest]:
+    dist = Dist.from_env()
+    inputs = fingerprint(cfg.teacher, cfg.cache, cfg.data, cfg.tokenizer_path())
+    outputs = [cache_dir(cfg.run_dir, s) for s in cfg.cache.splits]
+    if not begin_on_all_ranks(cfg.run_dir, inputs, outputs, force, dist):
+        return {s: read_manifest(cache_dir(cfg.run_dir, s)) for s in cfg.cache.splits
+                if (cache_dir(cfg.run_dir, s) / "manifest.json").exists()}
+    from stages.prepare import load_split
+
+    _, data_manifest = load_split(cfg.run_dir, "train")
+    spec = extract_spec(cfg.cache, vocab_limit=data_manifest["vocab_size"])
+    teacher = build_teacher(cfg.teacher, spec, dist.device)
+    if dist.is_main:
+        state.write_state(cfg.run_dir, "cache", "running", inputs)
+    start = time.time()
+    manifests = {s: m for s in cfg.cache.splits if (m := cache_split(cfg, teacher, spec, s, dist)) is not None}
+    if dist.is_main:
+        tokens = {s: m.n_tokens for s, m in manifests.items()}
+        state.write_state(cfg.run_dir, "cache", "done", inputs, tokens=tokens, seconds=round(time.time() - start, 1))
+    return manifests

@@ -1,0 +1,45 @@
+"""The whole pipeline's config: one section per component, each defined beside its owner.
+
+    python run_pipeline.py run --config configs/demo.yaml cache.k=32
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.config import ConfigError, choice
+from pipeline.data import DataConfig
+from pipeline.teachers.base import TeacherConfig
+from stages.cache_teacher import CacheConfig
+
+
+@dataclass
+class RunConfig:
+    name: str = "demo"
+    """Run name: outputs go to <root>/<name>."""
+    root: str = "runs"
+    """Directory that holds the runs."""
+    seed: int = 0
+    """Seed of everything random in the run."""
+    device: str = choice("auto", ("auto", "cpu", "cuda"))
+    """'auto' = CUDA when available."""
+
+    def validate(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"run.name={self.name!r} must be a non-empty name without '/'")
+
+
+@dataclass
+class PipelineConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.root) / self.run.name
+
+    def tokenizer_path(self) -> str:
+        return self.data.tokenizer or self.teacher.path

@@ -1,0 +1,112 @@
+"""Stage: dataset → tokenized sequences with sample ids and loss masks.
+
+    python run_pipeline.py prepare --config configs/demo.yaml
+
+Writes ``runs/<name>/data/{train,eval}`` (datasets on disk: sample_id, input_ids,
+loss_mask) and ``data/manifest.json`` with each split's fingerprint and size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from cache.schema import write_json_atomic
+from pipeline import state
+from pipeline.config import ConfigError, fingerprint, save_config
+from pipeline.data import (is_eval, load_records, pack, resolve_mode, sequences_fingerprint, to_position_mask,
+                           tokenize_batch, tokenizer_fingerprint)
+
+SPLITS = ("train", "eval")
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    if not path:
+        raise ConfigError("no tokenizer: set data.tokenizer, teacher.path or student.path")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot load tokenizer {path!r}: {str(err).splitlines()[0]}") from None
+
+
+def documents(records, tokenizer, cfg, mode: str):
+    """(token ids, target mask) per record, in record order, with the record index."""
+    batch_size = 1000
+    for start in tqdm(range(0, len(records), batch_size), desc="tokenize", unit="batch", leave=False):
+        rows = records[start:start + batch_size]
+        for offset, doc in enumerate(tokenize_batch(tokenizer, cfg, mode, rows)):
+            yield start + offset, doc
+
+
+def sequences(records, tokenizer, cfg, mode: str):
+    """(sample id, ids, position loss mask); the id is the record index, or the piece index when packing."""
+    docs = documents(records, tokenizer, cfg, mode)
+    if cfg.packing:
+        pieces = enumerate(pack((doc for _, doc in docs), cfg.max_length))
+    else:
+        pieces = ((i, (ids[: cfg.max_length], mask[: cfg.max_length])) for i, (ids, mask) in docs)
+    for sample_id, (ids, mask) in pieces:
+        if len(ids) >= 2:
+            yield sample_id, np.asarray(ids, np.int32), to_position_mask(np.asarray(mask, np.uint8))
+
+
+def save_split(out_dir: Path, rows: dict[str, list]) -> dict:
+    import datasets
+
+    features = datasets.Features({
+        "sample_id": datasets.Value("int64"),
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "loss_mask": datasets.Sequence(datasets.Value("uint8")),
+    })
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(out_dir))
+    return {
+        "sequences": len(rows["sample_id"]),
+        "tokens": int(sum(len(x) for x in rows["input_ids"])),
+        "trained_tokens": int(sum(int(m.sum()) for m in rows["loss_mask"])),
+        "fingerprint": sequences_fingerprint(rows["sample_id"], rows["input_ids"], rows["loss_mask"]),
+    }
+
+
+def run(cfg, force: bool = False) -> dict:
+    run_dir, data_cfg = cfg.run_dir, cfg.data
+    tok_path = cfg.tokenizer_path()
+    inputs = fingerprint(data_cfg, tok_path)
+    out_dir = run_dir / "data"
+    if not state.begin(run_dir, "prepare", inputs, [out_dir], force):
+        return json.loads((out_dir / "manifest.json").read_text())
+    tokenizer = load_tokenizer(tok_path)
+    records = load_records(data_cfg)
+    mode = resolve_mode(data_cfg, list(records.column_names))
+    state.write_state(run_dir, "prepare", "running", inputs)
+
+    rows = {split: {"sample_id": [], "input_ids": [], "loss_mask": []} for split in SPLITS}
+    for sample_id, ids, mask in sequences(records, tokenizer, data_cfg, mode):
+        split = "eval" if is_eval(sample_id, data_cfg.eval_fraction) else "train"
+        for key, value in zip(("sample_id", "input_ids", "loss_mask"), (sample_id, ids, mask)):
+            rows[split][key].append(value)
+    if not rows["train"]["sample_id"]:
+        raise ConfigError(f"data.source={data_cfg.source!r} gave no sequence of at least 2 tokens")
+
+    manifest = {"mode": mode, "tokenizer": tokenizer_fingerprint(tokenizer), "tokenizer_path": tok_path,
+                "vocab_size": len(tokenizer), "splits": {s: save_split(out_dir / s, rows[s]) for s in SPLITS}}
+    save_config(cfg, out_dir / "config.yaml")
+    write_json_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=1))
+    state.write_state(run_dir, "prepare", "done", inputs, **{s: manifest["splits"][s]["sequences"] for s in SPLITS})
+    return manifest
+
+
+def load_split(run_dir: Path, split: str):
+    """A prepared split as a datasets.Dataset in numpy format, plus the data manifest."""
+    import datasets
+
+    manifest_path = Path(run_dir) / "data" / "manifest.json"
+    if not manifest_path.exists():
+        raise ConfigError(f"{run_dir} has no prepared data; run the 'prepare' stage first")
+    manifest = json.loads(manifest_path.read_text())
+    ds = datasets.load_from_disk(str(Path(run_dir) / "data" / split)).with_format("numpy")
+    return ds, manifest
