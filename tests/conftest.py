@@ -1,0 +1,94 @@
+"""Shared fixtures: a BPE tokenizer trained on the stdlib's docstrings, tiny saved models, data.
+
+Everything is built once per test session under a temporary directory and loaded back
+through the real ``from_pretrained`` paths.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.demo import save_tiny_model, stdlib_docstrings, tiny_config, train_tokenizer, write_jsonl
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+VOCAB = 512
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("assets")
+
+
+@pytest.fixture(scope="session")
+def docstrings():
+    return stdlib_docstrings(max_docs=300)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(assets, docstrings) -> Path:
+    out = assets / "tokenizer"
+    train_tokenizer([doc for _, doc in docstrings], VOCAB, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def make_model(assets, tokenizer):
+    """make_model(family, name=None, **config overrides) → path of a saved tiny model."""
+    built: dict[str, Path] = {}
+
+    def make(family: str, name: str | None = None, seed: int = 0, **overrides) -> Path:
+        name = name or family
+        if name not in built:
+            config = tiny_config(family, len(tokenizer), **overrides)
+            built[name] = save_tiny_model(config, assets / "models" / name, tokenizer, seed=seed)
+        return built[name]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def text_jsonl(assets, docstrings) -> Path:
+    return write_jsonl(assets / "data" / "text.jsonl", [{"text": doc} for _, doc in docstrings])
+
+
+@pytest.fixture(scope="session")
+def pairs_jsonl(assets, docstrings) -> Path:
+    rows = [{"prompt": f"Document {name}.", "response": doc} for name, doc in docstrings]
+    return write_jsonl(assets / "data" / "pairs.jsonl", rows)
+
+
+@pytest.fixture
+def make_config(tmp_path, text_jsonl, make_model):
+    """make_config(*overrides) → a PipelineConfig on the tiny Qwen3-MoE teacher and the text data."""
+    from stages.config import PipelineConfig
+
+    def make(*overrides: str, teacher: str = "qwen3_moe"):
+        base = [f"run.root={tmp_path / 'runs'}", f"data.source={text_jsonl}", f"teacher.path={make_model(teacher)}",
+                "data.max_length=64", "data.max_samples=120", "cache.k=8", "cache.batch_size=4",
+                "cache.shard_tokens=600", "cache.chunk_tokens=256"]
+        return load_config(PipelineConfig, [], base + list(overrides))
+
+    return make
