@@ -17,7 +17,7 @@ import numpy as np
 
 from cache.codec import Codec, encode_topk, encode_values, router_id_dtype
 from cache.schema import CacheError, Manifest, ShardInfo, identity_mismatch, write_json_atomic, write_manifest
-from cache.shards import commit_shard, open_shard, shard_name
+from cache.shards import commit_shard, open_shard, remove, shard_name
 
 JOURNAL_DIR = "journal"
 PER_SEQ = ("sample_ids", "seq_lens")
@@ -97,6 +97,9 @@ class CacheWriter:
 
     def __enter__(self) -> "CacheWriter":
         journal_path(self.cache_dir, self.rank).parent.mkdir(parents=True, exist_ok=True)
+        # a killed run leaves half-written shards under a temporary name: never data, only bytes
+        for stale in self.cache_dir.glob(f".r{self.rank:03d}-*.tmp*"):
+            remove(stale)
         return self
 
     def add(self, batch: dict[str, np.ndarray]) -> None:

@@ -1,0 +1,227 @@
+"""One conformance suite for both shard stores (Zarr v3, HDF5), plus the top-k codec.
+
+Every test that touches a store runs on both: the same arrays in, the same arrays out.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cache.codec import MIN_LOGPROB, Codec, decode_topk, encode_topk
+from cache.reader import CacheReader
+from cache.schema import FIELDS, Manifest, write_manifest
+from cache.shards import checksum, commit_shard, open_shard, resolve_compression, shard_name
+from cache.writer import CacheWriter, committed_shards, finalize, read_journals
+
+STORES = ("zarr", "hdf5")
+
+
+def shard_arrays(rng: np.random.Generator, n_tokens: int = 37, k: int = 5, layers: int = 3, r: int = 4,
+                 with_draws: bool = True) -> dict[str, np.ndarray]:
+    """Every cache field with its schema dtype; the draw arrays may be empty."""
+    lens = np.array([10, 20, n_tokens - 30])
+    draw_n = rng.integers(1, 4, size=n_tokens) if with_draws else np.zeros(n_tokens, np.int64)
+    return {
+        "input_ids": rng.integers(0, 500, n_tokens).astype(np.int32),
+        "loss_mask": rng.integers(0, 2, n_tokens).astype(np.uint8),
+        "seq_offsets": np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
+        "sample_ids": np.array([7, 3, 11], dtype=np.int64),
+        "topk_ids": rng.integers(0, 500, (n_tokens, k)).astype(np.int32),
+        "topk_logprobs": (-rng.random((n_tokens, k)) * 10).astype(np.float16),
+        "target_logprob": (-rng.random(n_tokens) * 10).astype(np.float16),
+        "log_partition": rng.normal(size=(n_tokens, 2)).astype(np.float32),
+        "draw_offsets": np.concatenate([[0], np.cumsum(draw_n)]).astype(np.int64),
+        "draw_ids": rng.integers(0, 500, int(draw_n.sum())).astype(np.int32),
+        "draw_counts": rng.integers(1, 60000, int(draw_n.sum())).astype(np.uint16),
+        "router_ids": rng.integers(0, 8, (n_tokens, layers, r)).astype(np.uint8),
+        "router_probs": rng.random((n_tokens, layers, r)).astype(np.float16),
+    }
+
+
+def commit(tmp_path: Path, store: str, arrays: dict, index: int = 0, chunk_rows: int = 8):
+    name = shard_name(store, 0, index)
+    info = commit_shard(tmp_path, store, name, 0, arrays, chunk_rows=chunk_rows,
+                        compression=resolve_compression(store, "auto"), level=3)
+    return name, info
+
+
+def assert_same(got, want: np.ndarray, name: str) -> None:
+    got = np.asarray(got)
+    assert got.dtype == want.dtype, f"{name}: dtype {got.dtype} != {want.dtype}"
+    assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
+    np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+def test_schema_dtypes_are_what_the_fixture_writes():
+    arrays = shard_arrays(np.random.default_rng(0))
+    for name, data in arrays.items():
+        if name != "router_ids":  # the router id dtype depends on the expert count (codec)
+            assert str(data.dtype) == FIELDS[name].dtype, name
+
+
+@pytest.mark.parametrize("store", STORES)
+@pytest.mark.parametrize("with_draws", [True, False], ids=["draws", "empty-draws"])
+def test_every_field_round_trips_exactly(tmp_path, store, with_draws):
+    arrays = shard_arrays(np.random.default_rng(1), with_draws=with_draws)
+    name, info = commit(tmp_path, store, arrays)
+    shard = open_shard(tmp_path, store, name)
+    assert set(shard.keys()) == set(arrays)
+    for field, want in arrays.items():
+        assert field in shard
+        assert_same(shard[field][:], want, field)
+    shard.close()
+    assert (info.n_tokens, info.n_seqs) == (37, 3)
+    assert info.nbytes > 0 and info.checksum == checksum(tmp_path / name)
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_partial_slices_cross_chunk_bounds(tmp_path, store):
+    arrays = shard_arrays(np.random.default_rng(2))
+    name, _ = commit(tmp_path, store, arrays, chunk_rows=4)
+    shard = open_shard(tmp_path, store, name)
+    for a, b in [(0, 1), (3, 9), (13, 37), (36, 37), (5, 5)]:
+        for field in ("input_ids", "topk_ids", "topk_logprobs", "log_partition", "router_ids", "router_probs"):
+            assert_same(shard[field][a:b], arrays[field][a:b], f"{field}[{a}:{b}]")
+    shard.close()
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_checksum_detects_one_changed_byte(tmp_path, store):
+    name, info = commit(tmp_path, store, shard_arrays(np.random.default_rng(3)))
+    path = tmp_path / name
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and "c" in p.parts)
+    victim = files[len(files) // 2]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    assert checksum(path) != info.checksum
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_reader_verify_names_the_corrupt_shard(tmp_path, store):
+    arrays = shard_arrays(np.random.default_rng(4))
+    infos = [commit(tmp_path, store, arrays, index=i)[1] for i in range(2)]
+    identity = {"codec": {"ids": "plain", "values": "float16"}}
+    write_manifest(tmp_path, Manifest(identity=identity, store=store, fields=sorted(arrays), shards=infos, complete=True))
+    reader = CacheReader(tmp_path)
+    assert reader.verify() == []
+    reader.close()
+    victim = tmp_path / infos[1].name
+    if victim.is_file():
+        data = bytearray(victim.read_bytes())
+        data[-100] ^= 0xFF
+        victim.write_bytes(bytes(data))
+    else:
+        (victim / "zarr.json").write_text((victim / "zarr.json").read_text() + " ")
+    assert CacheReader(tmp_path).verify() == [infos[1].name]
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_commit_ignores_stale_tmp_and_overwrites_orphan(tmp_path, store):
+    arrays = shard_arrays(np.random.default_rng(5))
+    name = shard_name(store, 0, 0)
+    # a crash mid-write (another pid) and a crash between rename and journal write
+    stale_tmp = tmp_path / f".{name}.tmp999999"
+    stale_tmp.mkdir() if store == "zarr" else stale_tmp.write_bytes(b"half a shard")
+    orphan = tmp_path / name
+    orphan.mkdir() if store == "zarr" else orphan.write_bytes(b"an orphan")
+    if store == "zarr":
+        (orphan / "junk").write_bytes(b"an orphan")
+    _, info = commit(tmp_path, store, arrays)
+    shard = open_shard(tmp_path, store, name)
+    assert_same(shard["input_ids"][:], arrays["input_ids"], "input_ids")
+    shard.close()
+    assert not (orphan / "junk").exists()
+    assert info.checksum == checksum(orphan)
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_writer_cleans_its_stale_tmp_files_and_journals_commits(tmp_path, store):
+    stale = tmp_path / f".{shard_name(store, 0, 0)}.tmp424242"
+    stale.write_bytes(b"from a killed run")
+    other_rank = tmp_path / f".{shard_name(store, 1, 0)}.tmp424242"
+    other_rank.write_bytes(b"another rank's")
+    rng = np.random.default_rng(6)
+    batch = {k: v for k, v in shard_arrays(rng).items() if k in ("input_ids", "loss_mask", "sample_ids")}
+    batch.update(seq_lens=np.array([10, 20, 7]), target_logprob=np.zeros(37, np.float32),
+                 log_partition=np.zeros((37, 1), np.float32))
+    identity = {"codec": {"ids": "plain", "values": "float16"}, "k": 0}
+    with CacheWriter(tmp_path, rank=0, identity=identity, store=store, codec=Codec("plain"), shard_tokens=30,
+                     chunk_rows=16, compression="none", level=0) as writer:
+        writer.add(batch)
+        writer.add({**batch, "sample_ids": batch["sample_ids"] + 100})
+    assert not stale.exists(), "a rank's writer removes its own leftovers"
+    assert other_rank.exists(), "but never another rank's"
+    assert [s.name for s in committed_shards(tmp_path)] == [shard_name(store, 0, 0), shard_name(store, 0, 1)]
+    manifest = finalize(tmp_path, identity, store, sorted(batch))
+    assert manifest.n_seqs == 6 and manifest.n_tokens == 74
+    assert read_journals(tmp_path)[0]["identity"] == identity
+
+
+# --- codec ------------------------------------------------------------------------------------------
+
+
+def descending_topk(rng: np.random.Generator, t: int, k: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct ids per row with strictly decreasing log-probs (no ties)."""
+    ids = np.stack([rng.choice(vocab, size=k, replace=False) for _ in range(t)]).astype(np.int32)
+    lp = -np.cumsum(rng.random((t, k)) + 0.05, axis=1).astype(np.float32)
+    return ids, lp
+
+
+@pytest.mark.parametrize("ids_codec", ["sorted_delta", "plain"])
+@pytest.mark.parametrize("values", ["float16", "float32"])
+def test_topk_codec_round_trip(ids_codec, values):
+    codec = Codec(ids_codec, values)
+    ids, lp = descending_topk(np.random.default_rng(7), t=50, k=16, vocab=151_936)
+    stored_ids, stored_lp = encode_topk(ids, lp, codec)
+    assert stored_ids.dtype == np.int32 and stored_lp.dtype == np.dtype(values)
+    if ids_codec == "sorted_delta":
+        assert (stored_ids[:, 1:] > 0).all(), "deltas of distinct sorted ids are positive"
+    got_ids, got_lp = decode_topk(stored_ids, stored_lp, codec)
+    np.testing.assert_array_equal(got_ids, ids)  # gaps ≥ 0.05 survive fp16 rounding: order is kept
+    tol = 0 if values == "float32" else 2.0**-10  # fp16 relative precision
+    np.testing.assert_allclose(got_lp, lp, rtol=tol, atol=0)
+
+
+def test_topk_codec_clamps_minus_inf():
+    ids = np.array([[5, 2, 9]], dtype=np.int32)
+    lp = np.array([[-0.1, -np.inf, -np.inf]], dtype=np.float32)
+    got_ids, got_lp = decode_topk(*encode_topk(ids, lp, Codec()), Codec())
+    assert np.isfinite(got_lp).all() and got_lp[0, 0] == np.float32(np.float16(-0.1))
+    assert (got_lp[0, 1:] == MIN_LOGPROB).all() and got_ids[0, 0] == 5
+
+
+def test_topk_codec_ties_are_deterministic():
+    """Equal log-probs come back in ascending id order, whatever order they went in."""
+    codec = Codec("sorted_delta", "float16")
+    lp = np.array([[-0.5, -1.0, -1.0, -1.0, -2.0]], dtype=np.float32)
+    outs = []
+    for perm in ([40, 30, 10, 20, 5], [40, 20, 30, 10, 5], [40, 10, 20, 30, 5]):
+        got_ids, got_lp = decode_topk(*encode_topk(np.array([perm], np.int32), lp, codec), codec)
+        outs.append(got_ids[0].tolist())
+        np.testing.assert_array_equal(got_lp, lp)
+    assert outs == [[40, 10, 20, 30, 5]] * 3
+
+
+def test_topk_codec_empty_k():
+    for ids_codec in ("sorted_delta", "plain"):
+        codec = Codec(ids_codec)
+        got_ids, got_lp = decode_topk(*encode_topk(np.zeros((4, 0), np.int32), np.zeros((4, 0)), codec), codec)
+        assert got_ids.shape == (4, 0) and got_lp.shape == (4, 0)
+
+
+def test_codec_rejects_unknown_names():
+    with pytest.raises(ValueError, match="allowed: sorted_delta, plain"):
+        Codec("huffman")
+    with pytest.raises(ValueError, match="allowed: float16, float32"):
+        Codec("plain", "int8")
+
+
+def test_stale_tmp_name_pattern_matches_commit_shard():
+    """The cleanup pattern in CacheWriter must match the tmp names commit_shard makes."""
+    name = shard_name("hdf5", 3, 12)
+    assert f".{name}.tmp{os.getpid()}".startswith(".r003-")
