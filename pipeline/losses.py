@@ -1,0 +1,277 @@
+"""KD loss core: teacher targets from a top-k cache, dispatch over KD_LOSSES, and the
+token-chunked CE + KD over the student's LM head. The divergences themselves are in
+pipeline/kd_catalogue.py; formulas and approximations in docs/losses.md.
+
+Shape legend (suffixes on tensor names):
+  T  valid tokens of the batch          C  rows of one chunk (a slice of T)
+  V  student vocabulary (after vocab_limit, the teacher's real vocabulary)
+  H  hidden size                        K  cached teacher top-k entries
+  B  buckets: K, plus one tail bucket   P  cached temperatures (P[0] is tau = 1)
+  D  stored draws per token (padded)
+
+Every KD loss maps (student_logits_CV, teacher chunk, spec) to a per-token loss [C] in fp32
+(fp64 stays fp64, for gradcheck), NOT multiplied by tau^2: the trainer does that, and
+normalises the sums returned by chunked_lm_losses by its global count of valid tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from pipeline import kd_catalogue as cat
+
+MISSING_MASS = ("tail_bucket", "renormalize")
+_TENSOR_FIELDS = ("topk_ids_TK", "topk_logprobs_TK", "log_partition_TP", "draw_ids_TD", "draw_weights_TD")
+
+
+@dataclass
+class TeacherTargets:
+    """The teacher side for T valid tokens, as tensors on the student's device."""
+
+    topk_ids_TK: torch.Tensor | None  # int64, by descending teacher probability
+    topk_logprobs_TK: torch.Tensor | None  # float32, log-probs at tau = 1
+    log_partition_TP: torch.Tensor  # float32, log sum_v exp(z_v / tau_p), tau_p in temperatures
+    temperatures: tuple[float, ...]  # cached temperatures; temperatures[0] == 1.0
+    draw_ids_TD: torch.Tensor | None = None  # int64 unique sampled ids, padded with 0
+    draw_weights_TD: torch.Tensor | None = None  # float32 counts / N, 0 on padding
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "TeacherTargets":
+        return replace(self, **{f: fn(getattr(self, f)) for f in _TENSOR_FIELDS if getattr(self, f) is not None})
+
+    def slice(self, start: int, stop: int) -> "TeacherTargets":
+        """Rows start:stop of every tensor."""
+        return self._map(lambda t: t[start:stop])
+
+    def index(self, rows_R: torch.Tensor) -> "TeacherTargets":
+        """The rows listed in rows_R (int64) of every tensor."""
+        return self._map(lambda t: t.index_select(0, rows_R))
+
+
+@dataclass(frozen=True)
+class KDSpec:
+    """Which KD divergence, at which temperature, with which missing-mass treatment."""
+
+    name: str = "forward_kl"  # key of KD_LOSSES
+    temperature: float = 1.0  # tau for both sides (normkd: T_norm, the per-token scale)
+    missing_mass: str = "tail_bucket"  # "tail_bucket" (one extra class) | "renormalize" (zero tail)
+    jsd_beta: float = 0.5  # jsd: weight of the teacher in the mixture, 0 < beta < 1
+    skew_alpha: float = 0.1  # skew_*: weight of the first argument in the skewed mixture
+    dkd_alpha: float = 1.0  # dkd: weight of the target-class term (TCKD)
+    dkd_beta: float = 8.0  # dkd: weight of the non-target term (NCKD)
+    nkd_gamma: float = 1.5  # nkd: weight of the non-target term
+    top_kl_k: int = 0  # top_kl: use the teacher's first k cached entries (0 = all cached)
+    bild_top_k: int = 8  # bild: k of both halves (clipped to the cached K)
+
+    def __post_init__(self) -> None:
+        if self.name not in KD_LOSSES:
+            raise ValueError(f"KDSpec.name={self.name!r} is not a KD loss; choose one of {sorted(KD_LOSSES)}")
+        if self.missing_mass not in MISSING_MASS:
+            raise ValueError(f"KDSpec.missing_mass={self.missing_mass!r}; choose one of {MISSING_MASS}")
+        if not self.temperature > 0:
+            raise ValueError(f"KDSpec.temperature must be > 0, got {self.temperature}")
+        for key in ("jsd_beta", "skew_alpha"):
+            if not 0 < getattr(self, key) < 1:
+                raise ValueError(f"KDSpec.{key} must lie in (0, 1), got {getattr(self, key)}")
+        if self.bild_top_k < 2 or self.top_kl_k < 0:
+            raise ValueError("KDSpec.bild_top_k must be >= 2 and KDSpec.top_kl_k >= 0")
+
+
+# --- the teacher side ---------------------------------------------------------------------
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)), stable for x <= 0 (x is clamped to <= 0, so x >= 0 gives -inf)."""
+    x = x.clamp(max=0.0)
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _cached_index(temperatures: tuple[float, ...], tau: float) -> int | None:
+    return next((j for j, t in enumerate(temperatures) if abs(t - tau) <= 1e-6 * max(1.0, tau)), None)
+
+
+def _tail_as_one_logit(lp_TK: torch.Tensor, tau: float | torch.Tensor):
+    """Uncached tau: the tau=1 tail mass m = 1 - sum exp(lp) acts as ONE extra logit log m.
+
+    log_softmax([lp_1..lp_K, log m] / tau). The top-k ratios are exact (lp_i - lp_j = z_i - z_j);
+    the tail is approximated: the true tail mass at tau is proportional to sum_tail p_v^(1/tau),
+    this uses (sum_tail p_v)^(1/tau), as if the tail were a single token. So for tau > 1 the
+    tail is under-weighted (x^(1/tau) is subadditive), for tau < 1 over-weighted; exact when
+    the tail is empty (K = V) or holds one token.
+    """
+    log_m_T = log1mexp(torch.logsumexp(lp_TK, -1))
+    l_TB = torch.log_softmax(torch.cat([lp_TK, log_m_T[:, None]], -1) / tau, -1)
+    return l_TB[:, :-1], l_TB[:, -1]
+
+
+def teacher_logprobs(teacher: TeacherTargets, tau: float, missing_mass: str):
+    """The teacher's top-k log-probs at temperature tau, and its tail log-mass.
+
+    Returns (lq_TK, log_tail_T); log_tail_T is None for missing_mass="renormalize".
+    - renormalize: log_softmax(lp / tau) over the K cached entries (exact renormalised top-k
+      at any tau; the tail is dropped, which is biased: the student learns an over-confident
+      teacher).
+    - tail_bucket, tau cached (temperatures[j] == tau): exact,
+      lq_i = (lp_i + logZ_1) / tau - logZ_tau, tail = 1 - sum exp(lq) clamped at >= 0.
+    - tail_bucket, tau not cached: the single-tail-logit approximation of _tail_as_one_logit.
+    """
+    if missing_mass not in MISSING_MASS:
+        raise ValueError(f"missing_mass={missing_mass!r}; choose one of {MISSING_MASS}")
+    if teacher.topk_logprobs_TK is None or teacher.topk_ids_TK is None:
+        raise ValueError("this cache holds no teacher top-k; use the 'sampled' KD loss")
+    lp_TK = teacher.topk_logprobs_TK.float()
+    if missing_mass == "renormalize":
+        return torch.log_softmax(lp_TK / tau, -1), None
+    j = _cached_index(teacher.temperatures, tau)
+    if j is None:
+        return _tail_as_one_logit(lp_TK, tau)
+    logz_TP = teacher.log_partition_TP.float()
+    lq_TK = (lp_TK + logz_TP[:, :1]) / tau - logz_TP[:, j : j + 1]
+    return lq_TK, log1mexp(torch.logsumexp(lq_TK, -1))
+
+
+# --- the student side ---------------------------------------------------------------------
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    """At least fp32: half precisions go up, fp64 stays (gradcheck)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def student_logprobs(student_logits_CV: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(_fp32(student_logits_CV) / tau, -1)
+
+
+def student_log_tail(ls_CV: torch.Tensor, ids_CK: torch.Tensor) -> torch.Tensor:
+    """log of the student's mass outside ids_CK: a logsumexp over the other log-probs.
+
+    Computed directly over the uncached ids (no 1 - sum cancellation). An empty tail (K = V)
+    gives log(finfo.tiny), finite, with a zero gradient instead of the NaN of logsumexp(-inf).
+    """
+    rest_CV = ls_CV.scatter(-1, ids_CK, float("-inf"))
+    top_C1 = rest_CV.amax(-1, keepdim=True).detach()
+    top_C1 = torch.where(torch.isfinite(top_C1), top_C1, torch.zeros_like(top_C1))
+    total_C = (rest_CV - top_C1).exp().sum(-1).clamp_min(torch.finfo(ls_CV.dtype).tiny)
+    return top_C1[:, 0] + total_C.log()
+
+
+def to_buckets(lq_CK, lq_tail_C, ls_CV, ids_CK):
+    """Teacher and student log-probs over the same buckets: K (renormalised) or K + tail."""
+    ls_CK = ls_CV.gather(-1, ids_CK)
+    lq_CK = lq_CK.to(ls_CV.dtype)
+    if lq_tail_C is None:
+        return lq_CK, torch.log_softmax(ls_CK, -1)
+    lq_CB = torch.cat([lq_CK, lq_tail_C.to(ls_CV.dtype)[:, None]], -1)
+    return lq_CB, torch.cat([ls_CK, student_log_tail(ls_CV, ids_CK)[:, None]], -1)
+
+
+def bucket_logprobs(student_logits_CV, teacher: TeacherTargets, tau: float, missing_mass: str):
+    """(lq_CB, ls_CB): both sides at temperature tau over the teacher's top-k (+ tail)."""
+    lq_CK, lq_tail_C = teacher_logprobs(teacher, tau, missing_mass)
+    ls_CV = student_logprobs(student_logits_CV, tau)
+    return to_buckets(lq_CK, lq_tail_C, ls_CV, teacher.topk_ids_TK)
+
+
+# --- the issue-3 losses -------------------------------------------------------------------
+
+
+def forward_kl(student_logits_CV, teacher: TeacherTargets, spec: KDSpec) -> torch.Tensor:
+    """KL(q_T^tau || p_S^tau) over the teacher's top-k (+ tail bucket)."""
+    return cat.kl_div(*bucket_logprobs(student_logits_CV, teacher, spec.temperature, spec.missing_mass))
+
+
+def sampled(student_logits_CV, teacher: TeacherTargets, spec: KDSpec) -> torch.Tensor:
+    """-sum_d w_d log p_S^tau(id_d): CE to the empirical distribution of the cached draws.
+
+    The draws were made from the teacher at the cache's draw temperature (usually 1), so this
+    is an unbiased estimate of CE(q_T || p_S^tau), hence of forward KL up to the teacher's
+    entropy (a constant). Ignores the top-k and missing_mass.
+    """
+    if teacher.draw_ids_TD is None or teacher.draw_weights_TD is None:
+        raise ValueError("the 'sampled' KD loss needs a cache with draws (draw_ids, draw_counts)")
+    ls_CV = student_logprobs(student_logits_CV, spec.temperature)
+    ls_CD = ls_CV.gather(-1, teacher.draw_ids_TD)
+    return -(teacher.draw_weights_TD.to(ls_CD.dtype) * ls_CD).sum(-1)
+
+
+KD_LOSSES: dict[str, Callable[[torch.Tensor, TeacherTargets, KDSpec], torch.Tensor]] = {
+    "forward_kl": forward_kl,
+    "sampled": sampled,
+}
+
+
+def kd_per_token(student_logits_CV: torch.Tensor, teacher: TeacherTargets, spec: KDSpec) -> torch.Tensor:
+    """Per-token KD loss [C] of spec.name (not multiplied by tau^2)."""
+    loss = KD_LOSSES.get(spec.name)
+    if loss is None:
+        raise ValueError(f"unknown KD loss {spec.name!r}; choose one of {sorted(KD_LOSSES)}")
+    return loss(student_logits_CV, teacher, spec)
+
+
+# --- CE + KD over the LM head, chunked over tokens -----------------------------------------
+
+
+def _chunk_losses(hidden_CH, weight_VH, labels_C, ce_mask_C, kd_mask_C, teacher, spec):
+    """(CE sum, KD sum) of one chunk; its fp32 logits live only inside this call."""
+    logits_CV = _fp32(hidden_CH) @ _fp32(weight_VH).T
+    safe_labels_C = torch.where(ce_mask_C, labels_C, torch.zeros_like(labels_C))
+    ce_C = torch.logsumexp(logits_CV, -1) - logits_CV.gather(-1, safe_labels_C[:, None])[:, 0]
+    ce = torch.where(ce_mask_C, ce_C, torch.zeros_like(ce_C)).sum()
+    if teacher is None:
+        return ce, torch.zeros_like(ce)
+    # Only masked-in rows reach the KD loss: padding rows of the cache may hold anything.
+    rows_R = kd_mask_C.nonzero()[:, 0]
+    kd = kd_per_token(logits_CV.index_select(0, rows_R), teacher.index(rows_R), spec).sum()
+    return ce, kd
+
+
+def chunked_lm_losses(
+    hidden_TH: torch.Tensor,
+    lm_head_weight_VH: torch.Tensor,
+    labels_T: torch.Tensor,
+    ce_mask_T: torch.Tensor,
+    kd_mask_T: torch.Tensor,
+    teacher: TeacherTargets | None,
+    spec: KDSpec | None,
+    chunk_tokens: int = 1024,
+    vocab_limit: int = 0,
+) -> dict[str, torch.Tensor]:
+    """{"ce": sum of token CE over ce_mask, "kd": sum of kd_per_token over kd_mask}, fp32.
+
+    Logits are computed in fp32 for chunk_tokens rows at a time, each chunk under
+    torch.utils.checkpoint, so backward recomputes them and no [T, V] fp32 tensor is ever
+    held. vocab_limit > 0 drops the padded rows lm_head_weight_VH[vocab_limit:] from both
+    softmaxes. All-masked (or empty) input gives exactly 0 with zero gradients.
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    if vocab_limit:
+        if not 0 < vocab_limit <= lm_head_weight_VH.shape[0]:
+            raise ValueError(f"vocab_limit={vocab_limit} outside 1..{lm_head_weight_VH.shape[0]}")
+        lm_head_weight_VH = lm_head_weight_VH[:vocab_limit]
+    if teacher is not None and spec is None:
+        spec = KDSpec()
+    ce_mask_T, kd_mask_T = ce_mask_T.bool(), kd_mask_T.bool()
+    # Empty sums: exactly 0, but attached to both inputs, so backward works and gives zeros.
+    zero = _fp32(hidden_TH[:0]).sum() + _fp32(lm_head_weight_VH[:0]).sum()
+    ce, kd = zero, zero
+    for start in range(0, hidden_TH.shape[0], chunk_tokens):
+        stop = min(start + chunk_tokens, hidden_TH.shape[0])
+        chunk = slice(start, stop)
+        ce_c, kd_c = checkpoint(
+            _chunk_losses,
+            hidden_TH[chunk],
+            lm_head_weight_VH,
+            labels_T[chunk],
+            ce_mask_T[chunk],
+            kd_mask_T[chunk],
+            None if teacher is None else teacher.slice(start, stop),
+            spec,
+            use_reentrant=False,
+        )
+        ce, kd = ce + ce_c, kd + kd_c
+    return {"ce": ce, "kd": kd}
