@@ -40,6 +40,15 @@ def _allowed_keys(schema_cls: type, dotted: str) -> list[str]:
     return [f.name for f in dataclasses.fields(node)]
 
 
+def _field_type(schema_cls: type, dotted: str) -> str:
+    node = schema_cls()
+    for part in dotted.split(".")[:-1]:
+        node = getattr(node, part, None)
+    fields = {f.name: f.type for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+    kind = fields.get(dotted.rsplit(".", 1)[-1], "")
+    return kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+
+
 def _one_line(schema_cls: type, err: OmegaConfBaseException) -> ConfigError:
     key = getattr(err, "full_key", "") or ""
     if isinstance(err, ConfigKeyError) or "not in" in str(err):
@@ -47,7 +56,8 @@ def _one_line(schema_cls: type, err: OmegaConfBaseException) -> ConfigError:
         section = key.rsplit(".", 1)[0] if "." in key else "the top level"
         return ConfigError(f"unknown config key '{key}'; allowed in {section}: {', '.join(allowed)}")
     first = str(err).splitlines()[0]
-    return ConfigError(f"bad value for config key '{key}': {first}")
+    kind = _field_type(schema_cls, key) if key else ""
+    return ConfigError(f"bad value for config key '{key}': {first}" + (f"; expected {kind}" if kind else ""))
 
 
 def parse_overrides(overrides: list[str]) -> list[str]:

@@ -74,7 +74,12 @@ class CacheConfig:
             raise ConfigError(f"cache.num_draws={self.num_draws} must be in 1..65535")
         if any(t <= 0 for t in self.temperatures) or self.draw_temperature <= 0:
             raise ConfigError("cache.temperatures and cache.draw_temperature must be positive")
-        resolve_compression(self.store, self.compression)
+        if self.router_topk not in ("all", "none") and not (str(self.router_topk).isdigit() and int(self.router_topk) > 0):
+            raise ConfigError(f"cache.router_topk={self.router_topk!r} is not allowed; allowed: all, none or an integer >= 1")
+        try:
+            resolve_compression(self.store, self.compression)
+        except ValueError as err:  # cache/ raises plain ValueError; users get a ConfigError like every key
+            raise ConfigError(str(err)) from None
 
 
 def cache_dir(run_dir: Path, split: str) -> Path:

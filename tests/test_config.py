@@ -1,0 +1,94 @@
+"""Config: unknown keys and bad values are one-line errors; YAML + overrides merge; saved beside outputs."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, load_config
+from stages import cache_teacher, prepare
+from stages.config import PipelineConfig
+
+
+def config_error(*overrides: str, yaml_paths=()) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(PipelineConfig, list(yaml_paths), list(overrides))
+    message = str(info.value)
+    assert "\n" not in message, f"not one line: {message!r}"
+    return message
+
+
+def test_unknown_key_names_it_and_the_allowed_keys():
+    message = config_error("cache.kk=1")
+    assert "cache.kk" in message
+    for key in ("k", "targets", "store", "router_topk", "shard_tokens"):
+        assert f" {key}," in message or message.endswith(f" {key}")
+
+
+def test_unknown_top_level_section():
+    message = config_error("cachee.k=1")
+    assert "cachee" in message and "cache" in message and "data" in message
+
+
+@pytest.mark.parametrize("override,key,allowed", [
+    ("cache.store=foo", "cache.store", ["zarr", "hdf5"]),
+    ("cache.targets=all", "cache.targets", ["topk", "sampled", "topk+sampled"]),
+    ("cache.id_codec=huffman", "cache.id_codec", ["sorted_delta", "plain"]),
+    ("cache.compression=lzf", "cache.compression", ["zstd", "gzip", "none"]),  # lzf is hdf5-only
+    ("cache.router_topk=some", "cache.router_topk", ["all", "none", "integer"]),
+    ("teacher.backend=onnx", "teacher.backend", ["hf", "vllm"]),
+    ("data.mode=chat", "data.mode", ["text", "prompt_response"]),
+])
+def test_bad_choice_names_key_and_allowed_values(override, key, allowed):
+    message = config_error(override)
+    assert key in message and override.split("=")[1] in message
+    assert all(a in message for a in allowed), message
+
+
+@pytest.mark.parametrize("override,key,expected", [
+    ("cache.k=abc", "cache.k", "expected int"),
+    ("cache.batch_size=1.5", "cache.batch_size", "expected int"),
+    ("data.packing=maybe", "data.packing", "expected bool"),
+    ("cache.temperatures=abc", "cache.temperatures", "expected list[float]"),
+])
+def test_bad_typed_value_names_key_and_type(override, key, expected):
+    message = config_error(override)
+    assert key in message and expected in message
+
+
+@pytest.mark.parametrize("override", ["cache.k=-1", "cache.num_draws=0", "data.max_length=1",
+                                      "data.eval_fraction=1.0", "cache.temperatures=[0.0]", "run.name=a/b"])
+def test_out_of_range_values(override):
+    assert override.split("=")[0] in config_error(override)
+
+
+def test_not_an_override_and_missing_file(tmp_path):
+    assert "section.key=value" in config_error("cache.k")
+    assert "does not exist" in config_error(yaml_paths=[tmp_path / "nope.yaml"])
+
+
+def test_yaml_files_then_overrides_later_wins(tmp_path):
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text("cache:\n  k: 16\n  store: hdf5\ndata:\n  max_length: 100\n")
+    second.write_text("cache:\n  k: 24\n")
+    cfg = load_config(PipelineConfig, [first, second], ["data.max_length=50"])
+    assert (cfg.cache.k, cfg.cache.store, cfg.data.max_length) == (24, "hdf5", 50)
+    assert cfg.cache.batch_size == PipelineConfig().cache.batch_size  # untouched default
+    cfg = load_config(PipelineConfig, [first, second], ["cache.k=4"])
+    assert cfg.cache.k == 4
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("cache:\n  kk: 3\n")
+    assert "cache.kk" in config_error(yaml_paths=[path])
+
+
+def test_resolved_config_saved_beside_outputs(make_config):
+    cfg = make_config("data.max_samples=12", "cache.k=5", "cache.store=hdf5", "cache.splits=[train]")
+    prepare.run(cfg)
+    cache_teacher.run(cfg)
+    for path in (cfg.run_dir / "data" / "config.yaml", cfg.run_dir / "cache" / "config.yaml"):
+        saved = yaml.safe_load(path.read_text())
+        assert saved["cache"]["k"] == 5 and saved["cache"]["store"] == "hdf5" and saved["data"]["max_samples"] == 12
+        assert load_config(PipelineConfig, [path], []) == cfg, "the saved file reproduces the resolved config"
