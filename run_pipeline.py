@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-STAGE_COMMANDS = ("run", "prepare", "cache")
+STAGE_COMMANDS = ("run", "prepare", "cache", "train", "eval")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -35,14 +35,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def stage_command(args) -> None:
     from pipeline.config import load_config
-    from stages import cache_teacher, prepare
+    from stages import cache_teacher, evaluate, prepare, train_student
     from stages.config import PipelineConfig
 
     cfg = load_config(PipelineConfig, args.config, args.overrides)
     if args.command in ("prepare", "run"):
         prepare.run(cfg, force=args.force)
-    if args.command in ("cache", "run"):
+    if args.command in ("cache", "run") and cfg.teacher.path:
         cache_teacher.run(cfg, force=args.force)
+    if args.command in ("train", "run"):
+        train_student.run(cfg, force=args.force)
+    if args.command in ("eval", "run"):
+        evaluate.run(cfg, force=args.force)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,3 +104,50 @@ class RouterCapture:
         out, self.logits = self.logits, []
         assert len(out) == len(self.routers), f"captured {len(out)} router outputs for {len(self.routers)} layers"
         return out
+
+
+# --- router distillation (student side) -------------------------------------------------
+# Shapes: T tokens, L mapped MoE layers, R cached router entries, E_T / E_S experts.
+
+
+def uniform_layer_map(n_student: int, n_teacher: int) -> list[int]:
+    """Teacher MoE layer (position among the teacher's MoE layers) for each student MoE layer."""
+    if n_student == 1:
+        return [n_teacher - 1]
+    return [round(j * (n_teacher - 1) / (n_student - 1)) for j in range(n_student)]
+
+
+def teacher_router_dense(ids_TR: torch.Tensor, probs_TR: torch.Tensor | None, num_experts: int) -> torch.Tensor:
+    """Dense teacher router distribution [T, E_T] from the cached top-k_r entries.
+
+    Mass not cached (k_r < E) is spread uniformly over the uncached experts; exact when
+    k_r = E. An ids-only cache (vLLM) gives each routed expert an equal share.
+    """
+    if probs_TR is None:
+        probs_TR = torch.full(ids_TR.shape, 1.0 / ids_TR.shape[1], device=ids_TR.device)
+    probs_TR = probs_TR.float()
+    dense_TE = torch.zeros(ids_TR.shape[0], num_experts, device=ids_TR.device).scatter_(1, ids_TR, probs_TR)
+    uncached = num_experts - ids_TR.shape[1]
+    if uncached > 0:
+        tail_T = (1.0 - probs_TR.sum(-1)).clamp(min=0.0)
+        stored_TE = torch.zeros_like(dense_TE).scatter_(1, ids_TR, 1.0)
+        dense_TE = dense_TE + (1 - stored_TE) * (tail_T / uncached)[:, None]
+    return dense_TE / dense_TE.sum(-1, keepdim=True).clamp(min=1e-12)
+
+
+def map_experts(teacher_TE: torch.Tensor, num_student: int) -> torch.Tensor:
+    """Sum contiguous blocks of E_T / E_S teacher experts into one student expert's target."""
+    e_t = teacher_TE.shape[1]
+    if e_t == num_student:
+        return teacher_TE
+    if e_t % num_student:
+        raise ConfigError(f"the teacher has {e_t} experts per layer and the student {num_student}; "
+                          f"expert mapping needs E_T divisible by E_S")
+    return teacher_TE.reshape(teacher_TE.shape[0], num_student, e_t // num_student).sum(-1)
+
+
+def router_kl(student_logits_TE: torch.Tensor, teacher_TE: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(teacher ‖ softmax(student logits)) in fp32."""
+    log_p_TE = torch.log_softmax(student_logits_TE.float(), dim=-1)
+    q_TE = teacher_TE.float()
+    return (torch.xlogy(q_TE, q_TE) - q_TE * log_p_TE).sum(-1)

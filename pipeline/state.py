@@ -56,3 +56,11 @@ def begin(run_dir: Path, stage: str, inputs: str, outputs: list[Path], force: bo
             path.rename(path.with_name(f"{path.name}.old-{stamp}"))
     state_path(run_dir, stage).unlink()
     return True
+
+
+def begin_on_all_ranks(run_dir: Path, stage: str, inputs: str, outputs: list[Path], force: bool,
+                       is_main: bool, barrier) -> bool:
+    """Rank 0 decides (and sets old outputs aside on --force) before the other ranks look."""
+    must_run = begin(run_dir, stage, inputs, outputs, force) if is_main else False
+    barrier()
+    return must_run if is_main else begin(run_dir, stage, inputs, [], False)

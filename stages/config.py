@@ -12,6 +12,8 @@ from pipeline.config import ConfigError, choice
 from pipeline.data import DataConfig
 from pipeline.teachers.base import TeacherConfig
 from stages.cache_teacher import CacheConfig
+from stages.evaluate import EvalConfig
+from stages.train_student import StudentConfig, TrainConfig
 
 
 @dataclass
@@ -36,10 +38,13 @@ class PipelineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.run.root) / self.run.name
 
     def tokenizer_path(self) -> str:
-        return self.data.tokenizer or self.teacher.path
+        return self.data.tokenizer or self.teacher.path or self.student.path

@@ -1,0 +1,130 @@
+"""Plan and read the training batches of a cache (or of prepared data), resumably.
+
+The plan is a pure function of (source, seed, epoch, batch settings):
+1. shards are permuted by ``rng(seed, epoch)``; sequences follow in shard order and are
+   shuffled within windows of ``shuffle_window`` sequences (locality for chunked reads);
+2. the order is cut into global optimizer steps: ``batch_size`` sequences, or sequences
+   until ``batch_tokens`` tokens (and at least ranks × micro-batches sequences);
+3. step sequences are dealt to ranks (i % world_size == rank), and each rank's share is
+   split into ``micro_batches`` gradient-accumulation micro-batches.
+The position is the count of sequences of the epoch's order already consumed, so the
+state ``{epoch, position}`` resumes exactly, whatever the rank count was. Numpy only: the
+torch DataLoader wrapper (workers, tensors) lives in pipeline/batches.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cache.reader import CacheReader
+from cache.schema import TeacherOutput
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    seed: int = 0
+    batch_size: int = 8  # sequences per optimizer step, all ranks together (when batch_tokens == 0)
+    batch_tokens: int = 0  # tokens per optimizer step instead of a sequence count
+    micro_batches: int = 1  # gradient-accumulation micro-batches per rank and step
+    shuffle_window: int = 4096  # sequences shuffled together (0 = no shuffle)
+    rank: int = 0
+    world_size: int = 1
+    drop_last: bool = True  # drop an epoch's final step that would be short
+
+
+@dataclass
+class SequenceIndex:
+    sample_ids: np.ndarray  # [N]
+    lengths: np.ndarray  # [N]
+    shard: np.ndarray  # [N] index into the source's shards
+    local: np.ndarray  # [N] sequence index within its shard
+
+
+class CacheSource:
+    """Sequences of a finished cache, with the teacher's signal."""
+
+    def __init__(self, cache_dir):
+        self.reader = CacheReader(cache_dir)
+        self.names = [s.name for s in self.reader.shards]
+
+    def index(self) -> SequenceIndex:
+        parts = []
+        for i, name in enumerate(self.names):
+            lengths = np.diff(self.reader.seq_offsets(name))
+            parts.append((self.reader.sample_ids(name), lengths, np.full(len(lengths), i), np.arange(len(lengths))))
+        self.reader.close()  # handles must be opened again inside each worker
+        return SequenceIndex(*(np.concatenate(col) for col in zip(*parts)))
+
+    def read(self, shard: int, local: int) -> TeacherOutput:
+        return self.reader.read(self.names[shard], local, local + 1)
+
+
+def concat_outputs(outputs: list[TeacherOutput]) -> TeacherOutput:
+    fields = {}
+    for key, value in outputs[0].__dict__.items():
+        fields[key] = None if value is None else np.concatenate([getattr(o, key) for o in outputs])
+    return TeacherOutput(**fields)
+
+
+class ShardStream:
+    def __init__(self, source, plan: StreamPlan):
+        self.source, self.plan = source, plan
+        self.index = source.index()
+        self.epoch, self.position = 0, 0
+
+    def __len__(self) -> int:
+        return len(self.index.sample_ids)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Sequence indices of an epoch, in the order they are consumed."""
+        rng = np.random.default_rng([self.plan.seed, epoch])
+        shards = np.unique(self.index.shard)
+        by_shard = [np.flatnonzero(self.index.shard == s) for s in rng.permutation(shards)]
+        order = np.concatenate(by_shard) if by_shard else np.zeros(0, dtype=np.int64)
+        window = self.plan.shuffle_window
+        if window:
+            for start in range(0, len(order), window):
+                order[start:start + window] = rng.permutation(order[start:start + window])
+        return order
+
+    def steps(self, epoch: int, start: int = 0) -> list[np.ndarray]:
+        """The epoch's global steps from ``start`` (a position) on."""
+        order, plan, out = self.order(epoch)[start:], self.plan, []
+        minimum = plan.world_size * plan.micro_batches
+        while len(order):
+            if plan.batch_tokens:
+                cum = np.cumsum(self.index.lengths[order])
+                n = max(int(np.searchsorted(cum, plan.batch_tokens)) + 1, minimum)
+            else:
+                n = plan.batch_size
+            if len(order) < n and plan.drop_last:
+                break
+            out.append(order[:n])
+            order = order[n:]
+        return out
+
+    def rank_micro_batches(self, step: np.ndarray) -> list[np.ndarray]:
+        mine = step[self.plan.rank::self.plan.world_size]
+        return [part for part in np.array_split(mine, self.plan.micro_batches)]
+
+    def load(self, seqs: np.ndarray) -> TeacherOutput:
+        idx = self.index
+        return concat_outputs([self.source.read(int(idx.shard[i]), int(idx.local[i])) for i in seqs])
+
+    def advance(self, step: np.ndarray) -> None:
+        """Record that ``step`` was consumed (call once the optimizer step is done)."""
+        self.position += len(step)
+
+    def next_epoch(self) -> None:
+        self.epoch, self.position = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.plan.seed,
+                "sequences": len(self)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["sequences"] != len(self) or state["seed"] != self.plan.seed:
+            raise ValueError("the stream state belongs to another cache or seed; resume with the same cache and run.seed")
+        self.epoch, self.position = state["epoch"], state["position"]

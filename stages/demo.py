@@ -1,0 +1,73 @@
+"""The embedded demo: the whole pipeline on CPU in minutes, with nothing downloaded.
+
+    python run_pipeline.py
+
+1. Assets, built once under runs/demo_assets: prompt/response pairs from the docstrings of
+   this Python's standard library (prompt: the object's name; response: its docstring), a
+   BPE tokenizer trained on them, a random Qwen3-MoE teacher and a smaller random student.
+2. The teacher is first trained on that text (configs/demo_teacher.yaml: SFT, no cache).
+3. configs/demo.yaml: prepare → cache → train (KD + router KL) → evaluate.
+4. A summary: what the cache holds, and the student before/after against the teacher.
+Running it again skips finished stages and resumes interrupted ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import load_config
+from pipeline.demo import save_tiny_model, stdlib_docstrings, tiny_config, train_tokenizer, write_jsonl
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+TEACHER = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=96)
+STUDENT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)
+
+
+def build_assets(root: Path) -> dict[str, Path]:
+    paths = {"data": root / "docstrings.jsonl", "tokenizer": root / "tokenizer",
+             "teacher_init": root / "teacher_init", "student": root / "student"}
+    if all(p.exists() for p in paths.values()):
+        return paths
+    docs = stdlib_docstrings(max_docs=2500)
+    write_jsonl(paths["data"], [{"prompt": f"{name}:", "response": doc} for name, doc in docs])
+    tokenizer = train_tokenizer([f"{name}: {doc}" for name, doc in docs], 2048, paths["tokenizer"])
+    save_tiny_model(tiny_config("qwen3_moe", len(tokenizer), **TEACHER), paths["teacher_init"], tokenizer, seed=1)
+    save_tiny_model(tiny_config("qwen3_moe", len(tokenizer), **STUDENT), paths["student"], tokenizer, seed=2)
+    return paths
+
+
+def run_config(name: str, overrides: list[str]):
+    from stages.config import PipelineConfig
+
+    return load_config(PipelineConfig, [CONFIGS / name], overrides)
+
+
+def main(root: str = "runs") -> dict:
+    from stages import cache_teacher, evaluate, inspect_cache, prepare, train_student
+
+    assets = build_assets(Path(root) / "demo_assets")
+    teacher_cfg = run_config("demo_teacher.yaml", [f"run.root={root}", f"data.source={assets['data']}",
+                                                   f"student.path={assets['teacher_init']}", "eval.before=false"])
+    print("== demo 1/2: training the teacher on the standard library's docstrings", flush=True)
+    prepare.run(teacher_cfg)
+    teacher = train_student.run(teacher_cfg)
+    cfg = run_config("demo.yaml", [f"run.root={root}", f"data.source={assets['data']}", f"teacher.path={teacher}",
+                                   f"student.path={assets['student']}"])
+    print("== demo 2/2: prepare → cache → train → evaluate", flush=True)
+    prepare.run(cfg)
+    cache_teacher.run(cfg)
+    train_student.run(cfg)
+    results = evaluate.run(cfg)
+    stats = inspect_cache.inspect(cache_teacher.cache_dir(cfg.run_dir, "train"))
+    print(summary(stats, results), flush=True)
+    return {"stats": stats, "results": results}
+
+
+def summary(stats: dict, results: dict) -> str:
+    from stages.evaluate import format_results
+
+    keys = [k for k in ("tokens", "sequences", "bytes_per_token", "topk_mass_mean", "target_in_topk") if k in stats]
+    cache_lines = "\n".join(f"  {k:<20} {stats[k]:,.4g}" for k in keys)
+    return f"\n== demo summary\ncache (train split):\n{cache_lines}\nstudent vs teacher (held-out):\n{format_results(results)}"

@@ -1,0 +1,298 @@
+"""Stage (phase two): train a student against the cached teacher, resumably.
+
+    python run_pipeline.py train --config configs/demo.yaml
+    torchrun --nproc_per_node 8 run_pipeline.py train --config configs/demo.yaml
+
+L = (1 − α)·CE + α·τ²·KD + β·router KL, each a sum over valid (loss-masked) tokens divided
+by the global count of valid tokens of the optimizer step (all ranks, all micro-batches).
+With α = 0 and β = 0 it reads the prepared data directly (SFT / CE-only baseline).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipeline import checkpoint, state
+from pipeline.config import ConfigError, choice, fingerprint, save_config
+from pipeline.losses import KDSpec
+from pipeline.metrics import MetricsLogger
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class StudentConfig:
+    path: str = ""
+    """Student model directory or hub id (MoE or dense), loaded with from_pretrained."""
+    dtype: str = choice("float32", ("float32", "bfloat16"))
+    """Weight dtype (mixed precision is train.precision)."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+
+
+@dataclass
+class TrainPhase:
+    steps: int = 0
+    """Optimizer steps in this phase."""
+    param_groups: dict[str, float] = field(default_factory=dict)
+    """Regex (searched in parameter names) → learning-rate multiplier; 0 freezes. First match wins."""
+    default_lr_multiplier: float = 1.0
+    """Multiplier of parameters no pattern matches."""
+
+
+@dataclass
+class TrainConfig:
+    alpha: float = 0.5
+    """Weight of the KD term; 1 − alpha weighs cross-entropy."""
+    kd_loss: str = "forward_kl"
+    """KD divergence (see docs/losses.md)."""
+    temperature: float = 1.0
+    """KD temperature tau; the KD term is scaled by tau²."""
+    missing_mass: str = choice("tail_bucket", ("tail_bucket", "renormalize"))
+    """How the teacher mass outside the cached top-k is treated."""
+    router_weight: float = 0.0
+    """beta: weight of the router KL (MoE teacher and student, cache with router data)."""
+    router_layer_map: list[int] = field(default_factory=list)
+    """Teacher MoE layer (position among MoE layers) per student MoE layer; [] = uniform map."""
+    steps: int = 100
+    """Optimizer steps (when phases is empty)."""
+    phases: list[TrainPhase] = field(default_factory=list)
+    """Multi-stage schedule: each phase its own length and parameter groups."""
+    param_groups: dict[str, float] = field(default_factory=dict)
+    """Single-phase parameter groups: regex → learning-rate multiplier."""
+    batch_size: int = 8
+    """Sequences per optimizer step, all ranks together (unless batch_tokens > 0)."""
+    batch_tokens: int = 0
+    """Tokens per optimizer step instead of a sequence count (0 = off)."""
+    grad_accum: int = 1
+    """Micro-batches per rank and optimizer step."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (never on norms and biases)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    warmup_steps: int = 10
+    """Linear warmup steps."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay floor as a share of lr."""
+    grad_clip: float = 1.0
+    """Gradient norm clip (0 = off)."""
+    precision: str = choice("auto", PRECISIONS)
+    """'auto' = bf16 autocast on GPU, fp32 on CPU."""
+    checkpoint_every: int = 50
+    """Steps between checkpoints."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept."""
+    log_every: int = 10
+    """Steps between progress lines."""
+    num_workers: int = 0
+    """DataLoader worker processes reading shards."""
+    shuffle_window: int = 4096
+    """Sequences shuffled together."""
+    loss_chunk_tokens: int = 1024
+    """Tokens per chunk of the lm_head + loss (memory bound)."""
+    tracker: str = choice("none", ("none", "tensorboard"))
+    """Experiment tracker through accelerate."""
+    source: str = choice("auto", ("auto", "cache", "prepared"))
+    """'auto': the cache unless alpha = 0 and router_weight = 0."""
+
+    def validate(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"train.alpha={self.alpha} must be in [0, 1]")
+        if self.temperature <= 0:
+            raise ConfigError(f"train.temperature={self.temperature} must be positive")
+        from pipeline.losses import KD_LOSSES
+
+        if self.kd_loss not in KD_LOSSES:
+            raise ConfigError(f"train.kd_loss={self.kd_loss!r} is unknown; allowed: {', '.join(KD_LOSSES)}")
+
+    @property
+    def total_steps(self) -> int:
+        return sum(p.steps for p in self.phases) if self.phases else self.steps
+
+    def all_phases(self) -> list[TrainPhase]:
+        return self.phases or [TrainPhase(steps=self.steps, param_groups=dict(self.param_groups))]
+
+    def uses_cache(self) -> bool:
+        if self.source != "auto":
+            return self.source == "cache"
+        return self.alpha > 0 or self.router_weight > 0
+
+
+# --- optimizer and schedule -----------------------------------------------------------------
+
+
+def lr_multiplier(name: str, phase: TrainPhase) -> float:
+    for pattern, mult in phase.param_groups.items():
+        if re.search(pattern, name):
+            return float(mult)
+    return phase.default_lr_multiplier
+
+
+def param_groups(model, cfg: TrainConfig) -> list[dict]:
+    """Groups by (multiplier in every phase, decay or not); norms, biases and 1-D tensors get no decay."""
+    groups: dict[tuple, dict] = {}
+    for name, param in model.named_parameters():
+        mults = tuple(lr_multiplier(name, p) for p in cfg.all_phases())
+        decay = param.ndim >= 2 and "norm" not in name.lower()
+        group = groups.setdefault((mults, decay), {"params": [], "mults": mults,
+                                                   "weight_decay": cfg.weight_decay if decay else 0.0})
+        group["params"].append(param)
+    return list(groups.values())
+
+
+def phase_of(step: int, phases: list[TrainPhase]) -> int:
+    for i, phase in enumerate(phases):
+        if step < phase.steps:
+            return i
+        step -= phase.steps
+    return len(phases) - 1
+
+
+def schedule(cfg: TrainConfig, mults: tuple[float, ...]):
+    """Warmup + cosine over all phases, times this group's multiplier in the current phase."""
+    total, phases = cfg.total_steps, cfg.all_phases()
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+        progress = min(1.0, max(0, step - cfg.warmup_steps) / max(total - cfg.warmup_steps, 1))
+        cosine = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return warm * cosine * mults[phase_of(step, phases)]
+
+    return factor
+
+
+def build_optimizer(model, cfg: TrainConfig):
+    groups = param_groups(model, cfg)
+    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "mults"} for g in groups], lr=cfg.lr,
+                                  betas=tuple(cfg.betas))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule(cfg, g["mults"]) for g in groups])
+    return optimizer, scheduler
+
+
+# --- the stage ------------------------------------------------------------------------------
+
+
+def make_accelerator(cfg, out_dir: Path):
+    from accelerate import Accelerator
+
+    cpu = cfg.run.device == "cpu" or not torch.cuda.is_available()
+    precision = cfg.train.precision if cfg.train.precision != "auto" else ("fp32" if cpu else "bf16")
+    tracker = None if cfg.train.tracker == "none" else cfg.train.tracker
+    acc = Accelerator(cpu=cpu, mixed_precision="no" if precision == "fp32" else "bf16", log_with=tracker,
+                      project_dir=str(out_dir))
+    if tracker:
+        acc.init_trackers("kdcache")
+    return acc
+
+
+def global_sum(accelerator, value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=accelerator.device)
+    return float(accelerator.reduce(t, reduction="sum").item()) if accelerator.num_processes > 1 else value
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: to_device(v, device) if isinstance(v, dict) else v.to(device) for k, v in batch.items()}
+
+
+def train_step(model, micro: list[dict], cfg: TrainConfig, accelerator) -> dict[str, float]:
+    """Forward/backward every micro-batch of one optimizer step; returns the loss parts per token."""
+    n_valid = global_sum(accelerator, float(sum(int(mb["loss_mask"].sum()) for mb in micro)))
+    scale = accelerator.num_processes / max(n_valid, 1.0)  # DDP averages gradients over ranks
+    kd_weight = cfg.alpha * cfg.temperature**2
+    sums = {"ce": 0.0, "kd": 0.0, "router": 0.0, "loss": 0.0}
+    for i, mb in enumerate(micro):
+        sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
+        with sync, accelerator.autocast():
+            out = model(to_device(mb, accelerator.device))
+            loss = (1 - cfg.alpha) * out["ce"] + kd_weight * out["kd"] + cfg.router_weight * out["router"]
+            accelerator.backward(loss * scale)
+        for key, value in (("ce", out["ce"]), ("kd", out["kd"]), ("router", out["router"]), ("loss", loss)):
+            sums[key] += float(value.detach())
+    return {k: global_sum(accelerator, v) / max(n_valid, 1.0) for k, v in sums.items()} | {"tokens": n_valid}
+
+
+def run(cfg, force: bool = False) -> Path:
+    from stages.train_setup import setup
+
+    out_dir = cfg.run_dir / "train"
+    inputs = fingerprint(cfg.student, cfg.train, cfg.run.seed, cfg.data, cfg.teacher, cfg.cache)
+    accelerator = make_accelerator(cfg, out_dir)
+    if not state.begin_on_all_ranks(cfg.run_dir, "train", inputs, [out_dir], force,
+                                    accelerator.is_main_process, accelerator.wait_for_everyone):
+        return out_dir / "final"
+    if accelerator.is_main_process:
+        state.write_state(cfg.run_dir, "train", "running", inputs)
+        save_config(cfg, out_dir / "config.yaml")
+    job = setup(cfg, accelerator)
+    model, optimizer = accelerator.prepare(job.model, job.optimizer)
+    step = resume(out_dir, accelerator, model, optimizer, job)
+    logger = MetricsLogger(out_dir, cfg.train.total_steps, accelerator.is_main_process, accelerator,
+                           every=cfg.train.log_every)
+    train_loop(cfg, accelerator, model, optimizer, job, step, logger, out_dir)
+    return finish(cfg, accelerator, model, job, out_dir, inputs)
+
+
+def resume(out_dir: Path, accelerator, model, optimizer, job) -> int:
+    latest = checkpoint.latest(out_dir / "checkpoints")
+    if latest is None:
+        return 0
+    progress = checkpoint.load(latest, accelerator.unwrap_model(model), optimizer, job.scheduler)
+    job.stream.load_state_dict(progress["stream"])
+    if accelerator.is_main_process:
+        print(f"resumed from {latest} (step {progress['step']})", flush=True)
+    return int(progress["step"])
+
+
+def train_loop(cfg, accelerator, model, optimizer, job, step: int, logger, out_dir: Path) -> None:
+    from pipeline.batches import epoch_steps
+
+    tcfg, total = cfg.train, cfg.train.total_steps
+    model.train()
+    while step < total:
+        for seqs, micro in epoch_steps(job.stream, tcfg.num_workers):
+            parts = train_step(model, micro, tcfg, accelerator)
+            if tcfg.grad_clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            optimizer.step()
+            job.scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            job.stream.advance(seqs)
+            step += 1
+            logger.step(step, parts, int(parts.pop("tokens")), job.scheduler.get_last_lr()[0], accelerator.device)
+            if step % tcfg.checkpoint_every == 0 or step == total:
+                save_checkpoint(accelerator, out_dir, step, model, optimizer, job, tcfg.keep_checkpoints)
+            if step >= total:
+                return
+        job.stream.next_epoch()
+        if not job.stream.steps(job.stream.epoch):
+            raise ConfigError("the training data is smaller than one optimizer step; lower train.batch_size")
+
+
+def save_checkpoint(accelerator, out_dir: Path, step: int, model, optimizer, job, keep: int) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        checkpoint.save(out_dir / "checkpoints", step, accelerator.unwrap_model(model), optimizer, job.scheduler,
+                        job.stream.state_dict(), keep)
+    accelerator.wait_for_everyone()
+
+
+def finish(cfg, accelerator, model, job, out_dir: Path, inputs: str) -> Path:
+    final = out_dir / "final"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        student = accelerator.unwrap_model(model).model
+        student.save_pretrained(final)
+        job.tokenizer.save_pretrained(final)
+        state.write_state(cfg.run_dir, "train", "done", inputs, steps=cfg.train.total_steps)
+    accelerator.end_training()
+    return final
