@@ -94,21 +94,24 @@ def _cached_index(temperatures: tuple[float, ...], tau: float) -> int | None:
     return next((j for j, t in enumerate(temperatures) if abs(t - tau) <= 1e-6 * max(1.0, tau)), None)
 
 
-def _tail_as_one_logit(lp_TK: torch.Tensor, tau: float | torch.Tensor):
+def _tail_as_one_logit(lp_TK: torch.Tensor, tau: float | torch.Tensor, empty_tail: bool = False):
     """Uncached tau: the tau=1 tail mass m = 1 - sum exp(lp) acts as ONE extra logit log m.
 
     log_softmax([lp_1..lp_K, log m] / tau). The top-k ratios are exact (lp_i - lp_j = z_i - z_j);
     the tail is approximated: the true tail mass at tau is proportional to sum_tail p_v^(1/tau),
     this uses (sum_tail p_v)^(1/tau), as if the tail were a single token. So for tau > 1 the
     tail is under-weighted (x^(1/tau) is subadditive), for tau < 1 over-weighted; exact when
-    the tail is empty (K = V) or holds one token.
+    the tail is empty (K = V) or holds one token. Beware: a tail that is only rounding noise
+    (m ~ 1e-4 with fp16-stored log-probs) is amplified too, to m^(1/tau) (0.1 at tau = 4).
     """
     log_m_T = log1mexp(torch.logsumexp(lp_TK, -1))
+    if empty_tail:
+        log_m_T = torch.full_like(log_m_T, float("-inf"))
     l_TB = torch.log_softmax(torch.cat([lp_TK, log_m_T[:, None]], -1) / tau, -1)
     return l_TB[:, :-1], l_TB[:, -1]
 
 
-def teacher_logprobs(teacher: TeacherTargets, tau: float, missing_mass: str):
+def teacher_logprobs(teacher: TeacherTargets, tau: float, missing_mass: str, vocab_size: int = 0):
     """The teacher's top-k log-probs at temperature tau, and its tail log-mass.
 
     Returns (lq_TK, log_tail_T); log_tail_T is None for missing_mass="renormalize".
@@ -118,20 +121,24 @@ def teacher_logprobs(teacher: TeacherTargets, tau: float, missing_mass: str):
     - tail_bucket, tau cached (temperatures[j] == tau): exact,
       lq_i = (lp_i + logZ_1) / tau - logZ_tau, tail = 1 - sum exp(lq) clamped at >= 0.
     - tail_bucket, tau not cached: the single-tail-logit approximation of _tail_as_one_logit.
+    vocab_size > 0 and K >= vocab_size: the cache holds the whole vocabulary, so the tail is
+    exactly empty (log -inf) whatever the rounding of 1 - sum exp(lp) says.
     """
     if missing_mass not in MISSING_MASS:
         raise ValueError(f"missing_mass={missing_mass!r}; choose one of {MISSING_MASS}")
     if teacher.topk_logprobs_TK is None or teacher.topk_ids_TK is None:
         raise ValueError("this cache holds no teacher top-k; use the 'sampled' KD loss")
-    lp_TK = teacher.topk_logprobs_TK.float()
+    lp_TK = _fp32(teacher.topk_logprobs_TK)
     if missing_mass == "renormalize":
         return torch.log_softmax(lp_TK / tau, -1), None
+    empty_tail = 0 < vocab_size <= lp_TK.shape[-1]
     j = _cached_index(teacher.temperatures, tau)
     if j is None:
-        return _tail_as_one_logit(lp_TK, tau)
-    logz_TP = teacher.log_partition_TP.float()
+        return _tail_as_one_logit(lp_TK, tau, empty_tail)
+    logz_TP = _fp32(teacher.log_partition_TP)
     lq_TK = (lp_TK + logz_TP[:, :1]) / tau - logz_TP[:, j : j + 1]
-    return lq_TK, log1mexp(torch.logsumexp(lq_TK, -1))
+    log_tail_T = log1mexp(torch.logsumexp(lq_TK, -1))
+    return lq_TK, torch.full_like(log_tail_T, float("-inf")) if empty_tail else log_tail_T
 
 
 # --- the student side ---------------------------------------------------------------------
@@ -169,9 +176,22 @@ def to_buckets(lq_CK, lq_tail_C, ls_CV, ids_CK):
     return lq_CB, torch.cat([ls_CK, student_log_tail(ls_CV, ids_CK)[:, None]], -1)
 
 
+def temper(l_CB: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
+    """log_softmax(l / tau): a distribution over buckets tempered as if each bucket were one token."""
+    return torch.log_softmax(l_CB / tau, -1)
+
+
 def bucket_logprobs(student_logits_CV, teacher: TeacherTargets, tau: float, missing_mass: str):
-    """(lq_CB, ls_CB): both sides at temperature tau over the teacher's top-k (+ tail)."""
-    lq_CK, lq_tail_C = teacher_logprobs(teacher, tau, missing_mass)
+    """(lq_CB, ls_CB): both sides at temperature tau over the teacher's top-k (+ tail).
+
+    tail_bucket at a tau the cache lacks: both sides' exact tau = 1 buckets, tempered alike
+    (temper); for the teacher that is _tail_as_one_logit, and treating the student the same way
+    keeps the divergence 0 at p = q and exact when K = V.
+    """
+    if missing_mass == "tail_bucket" and _cached_index(teacher.temperatures, tau) is None:
+        lq_CB, ls_CB = bucket_logprobs(student_logits_CV, teacher, 1.0, missing_mass)
+        return temper(lq_CB, tau), temper(ls_CB, tau)
+    lq_CK, lq_tail_C = teacher_logprobs(teacher, tau, missing_mass, student_logits_CV.shape[-1])
     ls_CV = student_logprobs(student_logits_CV, tau)
     return to_buckets(lq_CK, lq_tail_C, ls_CV, teacher.topk_ids_TK)
 
@@ -198,9 +218,79 @@ def sampled(student_logits_CV, teacher: TeacherTargets, spec: KDSpec) -> torch.T
     return -(teacher.draw_weights_TD.to(ls_CD.dtype) * ls_CD).sum(-1)
 
 
+# --- the issue-4 catalogue: cache -> tensors here, maths in kd_catalogue ----------------------
+
+REVERSE_TAIL_FLOOR = 1e-6  # reverse_kl: a teacher tail below this (top-k summing to ~1) counts as this
+
+
+def reverse_kl(student_logits_CV, teacher: TeacherTargets, spec: KDSpec) -> torch.Tensor:
+    """KL(p_S^tau || q_T^tau) over the top-k (+ tail, floored at REVERSE_TAIL_FLOOR)."""
+    lq_CB, ls_CB = bucket_logprobs(student_logits_CV, teacher, spec.temperature, spec.missing_mass)
+    if spec.missing_mass == "tail_bucket":
+        lq_CB = torch.cat([lq_CB[:, :-1], lq_CB[:, -1:].clamp_min(math.log(REVERSE_TAIL_FLOOR))], -1)
+    return cat.reverse_kl(lq_CB, ls_CB)
+
+
+def top_kl(student_logits_CV, teacher: TeacherTargets, spec: KDSpec) -> torch.Tensor:
+    """BiLD's "top-k KL": forward KL with both sides renormalised over the teacher's first
+    top_kl_k cached ids (all cached if 0); ignores missing_mass."""
+    k = spec.top_kl_k or teacher.topk_ids_TK.shape[-1]
+    top = replace(teacher, topk_ids_TK=teacher.topk_ids_TK[:, :k], topk_logprobs_TK=teacher.topk_logprobs_TK[:, :k])
+    return cat.kl_div(*bucket_logprobs(student_logits_CV, top, spec.temperature, "renormalize"))
+
+
+def _on_buckets(divergence: Callable[..., torch.Tensor], *hyper: str):
+    """A KD loss applying divergence(lq_CB, ls_CB, *spec.<hyper>) to the bucketed pair."""
+
+    def loss(student_logits_CV, teacher: TeacherTargets, spec: KDSpec) -> torch.Tensor:
+        buckets = bucket_logprobs(student_logits_CV, teacher, spec.temperature, spec.missing_mass)
+        return divergence(*buckets, *(getattr(spec, h) for h in hyper))
+
+    loss.__doc__ = divergence.__doc__
+    return loss
+
+
+def nkd(student_logits_CV, teacher: TeacherTargets, spec: KDSpec) -> torch.Tensor:
+    """NKD with the teacher's argmax as target: target term at tau = 1, non-target at tau."""
+    tau = spec.temperature
+    at_1 = bucket_logprobs(student_logits_CV, teacher, 1.0, spec.missing_mass)
+    at_tau = at_1 if tau == 1.0 else bucket_logprobs(student_logits_CV, teacher, tau, spec.missing_mass)
+    return cat.nkd(*at_1, *at_tau, spec.nkd_gamma, tau)
+
+
+def normkd(student_logits_CV, teacher: TeacherTargets, spec: KDSpec) -> torch.Tensor:
+    """NormKD: per-token temperatures T_norm * std over the cached ids (spec.temperature is
+    T_norm), each side's tau = 1 buckets tempered by its own temperature (a per-token tau is
+    never cached); returns KL * sigma_T^2 so that the caller's T_norm^2 makes it KL * T_T^2."""
+    s_CV = _fp32(student_logits_CV)
+    s_CK = s_CV.gather(-1, teacher.topk_ids_TK)
+    t_teacher_C, t_student_C = cat.normkd_temperatures(_fp32(teacher.topk_logprobs_TK), s_CK, spec.temperature)
+    lq_CB, ls_CB = bucket_logprobs(s_CV, teacher, 1.0, spec.missing_mass)
+    kl_C = cat.kl_div(temper(lq_CB, t_teacher_C[:, None]), temper(ls_CB, t_student_C[:, None]))
+    return kl_C * (t_teacher_C / spec.temperature) ** 2
+
+
+def bild(student_logits_CV, teacher: TeacherTargets, spec: KDSpec) -> torch.Tensor:
+    """BiLD over k = min(bild_top_k, K); ignores missing_mass (uses the tail only as the
+    fallback for the student's top-k ids the cache lacks)."""
+    lq_CK, log_tail_C = teacher_logprobs(teacher, 1.0, "tail_bucket")
+    k = min(spec.bild_top_k, lq_CK.shape[-1])
+    return cat.bild(_fp32(student_logits_CV), teacher.topk_ids_TK, lq_CK, log_tail_C, k, spec.temperature)
+
+
 KD_LOSSES: dict[str, Callable[[torch.Tensor, TeacherTargets, KDSpec], torch.Tensor]] = {
     "forward_kl": forward_kl,
     "sampled": sampled,
+    "reverse_kl": reverse_kl,
+    "top_kl": top_kl,
+    "jsd": _on_buckets(cat.jsd, "jsd_beta"),
+    "skew_forward_kl": _on_buckets(cat.skew_forward_kl, "skew_alpha"),
+    "skew_reverse_kl": _on_buckets(cat.skew_reverse_kl, "skew_alpha"),
+    "tvd": _on_buckets(cat.tvd),
+    "dkd": _on_buckets(cat.dkd, "dkd_alpha", "dkd_beta"),
+    "nkd": nkd,
+    "normkd": normkd,
+    "bild": bild,
 }
 
 

@@ -106,6 +106,24 @@ def test_teacher_logprobs_uncached_temperature(logits):
     torch.testing.assert_close(lq.double(), torch.log_softmax(lp / 1.7, -1), atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+def test_uncached_temperature_tempers_both_bucket_sets(logits, name):
+    """tau = 1.7 is not cached: exact for K = V, 0 at p = q, and equal to tempering both
+    sides' exact tau = 1 coarsenings for K < V (the documented approximation)."""
+    z, s = logits
+    spec = spec_for(name, temperature=1.7)
+    full = kd_per_token(s, make_teacher(z, k=z.shape[1], temps=(1.0,)), spec)
+    ref = DENSE[name](probs(z, 1.7), probs(s, 1.7), z.argmax(-1))
+    torch.testing.assert_close(full.double(), ref, atol=2e-5, rtol=1e-4)
+    teacher = make_teacher(z, k=6, temps=(1.0,))
+    same = kd_per_token(z, teacher, spec)
+    torch.testing.assert_close(same, torch.zeros_like(same), atol=1e-5, rtol=0)
+    ids = teacher.topk_ids_TK
+    q, p = (torch.softmax(coarsen(probs(x), ids).log() / 1.7, -1) for x in (z, s))
+    got = kd_per_token(s, teacher, spec)
+    torch.testing.assert_close(got.double(), DENSE[name](q, p, None), atol=2e-5, rtol=1e-4)
+
+
 def test_unknown_names_are_value_errors(logits):
     z, s = logits
     with pytest.raises(ValueError, match="forward_kl"):
@@ -271,10 +289,176 @@ def test_finite_gradients_with_empty_tail():
     """k = V: teacher tail 0 (log -inf), student tail empty; gradients must stay finite."""
     hidden, weight, labels, ce_mask, kd_mask, _ = lm_case()
     teacher = make_teacher(3 * torch.randn(10, 11), k=11)
-    for name in ("forward_kl",):
+    for name in sorted(set(KD_LOSSES) - {"sampled"}):
         _, g_h, g_w = run_lm(hidden, weight, labels, ce_mask, kd_mask, teacher, KDSpec(name=name), 3)
         assert torch.isfinite(g_h).all() and torch.isfinite(g_w).all()
 
 
-def test_kd_losses_listed():
-    assert {"forward_kl", "sampled"} <= set(KD_LOSSES)
+# --- the catalogue (issue 4): dense references ----------------------------------------------
+
+
+def mix(w, a, b):
+    return w * a + (1 - w) * b
+
+
+def dense_dkd(q, p, t, alpha, beta):
+    """DKD with target column t (an index tensor [C]), both sides full distributions."""
+    q_t, p_t = q.gather(-1, t[:, None]), p.gather(-1, t[:, None])
+    keep = torch.ones_like(q, dtype=torch.bool).scatter(-1, t[:, None], False)
+    q_hat = q[keep].view(len(q), -1) / (1 - q_t)
+    p_hat = p[keep].view(len(p), -1) / (1 - p_t)
+    tckd = dense_kl(torch.cat([q_t, 1 - q_t], -1), torch.cat([p_t, 1 - p_t], -1))
+    return alpha * tckd + beta * dense_kl(q_hat, p_hat)
+
+
+SPEC = KDSpec(jsd_beta=0.3, skew_alpha=0.2, dkd_alpha=0.7, dkd_beta=3.0)
+DENSE = {  # name -> reference(q, p, index of the teacher's argmax) on full distributions
+    "forward_kl": lambda q, p, t: dense_kl(q, p),
+    "reverse_kl": lambda q, p, t: dense_kl(p, q),
+    "jsd": lambda q, p, t: 0.3 * dense_kl(q, mix(0.3, q, p)) + 0.7 * dense_kl(p, mix(0.3, q, p)),
+    "skew_forward_kl": lambda q, p, t: dense_kl(q, mix(0.2, q, p)),
+    "skew_reverse_kl": lambda q, p, t: dense_kl(p, mix(0.2, p, q)),
+    "tvd": lambda q, p, t: 0.5 * (q - p).abs().sum(-1),
+    "dkd": lambda q, p, t: dense_dkd(q, p, t, 0.7, 3.0),
+    "top_kl": lambda q, p, t: dense_kl(q, p),
+}
+
+
+def spec_for(name, **kw):
+    return KDSpec(**{**SPEC.__dict__, "name": name, **kw})
+
+
+@pytest.mark.parametrize("name", sorted(DENSE))
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_catalogue_full_cache_equals_dense(logits, name, tau):
+    z, s = logits
+    got = kd_per_token(s, make_teacher(z, k=z.shape[1]), spec_for(name, temperature=tau))
+    ref = DENSE[name](probs(z, tau), probs(s, tau), z.argmax(-1))
+    torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(set(DENSE) - {"top_kl"}))
+@pytest.mark.parametrize("mode", ["tail_bucket", "renormalize"])
+def test_catalogue_top_k_equals_dense_on_coarsened(logits, name, mode):
+    """k < V: the (k+1)-bucket coarsenings (tail_bucket) or the renormalised top-k."""
+    z, s = logits
+    teacher = make_teacher(z, k=6)
+    ids = teacher.topk_ids_TK
+    if mode == "tail_bucket":
+        q, p = coarsen(probs(z, 2), ids), coarsen(probs(s, 2), ids)
+    else:
+        q, p = probs(z, 2).gather(-1, ids), probs(s, 2).gather(-1, ids)
+        q, p = q / q.sum(-1, keepdim=True), p / p.sum(-1, keepdim=True)
+    got = kd_per_token(s, teacher, spec_for(name, temperature=2.0, missing_mass=mode))
+    torch.testing.assert_close(got.double(), DENSE[name](q, p, torch.zeros(len(q), dtype=torch.long)), atol=2e-5, rtol=1e-4)
+
+
+def test_top_kl_renormalises_over_first_k(logits):
+    z, s = logits
+    teacher = make_teacher(z, k=10)
+    ids = teacher.topk_ids_TK[:, :4]
+    q, p = probs(z, 2).gather(-1, ids), probs(s, 2).gather(-1, ids)
+    ref = dense_kl(q / q.sum(-1, keepdim=True), p / p.sum(-1, keepdim=True))
+    got = kd_per_token(s, teacher, KDSpec(name="top_kl", top_kl_k=4, temperature=2.0, missing_mass="tail_bucket"))
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def dense_nkd(z, s, tau, gamma):
+    t = z.argmax(-1)[:, None]
+    target = -probs(z).gather(-1, t)[:, 0] * torch.log_softmax(s.double(), -1).gather(-1, t)[:, 0]
+    keep = torch.ones_like(z, dtype=torch.bool).scatter(-1, t, False)
+    q_hat = torch.softmax(z.double()[keep].view(len(z), -1) / tau, -1)
+    ls_hat = torch.log_softmax(s.double()[keep].view(len(s), -1) / tau, -1)
+    return target / tau**2 - gamma * (q_hat * ls_hat).sum(-1)
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_nkd_full_cache_equals_dense(logits, tau):
+    z, s = logits
+    got = kd_per_token(s, make_teacher(z, k=z.shape[1]), KDSpec(name="nkd", temperature=tau, nkd_gamma=1.3))
+    torch.testing.assert_close(got.double(), dense_nkd(z, s, tau, 1.3), atol=2e-5, rtol=1e-4)
+
+
+def dense_normkd(z, s, t_norm):
+    t_z, t_s = t_norm * z.double().std(-1, keepdim=True), t_norm * s.double().std(-1, keepdim=True)
+    kl = dense_kl(torch.softmax(z.double() / t_z, -1), torch.softmax(s.double() / t_s, -1))
+    return kl * t_z[:, 0] ** 2 / t_norm**2
+
+
+@pytest.mark.parametrize("mode", ["tail_bucket", "renormalize"])
+def test_normkd_full_cache_equals_dense(logits, mode):
+    z, s = logits
+    got = kd_per_token(s, make_teacher(z, k=z.shape[1]), KDSpec(name="normkd", temperature=1.5, missing_mass=mode))
+    torch.testing.assert_close(got.double(), dense_normkd(z, s, 1.5), atol=5e-5, rtol=1e-4)
+
+
+def dense_bild(z, s, k, tau):
+    def pair_kl(t_CK, s_CK):
+        i, j = torch.triu_indices(k, k, 1)
+        return dense_kl(torch.softmax((t_CK[:, i] - t_CK[:, j]) / tau, -1), torch.softmax((s_CK[:, i] - s_CK[:, j]) / tau, -1))
+
+    z, s = z.double(), s.double()
+    t_top, t_ids = z.topk(k, -1)
+    s_top, s_ids = s.topk(k, -1)
+    return pair_kl(t_top, s.gather(-1, t_ids)) + pair_kl(z.gather(-1, s_ids), s_top)
+
+
+@pytest.mark.parametrize("cached", [40, 12])
+def test_bild_equals_dense(logits, cached):
+    """Full cache; or 12 cached with the student's top-4 inside them (no fallback needed)."""
+    z, s = logits
+    if cached < z.shape[1]:
+        s = z + 0.3 * torch.randn_like(z)
+        s_top = s.topk(4, -1).indices
+        assert (s_top[:, :, None] == z.topk(cached, -1).indices[:, None, :]).any(-1).all()
+    got = kd_per_token(s, make_teacher(z, k=cached), KDSpec(name="bild", bild_top_k=4, temperature=2.0))
+    torch.testing.assert_close(got.double(), dense_bild(z, s, 4, 2.0), atol=2e-5, rtol=1e-4)
+
+
+def test_bild_fallback_for_uncached_student_ids():
+    """The student's top-k lies outside the teacher's cache: tail share, capped at lp_K."""
+    z = torch.tensor([[5.0, 4.0, 3.0, 0.0, 0.0, 0.0, 0.0]])
+    s = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 3.0, 2.0]])
+    teacher = make_teacher(z, k=3)
+    got = kd_per_token(s, teacher, KDSpec(name="bild", bild_top_k=3))
+    lp = torch.log_softmax(z.double(), -1)[0]
+    tail = (1 - lp[:3].exp().sum()) / 4  # spread over the V - K = 4 uncached ids
+    s_top, s_ids = s.double().topk(3, -1)
+    t_vals = torch.where(s_ids < 3, lp[s_ids.clamp(max=2)], torch.minimum(tail.log(), lp[2]))
+    i, j = torch.triu_indices(3, 3, 1)
+    s_led = dense_kl(torch.softmax(t_vals[:, i] - t_vals[:, j], -1), torch.softmax(s_top[:, i] - s_top[:, j], -1))
+    # The teacher's top-3 are ids 0, 1, 2 (all cached): the t-LD half needs no fallback.
+    t_led = dense_kl(torch.softmax(lp[None, i] - lp[None, j], -1), torch.softmax(s.double()[:, i] - s.double()[:, j], -1))
+    torch.testing.assert_close(got.double(), t_led + s_led, atol=1e-5, rtol=1e-5)
+
+
+DIVERGENCES = sorted(set(KD_LOSSES) - {"sampled", "nkd"})  # 0 exactly when student == teacher
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+@pytest.mark.parametrize("mode", ["tail_bucket", "renormalize"])
+def test_catalogue_zero_for_identical(logits, name, mode):
+    z, _ = logits
+    got = kd_per_token(z, make_teacher(z, k=8), spec_for(name, temperature=2.0, missing_mass=mode))
+    torch.testing.assert_close(got, torch.zeros_like(got), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(set(KD_LOSSES) - {"forward_kl", "sampled"}))
+@pytest.mark.parametrize("k", [3, 7])
+def test_gradcheck_catalogue(name, k):
+    teacher, s = small_case(k)
+    for mode in ("tail_bucket", "renormalize"):
+        spec = spec_for(name, temperature=1.5, missing_mass=mode, bild_top_k=3)
+        assert torch.autograd.gradcheck(lambda x: kd_per_token(x, teacher, spec), (s,))
+
+
+@pytest.mark.parametrize("name", sorted(KD_LOSSES))
+def test_every_loss_through_chunked_lm(name):
+    """Chunked equals unchunked, and gradients are finite, for every catalogue entry."""
+    case = lm_case()
+    spec = spec_for(name, temperature=2.0, bild_top_k=3)
+    (a, ga_h, ga_w), (b, gb_h, gb_w) = run_lm(*case, spec, 3), run_lm(*case, spec, 10**9)
+    torch.testing.assert_close(a["kd"], b["kd"])
+    torch.testing.assert_close(ga_h, gb_h)
+    torch.testing.assert_close(ga_w, gb_w)
+    assert torch.isfinite(ga_h).all() and torch.isfinite(ga_w).all()
