@@ -23,6 +23,14 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 VOCAB = 512
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is ~100x faster than two
+    spinning threads under load, and makes CPU results independent of the core count."""
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the subprocesses tests start
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     random.seed(0)

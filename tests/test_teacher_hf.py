@@ -1,0 +1,125 @@
+"""HF teacher extraction against an independent dense reference.
+
+The reference runs the saved tiny model with transformers, one unpadded sequence at a time,
+and takes the full fp32 log_softmax. Tolerances:
+- top-k / target log-probs are stored as float16 (10-bit mantissa, relative rounding ≤ 2^-11):
+  rtol = 2e-3 (about two fp16 ulps) plus atol = 1e-4 for values near 0;
+- log_partition is stored as float32: atol = rtol = 1e-4 (fp32 forward of a padded batch vs
+  one sequence differs by ~1e-6);
+- batch-size / chunking comparisons go through the same fp16 rounding: a fp32 difference of
+  1e-6 can move a value across a rounding boundary, hence one-ulp rtol = 2e-3 there too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from cache_helpers import by_sample
+
+from stages import cache_teacher, prepare
+
+FP16_RTOL, FP16_ATOL = 2e-3, 1e-4
+K = 8
+
+
+def run_cache(make_config, *overrides, teacher="qwen3_moe"):
+    cfg = make_config("data.max_samples=12", "data.max_length=40", "data.eval_fraction=0", f"cache.k={K}",
+                      "cache.splits=[train]", "cache.temperatures=[1.0,2.0]", *overrides, teacher=teacher)
+    prepare.run(cfg)
+    cache_teacher.run(cfg)
+    return cfg, by_sample(cache_teacher.cache_dir(cfg.run_dir, "train"))
+
+
+@pytest.fixture(scope="module")
+def dense_reference():
+    """dense_reference(model_dir, ids) → fp32 logits [L, V] of one unpadded sequence."""
+    from transformers import AutoModelForCausalLM
+
+    models = {}
+
+    def logits(model_dir, ids: np.ndarray) -> torch.Tensor:
+        if model_dir not in models:
+            models[model_dir] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        with torch.no_grad():
+            return models[model_dir](input_ids=torch.as_tensor(ids, dtype=torch.long)[None]).logits[0].float()
+
+    return logits
+
+
+def check_topk(seq: dict, ref_lp: np.ndarray) -> None:
+    """Cached top-k = torch.topk of the reference (up to ties), with the reference's values."""
+    ids, lp = seq["topk_ids"], seq["topk_logprobs"]
+    ref_vals, ref_ids = torch.topk(torch.from_numpy(ref_lp), K + 1, dim=-1)
+    ref_vals, ref_ids = ref_vals.numpy(), ref_ids.numpy()
+    np.testing.assert_allclose(lp, np.take_along_axis(ref_lp, ids, 1), rtol=FP16_RTOL, atol=FP16_ATOL)
+    np.testing.assert_allclose(lp, ref_vals[:, :K], rtol=FP16_RTOL, atol=FP16_ATOL)
+    assert (np.diff(lp, axis=1) <= 0).all(), "stored by descending probability"
+    clear = ref_vals[:, K - 1] - ref_vals[:, K] > 1e-4  # no tie at the k-th place
+    for t in np.flatnonzero(clear):
+        assert set(ids[t]) == set(ref_ids[t, :K]), f"position {t}"
+    assert clear.mean() > 0.9
+
+
+def test_matches_dense_log_softmax(make_config, dense_reference):
+    cfg, cache = run_cache(make_config)
+    assert len(cache) == 12
+    for sid, seq in cache.items():
+        ids = seq["input_ids"]
+        z = dense_reference(cfg.teacher.path, ids)
+        ref_lp = torch.log_softmax(z, dim=-1).numpy()
+        check_topk(seq, ref_lp)
+        target = ref_lp[np.arange(len(ids) - 1), ids[1:]]
+        np.testing.assert_allclose(seq["target_logprob"][:-1], target, rtol=FP16_RTOL, atol=FP16_ATOL)
+        assert seq["target_logprob"][-1] == 0 and seq["loss_mask"][-1] == 0, "the last position has no target"
+        for p, tau in enumerate((1.0, 2.0)):
+            ref_lz = torch.logsumexp(z / tau, dim=-1).numpy()
+            np.testing.assert_allclose(seq["log_partition"][:, p], ref_lz, rtol=1e-4, atol=1e-4)
+        assert seq["log_partition"].dtype == np.float32
+
+
+def test_padding_does_not_change_results(make_config):
+    """Batch size 1 (no padding) vs 4 (each sequence padded to its batch's longest)."""
+    _, alone = run_cache(make_config, "cache.batch_size=1", "run.name=alone", "data.max_length=160")
+    _, batched = run_cache(make_config, "cache.batch_size=4", "run.name=batched", "data.max_length=160")
+    lengths = sorted({len(s["input_ids"]) for s in batched.values()})
+    assert len(lengths) > 1, "the batches must mix lengths for padding to happen"
+    assert sorted(alone) == sorted(batched)
+    for sid in alone:
+        a, b = alone[sid], batched[sid]
+        np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+        np.testing.assert_array_equal(a["loss_mask"], b["loss_mask"])
+        for key in ("topk_logprobs", "target_logprob", "log_partition"):
+            np.testing.assert_allclose(a[key], b[key], rtol=FP16_RTOL, atol=FP16_ATOL, err_msg=key)
+        gap = np.abs(np.diff(a["topk_logprobs"].astype(np.float32), axis=1)).min(axis=1) > 1e-2
+        np.testing.assert_array_equal(a["topk_ids"][gap], b["topk_ids"][gap])
+        np.testing.assert_allclose(a["router_probs"], b["router_probs"], rtol=FP16_RTOL, atol=FP16_ATOL)
+
+
+def test_chunked_extraction_equals_unchunked(make_config):
+    _, whole = run_cache(make_config, "cache.extract_chunk_tokens=4096", "run.name=whole",
+                         "cache.targets=topk+sampled", "cache.num_draws=16")
+    _, chunked = run_cache(make_config, "cache.extract_chunk_tokens=7", "run.name=chunked",
+                           "cache.targets=topk+sampled", "cache.num_draws=16")
+    assert sorted(whole) == sorted(chunked)
+    for sid in whole:
+        for key, value in whole[sid].items():
+            # row-wise top-k / logsumexp / sampling of the same logits: exact
+            np.testing.assert_array_equal(chunked[sid][key], value, err_msg=f"{sid} {key}")
+
+
+def test_padded_vocabulary_is_ignored(make_config, dense_reference, tokenizer, tmp_path):
+    """A teacher whose embedding has more rows than the tokenizer: the extra ids are padding."""
+    from pipeline.demo import save_tiny_model, tiny_config
+
+    real = len(tokenizer)
+    path = save_tiny_model(tiny_config("qwen3", real + 24), tmp_path / "padded_vocab", tokenizer, seed=3)
+    _, cache = run_cache(make_config, "data.max_samples=4", f"teacher.path={path}")
+    for seq in cache.values():
+        z = dense_reference(str(path), seq["input_ids"])
+        assert z.shape[1] == real + 24
+        ref_lp = torch.log_softmax(z[:, :real], dim=-1).numpy()
+        check_topk(seq, ref_lp)
+        assert seq["topk_ids"].max() < real
+        np.testing.assert_allclose(seq["log_partition"][:, 0], torch.logsumexp(z[:, :real], -1).numpy(),
+                                   rtol=1e-4, atol=1e-4)
