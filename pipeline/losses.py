@@ -167,10 +167,13 @@ def student_log_tail(ls_CV: torch.Tensor, ids_CK: torch.Tensor) -> torch.Tensor:
 
 
 def to_buckets(lq_CK, lq_tail_C, ls_CV, ids_CK):
-    """Teacher and student log-probs over the same buckets: K (renormalised) or K + tail."""
+    """Teacher and student log-probs over the same buckets: K (renormalised) or K + tail.
+
+    A cache of the whole vocabulary (K >= V) has no tail: both sides get the K buckets only.
+    """
     ls_CK = ls_CV.gather(-1, ids_CK)
     lq_CK = lq_CK.to(ls_CV.dtype)
-    if lq_tail_C is None:
+    if lq_tail_C is None or ids_CK.shape[-1] >= ls_CV.shape[-1]:
         return lq_CK, torch.log_softmax(ls_CK, -1)
     lq_CB = torch.cat([lq_CK, lq_tail_C.to(ls_CV.dtype)[:, None]], -1)
     return lq_CB, torch.cat([ls_CK, student_log_tail(ls_CV, ids_CK)[:, None]], -1)
@@ -226,7 +229,7 @@ REVERSE_TAIL_FLOOR = 1e-6  # reverse_kl: a teacher tail below this (top-k summin
 def reverse_kl(student_logits_CV, teacher: TeacherTargets, spec: KDSpec) -> torch.Tensor:
     """KL(p_S^tau || q_T^tau) over the top-k (+ tail, floored at REVERSE_TAIL_FLOOR)."""
     lq_CB, ls_CB = bucket_logprobs(student_logits_CV, teacher, spec.temperature, spec.missing_mass)
-    if spec.missing_mass == "tail_bucket":
+    if lq_CB.shape[-1] > teacher.topk_ids_TK.shape[-1]:  # there is a tail bucket
         lq_CB = torch.cat([lq_CB[:, :-1], lq_CB[:, -1:].clamp_min(math.log(REVERSE_TAIL_FLOOR))], -1)
     return cat.reverse_kl(lq_CB, ls_CB)
 
@@ -246,7 +249,7 @@ def _on_buckets(divergence: Callable[..., torch.Tensor], *hyper: str):
         buckets = bucket_logprobs(student_logits_CV, teacher, spec.temperature, spec.missing_mass)
         return divergence(*buckets, *(getattr(spec, h) for h in hyper))
 
-    loss.__doc__ = divergence.__doc__
+    loss.__name__, loss.__doc__ = divergence.__name__, divergence.__doc__
     return loss
 
 
