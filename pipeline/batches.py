@@ -30,9 +30,13 @@ class PreparedSource:
         self.ds, _ = load_split(run_dir, split)
 
     def index(self) -> SequenceIndex:
-        lengths = np.array([len(x) for x in self.ds["input_ids"]])
+        import pyarrow.compute as pc
+
+        table = self.ds.data  # arrow: lengths without decoding every row
+        lengths = pc.list_value_length(table.column("input_ids")).to_numpy().astype(np.int64)
+        sample_ids = table.column("sample_id").to_numpy()
         n = len(lengths)
-        return SequenceIndex(np.asarray(self.ds["sample_id"]), lengths, np.zeros(n, dtype=np.int64), np.arange(n))
+        return SequenceIndex(sample_ids, lengths, np.zeros(n, dtype=np.int64), np.arange(n))
 
     def read(self, shard: int, local: int) -> TeacherOutput:
         row = self.ds[int(local)]

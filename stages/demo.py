@@ -45,7 +45,7 @@ def run_config(name: str, overrides: list[str]):
 
 
 def main(root: str = "runs") -> dict:
-    from stages import cache_teacher, evaluate, inspect_cache, prepare, train_student
+    from stages import cache_teacher, evaluate, prepare, train_student
 
     assets = build_assets(Path(root) / "demo_assets")
     teacher_cfg = run_config("demo_teacher.yaml", [f"run.root={root}", f"data.source={assets['data']}",
@@ -60,6 +60,8 @@ def main(root: str = "runs") -> dict:
     cache_teacher.run(cfg)
     train_student.run(cfg)
     results = evaluate.run(cfg)
+    from stages import inspect_cache
+
     stats = inspect_cache.inspect(cache_teacher.cache_dir(cfg.run_dir, "train"))
     print(summary(stats, results), flush=True)
     return {"stats": stats, "results": results}
