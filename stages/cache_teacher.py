@@ -111,7 +111,8 @@ def make_batch(ds, rows: np.ndarray, pad_id: int) -> TeacherBatch:
                         torch.from_numpy(lengths), torch.from_numpy(mask))
 
 
-def check_teacher_fits(teacher, data_manifest: dict, spec: ExtractSpec, ds) -> None:
+def check_teacher_fits(teacher, data_manifest: dict, spec: ExtractSpec) -> None:
+    """Vocabulary, k and tokenizer checks; every split shares the tokenizer, so run once, early."""
     vocab = data_manifest["vocab_size"]
     if teacher.vocab_size < vocab:
         raise ConfigError(f"the tokenizer has {vocab} tokens but the teacher's vocabulary is {teacher.vocab_size}: "
@@ -142,7 +143,6 @@ def cache_split(cfg, teacher, spec: ExtractSpec, split: str, dist: Dist) -> Mani
     out_dir = cache_dir(cfg.run_dir, split)
     if len(ds) == 0:
         return None
-    check_teacher_fits(teacher, data_manifest, spec, ds)
     ident = identity(cfg, teacher, spec, data_manifest, split)
     out_dir.mkdir(parents=True, exist_ok=True)
     check_identity(out_dir, ident)
@@ -211,6 +211,7 @@ def run(cfg, force: bool = False) -> dict[str, Manifest]:
     _, data_manifest = load_split(cfg.run_dir, "train")
     spec = extract_spec(cfg.cache, vocab_limit=data_manifest["vocab_size"])
     teacher = build_teacher(cfg.teacher, spec, dist.device)
+    check_teacher_fits(teacher, data_manifest, spec)  # before the state records a run with these inputs
     if dist.is_main:
         state.write_state(cfg.run_dir, "cache", "running", inputs)
     start = time.time()

@@ -36,6 +36,17 @@ def load_causal_lm(path: str, dtype: torch.dtype, device: torch.device, attn: st
     return model.to(device).eval()
 
 
+def own_tokenizer_fingerprint(path: str) -> str | None:
+    """Fingerprint of the tokenizer saved with the model; None when the model directory has none."""
+    from transformers import AutoTokenizer
+
+    from pipeline.data import tokenizer_fingerprint
+
+    if not any((Path(path) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    return tokenizer_fingerprint(AutoTokenizer.from_pretrained(path))
+
+
 def config_fingerprint(config) -> str:
     return fingerprint({k: v for k, v in config.to_dict().items() if k not in _VOLATILE})
 
@@ -62,6 +73,7 @@ class HFTeacher:
         self.num_experts = num_experts(config) if self.family else 0
         self.router_topk = resolve_router_topk(spec.router_topk, self.num_experts)
         self.capture = RouterCapture(self.model, self.family) if self.router_topk else None
+        self.tokenizer_fingerprint = own_tokenizer_fingerprint(cfg.path)
         self._checked = False
 
     def identity(self) -> dict:
