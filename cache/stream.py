@@ -14,12 +14,13 @@ torch DataLoader wrapper (workers, tensors) lives in pipeline/batches.py.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 
 from cache.reader import CacheReader
-from cache.schema import TeacherOutput
+from cache.schema import CacheError, TeacherOutput
 
 
 @dataclass(frozen=True)
@@ -93,16 +94,23 @@ class ShardStream:
         """The epoch's global steps from ``start`` (a position) on."""
         order, plan, out = self.order(epoch)[start:], self.plan, []
         minimum = plan.world_size * plan.micro_batches
-        while len(order):
+        cum = np.concatenate([[0], np.cumsum(self.index.lengths[order])])  # once: O(N), not O(N) per step
+        i = 0
+        while i < len(order):
             if plan.batch_tokens:
-                cum = np.cumsum(self.index.lengths[order])
-                n = max(int(np.searchsorted(cum, plan.batch_tokens)) + 1, minimum)
+                # as many sequences as fit in the budget (side="right": a step may hit it exactly),
+                # at least one per rank and micro-batch; a step that ends the epoch is short
+                fit = int(np.searchsorted(cum, cum[i] + plan.batch_tokens, side="right")) - 1 - i
+                n = max(fit, minimum, 1)
+                rest = len(order) - i
+                short = rest < n or (n == rest and cum[-1] - cum[i] < plan.batch_tokens)
             else:
                 n = plan.batch_size
-            if len(order) < n and plan.drop_last:
+                short = len(order) - i < n
+            if short and plan.drop_last:
                 break
-            out.append(order[:n])
-            order = order[n:]
+            out.append(order[i:i + n])
+            i += n
         return out
 
     def rank_micro_batches(self, step: np.ndarray) -> list[np.ndarray]:
@@ -120,11 +128,20 @@ class ShardStream:
     def next_epoch(self) -> None:
         self.epoch, self.position = self.epoch + 1, 0
 
+    def fingerprint(self) -> str:
+        """The sequences the stream holds (sample ids and lengths), whatever the shard order."""
+        by_id = np.argsort(self.index.sample_ids, kind="stable")
+        pairs = np.stack([self.index.sample_ids[by_id], self.index.lengths[by_id]]).astype(np.int64)
+        return hashlib.sha256(pairs.tobytes()).hexdigest()[:16]
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.plan.seed,
-                "sequences": len(self)}
+                "sequences": len(self), "fingerprint": self.fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["sequences"] != len(self) or state["seed"] != self.plan.seed:
-            raise ValueError("the stream state belongs to another cache or seed; resume with the same cache and run.seed")
+        same = (state["sequences"] == len(self) and state.get("fingerprint") == self.fingerprint()
+                and state["seed"] == self.plan.seed)
+        if not same:
+            raise CacheError("the stream state belongs to another cache or seed; resume with the same cache "
+                             "and run.seed, or start a new run")
         self.epoch, self.position = state["epoch"], state["position"]

@@ -100,3 +100,63 @@ def make_config(tmp_path, text_jsonl, make_model):
         return load_config(PipelineConfig, [], base + list(overrides))
 
     return make
+
+
+# --- phase two: a prepared + cached run, built once per session and copied per test ----------
+
+TRAIN_BASE = ["data.max_length=32", "data.max_samples=48", "cache.k=8", "cache.batch_size=8", "cache.shard_tokens=300",
+              "cache.chunk_tokens=128", "cache.targets=topk+sampled", "cache.num_draws=8",
+              "cache.temperatures=[1.0,2.0]", "train.batch_size=4", "train.steps=4", "train.log_every=1",
+              "train.checkpoint_every=2", "train.warmup_steps=1", "train.lr=1e-3", "train.shuffle_window=16",
+              "eval.rouge_samples=2", "eval.max_new_tokens=8"]
+
+
+@pytest.fixture(scope="session")
+def teacher_path(make_model) -> Path:
+    """A teacher with peaked next-token distributions (a random 0.02-init model is near-uniform)."""
+    return make_model("qwen3_moe", name="teacher_sharp", seed=3, initializer_range=0.25)
+
+
+@pytest.fixture(scope="session")
+def student_path(make_model) -> Path:
+    return make_model("qwen3_moe", name="student_small", seed=1, hidden_size=32, num_experts=4)
+
+
+@pytest.fixture(scope="session")
+def cached_run(assets, text_jsonl, teacher_path, student_path):
+    """cached_run(*overrides) → (run dir after prepare + cache, the overrides that built it); memoized."""
+    from stages import cache_teacher, prepare
+    from stages.config import PipelineConfig
+
+    built: dict[tuple, tuple[Path, list[str]]] = {}
+
+    def build(*overrides: str) -> tuple[Path, list[str]]:
+        if overrides not in built:
+            root = assets / "cached" / f"c{len(built)}"
+            base = [f"run.root={root}", f"data.source={text_jsonl}", f"teacher.path={teacher_path}",
+                    f"student.path={student_path}", *TRAIN_BASE, *overrides]
+            cfg = load_config(PipelineConfig, [], base)
+            prepare.run(cfg)
+            cache_teacher.run(cfg)
+            built[overrides] = (cfg.run_dir, base)
+        return built[overrides]
+
+    return build
+
+
+@pytest.fixture
+def train_config(tmp_path, cached_run):
+    """train_config(*overrides, cache=(cache overrides), name="demo") → a PipelineConfig whose run
+    directory (under tmp_path) is a copy of a session-built prepared + cached run."""
+    import shutil
+
+    from stages.config import PipelineConfig
+
+    def make(*overrides: str, cache: tuple[str, ...] = (), name: str = "demo"):
+        run_dir, base = cached_run(*cache)
+        dest = tmp_path / "runs" / name
+        if not dest.exists():
+            shutil.copytree(run_dir, dest)
+        return load_config(PipelineConfig, [], [*base, f"run.root={tmp_path / 'runs'}", f"run.name={name}", *overrides])
+
+    return make
