@@ -76,13 +76,9 @@ def test_killed_cache_resumes_to_the_uninterrupted_result(make_config, tmp_path)
     # 1. very early: the teacher is loaded, the stage is running, nothing is committed yet
     kill_when(start(overrides), lambda: state_status(cfg.run_dir) == "running")
     assert n_committed(cache) == 0
-    # 2. right after the first shard commit
+    # 2. right after the first shard commit (the resumed run goes on from there)
     kill_when(start(overrides), lambda: n_committed(cache) >= 1)
-    first = n_committed(cache)
-    # 3. half-way through
-    kill_when(start(overrides), lambda: n_committed(cache) >= total_shards // 2)
-    middle = n_committed(cache)
-    assert first < middle < total_shards, "the kills must land mid-way for the test to mean anything"
+    assert 1 <= n_committed(cache) < total_shards, "the kill must land mid-way for the test to mean anything"
     assert not (cache / "manifest.json").exists(), "a killed run never wrote the manifest"
 
     done = subprocess.run([sys.executable, "run_pipeline.py", "cache", *overrides], cwd=REPO, env=subprocess_env(),
