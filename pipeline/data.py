@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +74,14 @@ def _local_files(path: Path) -> list[str]:
     if not files:
         raise ConfigError(f"data.source={path} holds no {'/'.join(FORMATS)} files")
     return files
+
+
+def source_stamp(source: str) -> list:
+    """(file, size, mtime) of each local source file, so an edited file is a changed input; [] for a hub id."""
+    path = Path(source)
+    if not path.exists():
+        return []
+    return [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in _local_files(path)]
 
 
 def load_records(cfg: DataConfig):

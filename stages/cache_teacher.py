@@ -11,6 +11,7 @@ resumes at shard granularity: batches whose sequences a committed shard holds ar
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,9 +200,15 @@ def begin_on_all_ranks(run_dir: Path, inputs: str, outputs: list[Path], force: b
     return must_run if dist.is_main else state.begin(run_dir, "cache", inputs, [], False)
 
 
+def prepared_fingerprints(run_dir: Path) -> dict | None:
+    """The prepared data is an input too: a re-prepared dataset must not reuse an old cache."""
+    path = Path(run_dir) / "data" / "manifest.json"
+    return {s: v["fingerprint"] for s, v in json.loads(path.read_text())["splits"].items()} if path.exists() else None
+
+
 def run(cfg, force: bool = False) -> dict[str, Manifest]:
     dist = Dist.from_env()
-    inputs = fingerprint(cfg.teacher, cfg.cache, cfg.data, cfg.tokenizer_path())
+    inputs = fingerprint(cfg.teacher, cfg.cache, cfg.data, cfg.tokenizer_path(), prepared_fingerprints(cfg.run_dir))
     outputs = [cache_dir(cfg.run_dir, s) for s in cfg.cache.splits]
     if not begin_on_all_ranks(cfg.run_dir, inputs, outputs, force, dist):
         return {s: read_manifest(cache_dir(cfg.run_dir, s)) for s in cfg.cache.splits

@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 from cache.schema import write_json_atomic
 from pipeline import state
 from pipeline.config import ConfigError, fingerprint, save_config
-from pipeline.data import (is_eval, load_records, pack, resolve_mode, sequences_fingerprint, to_position_mask,
-                           tokenize_batch, tokenizer_fingerprint)
+from pipeline.data import (is_eval, load_records, pack, resolve_mode, sequences_fingerprint, source_stamp,
+                           to_position_mask, tokenize_batch, tokenizer_fingerprint)
 
 SPLITS = ("train", "eval")
 
@@ -75,14 +75,13 @@ def save_split(out_dir: Path, rows: dict[str, list]) -> dict:
 def run(cfg, force: bool = False) -> dict:
     run_dir, data_cfg = cfg.run_dir, cfg.data
     tok_path = cfg.tokenizer_path()
-    inputs = fingerprint(data_cfg, tok_path)
+    inputs = fingerprint(data_cfg, tok_path, source_stamp(data_cfg.source))
     out_dir = run_dir / "data"
     if not state.begin(run_dir, "prepare", inputs, [out_dir], force):
         return json.loads((out_dir / "manifest.json").read_text())
     tokenizer = load_tokenizer(tok_path)
     records = load_records(data_cfg)
     mode = resolve_mode(data_cfg, list(records.column_names))
-    state.write_state(run_dir, "prepare", "running", inputs)
 
     rows = {split: {"sample_id": [], "input_ids": [], "loss_mask": []} for split in SPLITS}
     for sample_id, ids, mask in sequences(records, tokenizer, data_cfg, mode):
@@ -91,6 +90,7 @@ def run(cfg, force: bool = False) -> dict:
             rows[split][key].append(value)
     if not rows["train"]["sample_id"]:
         raise ConfigError(f"data.source={data_cfg.source!r} gave no sequence of at least 2 tokens")
+    state.write_state(run_dir, "prepare", "running", inputs)  # only now: a failed check leaves no state
 
     manifest = {"mode": mode, "tokenizer": tokenizer_fingerprint(tokenizer), "tokenizer_path": tok_path,
                 "vocab_size": len(tokenizer), "splits": {s: save_split(out_dir / s, rows[s]) for s in SPLITS}}

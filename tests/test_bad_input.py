@@ -143,3 +143,29 @@ def test_finished_stage_is_skipped_without_loading_the_teacher(cli, monkeypatch)
     assert cli("prepare") == (0, "")
     assert cli("cache") == (0, "")
     assert snapshot(cli.run_dir) == before
+
+
+def test_edited_source_is_a_changed_input(cli, tmp_path, docstrings):
+    """Same config, edited data file: prepare refuses, and with --force the cache refuses too."""
+    import os
+
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"text": d}) + "\n" for _, d in docstrings[:16]))
+    assert cli("prepare", f"data.source={source}")[0] == 0
+    assert cli("cache", f"data.source={source}")[0] == 0
+    source.write_text("".join(json.dumps({"text": d}) + "\n" for _, d in docstrings[16:32]))
+    os.utime(source, ns=(1, 1))  # whatever the clock's resolution
+    code, line = cli("prepare", f"data.source={source}")
+    assert code != 0 and "--force" in line
+    assert cli("prepare", f"data.source={source}", force=True)[0] == 0
+    code, line = cli("cache", f"data.source={source}")
+    assert code != 0 and "--force" in line, "an old cache must not pass for the re-prepared data"
+    assert cli("cache", f"data.source={source}", force=True)[0] == 0
+
+
+def test_failed_prepare_leaves_no_state(cli, tmp_path):
+    tiny = tmp_path / "tiny.jsonl"
+    tiny.write_text(json.dumps({"text": "a"}) + "\n")
+    code, line = cli("prepare", f"data.source={tiny}", "data.add_eos=false")
+    assert code != 0 and "at least 2 tokens" in line
+    assert cli("prepare")[0] == 0, "the fixed run is not refused"
