@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 TARGETS = ("topk", "sampled", "topk+sampled")
+TOPK_BLOCK = 8  # entries per block in blocked_topk: k blocks of 8 leave 8k candidates
 
 
 @dataclass(frozen=True)
@@ -44,14 +45,52 @@ def sequence_generator(seed: int, sample_id: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
+def log_partitions(zf_CV: torch.Tensor, temperatures: tuple[float, ...]) -> torch.Tensor:
+    """log sum exp(z / t) per temperature [C, P], torch.logsumexp's algorithm with one max pass for all t."""
+    max_C1 = zf_CV.amax(-1, keepdim=True)
+    max_C1 = max_C1.masked_fill(max_C1.abs() == float("inf"), 0.0)
+    cols = []
+    for t in temperatures:
+        shifted_CV = zf_CV - max_C1
+        if t != 1.0:
+            shifted_CV.div_(t)
+        cols.append(shifted_CV.exp_().sum(-1).log_().add_(max_C1[:, 0] / t))
+    return torch.stack(cols, -1)
+
+
+def blocked_topk(z_CV: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk (sorted, up to the order of ties) as two small selections, ~1.5x faster on CPU.
+
+    Cut the columns into strided blocks (block i = columns i, i + B, i + 2B, ...); an entry
+    whose block maximum is not among the k largest block maxima has k larger entries (those
+    maxima), so the top k lie in those k blocks (plus the columns past the last whole block).
+    """
+    cols = z_CV.shape[-1]
+    blocks = cols // TOPK_BLOCK
+    if blocks < 2 * k:
+        return torch.topk(z_CV, k, dim=-1)
+    per_block_CRB = z_CV[:, : blocks * TOPK_BLOCK].unflatten(-1, (TOPK_BLOCK, blocks))
+    _, best_CK = torch.topk(per_block_CRB.amax(1), k, dim=-1, sorted=False)
+    members = torch.arange(0, TOPK_BLOCK * blocks, blocks, device=z_CV.device)
+    cand_CM = (best_CK[:, :, None] + members).flatten(1)
+    if cols > blocks * TOPK_BLOCK:
+        rest = torch.arange(blocks * TOPK_BLOCK, cols, device=z_CV.device)
+        cand_CM = torch.cat([cand_CM, rest.expand(len(cand_CM), -1)], 1)
+    vals_CK, pos_CK = torch.topk(z_CV.gather(1, cand_CM), k, dim=-1, sorted=True)
+    return vals_CK, cand_CM.gather(1, pos_CK)
+
+
 def topk_and_partitions(z_CV: torch.Tensor, spec: ExtractSpec) -> dict[str, torch.Tensor]:
-    zf_CV = z_CV.float()
-    log_z_CP = torch.stack([torch.logsumexp(zf_CV if t == 1.0 else zf_CV / t, dim=-1) for t in spec.temperatures], -1)
+    zf_CV = z_CV.float()  # no copy for fp32 logits (CPU); the chunk's fp32 copy for bf16 ones
+    log_z_CP = log_partitions(zf_CV, spec.temperatures)
     out = {"log_partition": log_z_CP, "zf": zf_CV}
     if spec.wants_topk:
-        vals_CK, ids_CK = torch.topk(zf_CV, spec.k, dim=-1, sorted=True)
+        # top-k in the logits' own dtype: the same values (bf16 -> fp32 is exact), half the bytes read;
+        # CUDA's radix-select topk needs no help, CPU's per-row heap does
+        cpu = z_CV.device.type == "cpu"
+        vals_CK, ids_CK = blocked_topk(z_CV, spec.k) if cpu else torch.topk(z_CV, spec.k, dim=-1)
         out["topk_ids"] = ids_CK.to(torch.int32)
-        out["topk_logprobs"] = vals_CK - log_z_CP[:, :1]
+        out["topk_logprobs"] = vals_CK.float() - log_z_CP[:, :1]
     return out
 
 
@@ -64,7 +103,7 @@ def target_logprob(zf_CV: torch.Tensor, log_z1_C: torch.Tensor, targets_C: torch
 
 def draw(zf_CV: torch.Tensor, u_CN: torch.Tensor, temperature: float) -> dict[str, torch.Tensor]:
     """Inverse-CDF sampling of N ids per position, returned as unique ids + counts."""
-    probs_CV = torch.softmax(zf_CV / temperature, dim=-1)
+    probs_CV = torch.softmax(zf_CV if temperature == 1.0 else zf_CV / temperature, dim=-1)
     cdf_CV = torch.cumsum(probs_CV, dim=-1)
     ids_CN = torch.searchsorted(cdf_CV, u_CN * cdf_CV[:, -1:]).clamp_(max=zf_CV.shape[1] - 1)
     rows_CN = torch.arange(ids_CN.shape[0], device=ids_CN.device)[:, None].expand_as(ids_CN)
