@@ -1,7 +1,7 @@
 """The student wrapped for distillation: one forward returns the loss sums of a micro-batch.
 
 Everything that needs gradients happens inside ``forward`` (body, token-chunked lm_head +
-CE + KD, router capture + router KL), so DDP/FSDP wrapping sees one ordinary module.
+CE + KD, router capture + router losses), so DDP/FSDP wrapping sees one ordinary module.
 Sums, not means: the trainer divides by the global count of valid tokens.
 """
 
@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from pipeline.losses import KDSpec, TeacherTargets, chunked_lm_losses
-from pipeline.router import RouterCapture, map_experts, router_kl, teacher_router_dense
+from pipeline.router import RouterCapture
+from pipeline.router_losses import TAU_RANGE, RouterLossSpec, router_parts
 
 
 def teacher_targets(t: dict, temperatures: tuple[float, ...]) -> TeacherTargets | None:
@@ -25,11 +26,16 @@ def teacher_targets(t: dict, temperatures: tuple[float, ...]) -> TeacherTargets 
 class DistillStudent(nn.Module):
     def __init__(self, model, spec: KDSpec | None, temperatures: tuple[float, ...], vocab_limit: int,
                  chunk_tokens: int, routers: RouterCapture | None = None, layer_map: list[int] | None = None,
-                 teacher_experts: int = 0):
+                 teacher_experts: int = 0, router_spec: RouterLossSpec | None = None):
         super().__init__()
         self.model, self.spec, self.temperatures = model, spec, temperatures
         self.vocab_limit, self.chunk_tokens = vocab_limit, chunk_tokens
         self.routers, self.layer_map, self.teacher_experts = routers, layer_map or [], teacher_experts
+        self.router_spec = router_spec or RouterLossSpec(parts=frozenset({"router"} if self.layer_map else ()),
+                                                         stats=False)
+        if "erd" in self.router_spec.parts:  # one learnable router temperature per student MoE layer
+            tau_L = torch.full((len(self.layer_map),), float(self.router_spec.temperature_init))
+            self.router_temperature = nn.Parameter(tau_L, requires_grad=self.router_spec.learn_temperature)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         if self.routers is not None:
@@ -42,20 +48,20 @@ class DistillStudent(nn.Module):
         teacher = teacher_targets(batch["teacher"], self.temperatures) if self.spec is not None else None
         out = chunked_lm_losses(hidden_TH, self.model.get_output_embeddings().weight, batch["labels"], mask_T, mask_T,
                                 teacher, self.spec, chunk_tokens=self.chunk_tokens, vocab_limit=self.vocab_limit)
-        out["router"] = self._router_loss(batch, valid, mask_T) if self.routers is not None else hidden_TH.new_zeros(())
+        if self.routers is not None:
+            out.update(self._router_parts(batch))
+        out.setdefault("router", hidden_TH.new_zeros(()))
         return out
 
-    def _router_loss(self, batch: dict, valid_BL: torch.Tensor, mask_T: torch.Tensor) -> torch.Tensor:
-        """Sum over valid tokens of the mean over mapped layers of KL(teacher router ‖ student router)."""
+    def router_tau(self) -> torch.Tensor | None:
+        """τ_r [L], projected into TAU_RANGE before use (projected gradient descent)."""
+        tau_L = getattr(self, "router_temperature", None)
+        if tau_L is not None:
+            with torch.no_grad():
+                tau_L.clamp_(*TAU_RANGE)
+        return tau_L
+
+    def _router_parts(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Router KL, ERD, MC exploration, coverage, aux loss and load statistics (see router_losses)."""
         logits = self.routers.logits[: len(self.routers.layers)]  # gradient checkpointing may append recomputes
-        ids_TLR = batch["teacher"]["router_ids"]
-        probs_TLR = batch["teacher"].get("router_probs")
-        flat_valid = valid_BL.reshape(-1)
-        total = logits[0].new_zeros((), dtype=torch.float32)
-        for s, t in enumerate(self.layer_map):
-            student_TE = logits[s][flat_valid]
-            dense_TE = teacher_router_dense(ids_TLR[:, t], None if probs_TLR is None else probs_TLR[:, t],
-                                            self.teacher_experts)
-            kl_T = router_kl(student_TE, map_experts(dense_TE, student_TE.shape[1]))
-            total = total + (kl_T * mask_T).sum()
-        return total / max(len(self.layer_map), 1)
+        return router_parts(logits, batch, self.router_spec, self.layer_map, self.teacher_experts, self.router_tau())

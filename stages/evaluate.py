@@ -5,11 +5,13 @@
 On the eval split: perplexity, KL(teacher ‖ student) at τ = 1 over the cached top-k plus
 the tail bucket (from cache_eval/), top-1 agreement and overlap@k with the teacher's
 top-k; for prompt/response data also Rouge-L of greedy generations against the
-references. Results go to runs/<name>/eval/results.json.
+references; for MoE models the expert load (per-layer load CV, router entropy, dead-expert
+share, load histogram; docs/router.md). Results go to runs/<name>/eval/results.json.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -96,9 +98,13 @@ def rouge_l(model, tokenizer, ds, n: int, max_new_tokens: int) -> float:
 def evaluate_model(model, batches: list[dict], vocab_limit: int, ks: list[int]) -> dict[str, float]:
     model.eval()
     sums: dict[str, float] = {}
-    for batch in batches:
-        for key, value in token_metrics(model, batch, vocab_limit, ks).items():
-            sums[key] = sums.get(key, 0.0) + value
+    capture, loads = router_capture(model), []
+    with capture or contextlib.nullcontext():
+        for batch in batches:
+            for key, value in token_metrics(model, batch, vocab_limit, ks).items():
+                sums[key] = sums.get(key, 0.0) + value
+            if capture is not None:
+                loads.append(batch_load(capture.pop(), batch, int(getattr(model.config, "num_experts_per_tok", 1))))
     n = max(sums.pop("tokens", 0.0), 1.0)
     out = {"perplexity": math.exp(sums.pop("nll") / n)}
     if "kl" in sums:
@@ -106,7 +112,38 @@ def evaluate_model(model, batches: list[dict], vocab_limit: int, ks: list[int]) 
         out["kl_to_teacher"] = sums.pop("kl") / n
         out["top1_agreement"] = sums.pop("top1") / n
     out.update({k: v / n for k, v in sums.items()})
-    return out | {"tokens": int(n)}
+    return out | (expert_load_results(loads) if loads else {}) | {"tokens": int(n)}
+
+
+def router_capture(model):
+    """A RouterCapture on a MoE model of a supported family, else None (dense or unsupported)."""
+    from pipeline.config import ConfigError
+    from pipeline.router import RouterCapture, num_experts, router_family
+
+    try:
+        family = router_family(model.config) if num_experts(model.config) else None
+    except ConfigError:
+        return None
+    return RouterCapture(model, family) if family is not None else None
+
+
+def batch_load(logits_LNE: list[torch.Tensor], batch: dict, top_k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(expert token counts [L, E], summed router entropy [L], routed rows) of one batch, padding excluded."""
+    from pipeline.router_losses import expert_counts
+
+    valid_N = batch["attention_mask"].reshape(-1).bool()
+    pairs = [expert_counts(g, valid_N, top_k) for g in logits_LNE]
+    return torch.stack([c for c, _ in pairs]), torch.stack([h for _, h in pairs]), float(valid_N.sum())
+
+
+def expert_load_results(loads: list) -> dict:
+    """Layer means of load CV, router entropy, dead-expert share; per-layer values and the load
+    histogram (share of top-k assignments per expert) under 'expert_load'."""
+    from pipeline.router_losses import load_summary
+
+    per_layer = load_summary(sum(c for c, _, _ in loads), sum(h for _, h, _ in loads), sum(r for _, _, r in loads))
+    means = {k: float(np.mean(per_layer[k])) for k in ("load_cv", "router_entropy", "dead_experts")}
+    return means | {"expert_load": per_layer}
 
 
 def eval_batches(cfg) -> tuple[list[dict], int]:
@@ -157,7 +194,8 @@ def run(cfg, force: bool = False) -> dict:
 
 
 def format_results(results: dict) -> str:
-    keys = sorted({k for r in results.values() for k in r if k != "tokens"}, key=_metric_order)
+    keys = sorted({k for r in results.values() for k, v in r.items() if k != "tokens" and isinstance(v, float)},
+                  key=_metric_order)
     lines = [f"{'metric':<22}" + "".join(f"{label:>12}" for label in results)]
     for key in keys:
         lines.append(f"{key:<22}" + "".join(f"{r.get(key, float('nan')):>12.4f}" for r in results.values()))

@@ -12,6 +12,7 @@ from pipeline.config import ConfigError
 from pipeline.data import tokenizer_fingerprint
 from pipeline.losses import KDSpec
 from pipeline.router import RouterCapture, num_experts, router_family, uniform_layer_map
+from pipeline.router_losses import TEACHER_PARTS, RouterLossSpec
 from pipeline.student import DistillStudent
 from stages.cache_teacher import cache_dir
 
@@ -58,21 +59,69 @@ def check_cache_fits(identity: dict, tokenizer, model) -> None:
                           f"than the cache's tokenizer ({identity['vocab_size']})")
 
 
+ROUTER_WEIGHTS = {"router": "router_weight", "erd": "router_erd_weight", "mc": "router_mc_weight",
+                  "aux": "router_aux_weight"}  # part → the TrainConfig weight that turns it on
+
+
+def router_parts_on(t) -> frozenset:
+    parts = {part for part, key in ROUTER_WEIGHTS.items() if getattr(t, key) > 0}
+    if "mc" in parts and t.router_coverage_weight > 0:
+        parts.add("coverage")
+    return frozenset(parts)
+
+
 def router_setup(cfg, model, identity: dict):
-    """(capture, layer map) for router distillation, or (None, None) when it is off."""
-    if cfg.train.router_weight <= 0:
-        return None, None
-    if not identity.get("moe_layers") or not identity.get("router_topk", 0):
-        raise ConfigError("train.router_weight > 0 but the cache holds no router data; set train.router_weight=0")
-    family = router_family(model.config) if num_experts(model.config) else None
-    if family is None:
-        raise ConfigError("train.router_weight > 0 but the student is dense; set train.router_weight=0")
+    """(capture, layer map, loss spec) for the router parts and expert-load statistics of a MoE
+    student, or (None, None, None) for a dense student with every router weight at 0."""
+    parts = router_parts_on(cfg.train)
+    keys = [f"train.{ROUTER_WEIGHTS[p]}" for p in ROUTER_WEIGHTS if p in parts]
+    fix = " ".join(f"{k}=0" for k in keys)
+    if parts & set(TEACHER_PARTS) and not (identity.get("moe_layers") and identity.get("router_topk", 0)):
+        raise ConfigError(f"{', '.join(keys)} > 0 but the cache holds no router data; set {fix}")
+    if not num_experts(model.config):
+        if parts:
+            raise ConfigError(f"{', '.join(keys)} > 0 but the student is dense; set {fix}")
+        return None, None, None
+    try:
+        family = router_family(model.config)
+    except ConfigError:
+        if parts:
+            raise
+        return None, None, None  # an unsupported MoE family still trains, without load statistics
     capture = RouterCapture(model, family)
+    layer_map = []
+    if parts & set(TEACHER_PARTS):
+        layer_map = teacher_layer_map(cfg.train, capture, identity)
+        check_expert_map(list(cfg.train.router_expert_map), identity.get("num_experts", 0), num_experts(model.config))
+    return capture, layer_map, router_spec(cfg, model, parts)
+
+
+def teacher_layer_map(t, capture: RouterCapture, identity: dict) -> list[int]:
     n_teacher = len(identity["moe_layers"])
-    layer_map = list(cfg.train.router_layer_map) or uniform_layer_map(len(capture.layers), n_teacher)
-    if len(layer_map) != len(capture.layers) or any(not 0 <= t < n_teacher for t in layer_map):
+    layer_map = list(t.router_layer_map) or uniform_layer_map(len(capture.layers), n_teacher)
+    if len(layer_map) != len(capture.layers) or any(not 0 <= x < n_teacher for x in layer_map):
         raise ConfigError(f"train.router_layer_map needs {len(capture.layers)} entries in 0..{n_teacher - 1}")
-    return capture, layer_map
+    return layer_map
+
+
+def check_expert_map(expert_map: list[int], e_teacher: int, e_student: int) -> None:
+    if expert_map:
+        if len(expert_map) != e_teacher or any(not 0 <= e < e_student for e in expert_map):
+            raise ConfigError(f"train.router_expert_map needs {e_teacher} entries (student expert per teacher "
+                              f"expert) in 0..{e_student - 1}")
+    elif e_teacher % e_student:
+        raise ConfigError(f"the teacher has {e_teacher} experts per layer and the student {e_student}; set "
+                          f"train.router_expert_map (student expert per teacher expert) or distill between "
+                          f"models whose expert counts divide")
+
+
+def router_spec(cfg, model, parts: frozenset) -> RouterLossSpec:
+    t = cfg.train
+    return RouterLossSpec(parts=parts, expert_map=tuple(t.router_expert_map), entropy_weight=t.router_entropy_weight,
+                          mc_draws=t.router_mc_draws, mc_suppress=t.router_mc_suppress, seed=cfg.run.seed,
+                          top_k=int(getattr(model.config, "num_experts_per_tok", 1)),
+                          model_type=model.config.model_type, temperature_init=t.router_temperature,
+                          learn_temperature=t.router_learn_temperature)
 
 
 def stream_plan(cfg, accelerator) -> StreamPlan:
@@ -99,12 +148,11 @@ def setup(cfg, accelerator) -> TrainJob:
         check_cache_fits(identity, tokenizer, model)
         spec = KDSpec(name=cfg.train.kd_loss, temperature=cfg.train.temperature, missing_mass=cfg.train.missing_mass)
         temps, vocab_limit = tuple(identity["temperatures"]), identity["vocab_size"]
-        capture, layer_map = router_setup(cfg, model, identity)
-        experts = identity.get("num_experts", 0)
     else:
-        source, spec, temps, vocab_limit, capture, layer_map, experts = PreparedSource(cfg.run_dir), None, (1.0,), len(tokenizer), None, None, 0
+        source, spec, temps, vocab_limit, identity = PreparedSource(cfg.run_dir), None, (1.0,), len(tokenizer), {}
+    capture, layer_map, losses = router_setup(cfg, model, identity)
     wrapped = DistillStudent(model, spec if cfg.train.alpha > 0 else None, temps, vocab_limit,
-                             cfg.train.loss_chunk_tokens, capture, layer_map, experts)
+                             cfg.train.loss_chunk_tokens, capture, layer_map, identity.get("num_experts", 0), losses)
     if capture is not None:
         capture.__enter__()  # hooks live as long as the job
     optimizer, scheduler = build_optimizer(wrapped, cfg.train)

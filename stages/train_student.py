@@ -3,14 +3,16 @@
     python run_pipeline.py train --config configs/demo.yaml
     torchrun --nproc_per_node 8 run_pipeline.py train --config configs/demo.yaml
 
-L = (1 − α)·CE + α·τ²·KD + β·router KL, each a sum over valid (loss-masked) tokens divided
-by the global count of valid tokens of the optimizer step (all ranks, all micro-batches).
-With α = 0 and β = 0 it reads the prepared data directly (SFT / CE-only baseline).
+L = (1 − α)·CE + α·τ²·KD + β·router KL + λ_ERD·ERD + λ_MC·(MC + λ_cov·coverage) + λ_aux·aux
+(docs/router.md), each a sum over valid (loss-masked) tokens divided by the global count of
+valid tokens of the optimizer step (all ranks, all micro-batches). Without KD and teacher
+router terms it reads the prepared data directly (SFT / CE-only baseline).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -62,6 +64,26 @@ class TrainConfig:
     """beta: weight of the router KL (MoE teacher and student, cache with router data)."""
     router_layer_map: list[int] = field(default_factory=list)
     """Teacher MoE layer (position among MoE layers) per student MoE layer; [] = uniform map."""
+    router_expert_map: list[int] = field(default_factory=list)
+    """Student expert per teacher expert (E_T entries); [] = contiguous blocks of E_T/E_S (docs/router.md)."""
+    router_erd_weight: float = 0.0
+    """lambda_ERD: entropy-aware router distillation KL(p_T ‖ softmax(g_S/τ_r)) − β_H·H."""
+    router_entropy_weight: float = 0.1
+    """beta_H: weight of the student router entropy bonus inside ERD."""
+    router_temperature: float = 1.0
+    """Initial router temperature τ_r (one per student MoE layer), kept in [0.5, 1.5]."""
+    router_learn_temperature: bool = True
+    """Train τ_r with the optimizer (false: fixed at router_temperature)."""
+    router_mc_weight: float = 0.0
+    """lambda_MC: Monte Carlo expert exploration −Σ_k w_k·log p_S(e_k) (+ coverage)."""
+    router_mc_draws: int = 3
+    """K: draws per token from the teacher's mapped router distribution."""
+    router_mc_suppress: float = 0.5
+    """Suppression: a drawn expert's probability is multiplied by this before the next draw."""
+    router_coverage_weight: float = 0.5
+    """lambda_cov: weight of the coverage KL(c_T ‖ c_S) inside the MC term."""
+    router_aux_weight: float = 0.0
+    """lambda_aux: the student family's own load-balancing loss (no teacher data needed)."""
     steps: int = 100
     """Optimizer steps (when phases is empty)."""
     phases: list[TrainPhase] = field(default_factory=list)
@@ -114,6 +136,25 @@ class TrainConfig:
 
         if self.kd_loss not in KD_LOSSES:
             raise ConfigError(f"train.kd_loss={self.kd_loss!r} is unknown; allowed: {', '.join(KD_LOSSES)}")
+        self.validate_router()
+
+    def validate_router(self) -> None:
+        for key in ("router_weight", "router_erd_weight", "router_entropy_weight", "router_mc_weight",
+                    "router_coverage_weight", "router_aux_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 0")
+        if not 0.5 <= self.router_temperature <= 1.5:
+            raise ConfigError(f"train.router_temperature={self.router_temperature} must be in [0.5, 1.5]")
+        if self.router_mc_draws < 1:
+            raise ConfigError(f"train.router_mc_draws={self.router_mc_draws} must be >= 1")
+        if not 0.0 < self.router_mc_suppress <= 1.0:
+            raise ConfigError(f"train.router_mc_suppress={self.router_mc_suppress} must be in (0, 1]")
+
+    def loss_weights(self) -> dict[str, float]:
+        """Weight of each part the student returns in the total loss (others are statistics)."""
+        return {"ce": 1 - self.alpha, "kd": self.alpha * self.temperature**2, "router": self.router_weight,
+                "erd": self.router_erd_weight, "mc": self.router_mc_weight,
+                "coverage": self.router_mc_weight * self.router_coverage_weight, "aux": self.router_aux_weight}
 
     @property
     def total_steps(self) -> int:
@@ -125,7 +166,7 @@ class TrainConfig:
     def uses_cache(self) -> bool:
         if self.source != "auto":
             return self.source == "cache"
-        return self.alpha > 0 or self.router_weight > 0
+        return self.alpha > 0 or self.router_weight > 0 or self.router_erd_weight > 0 or self.router_mc_weight > 0
 
 
 # --- optimizer and schedule -----------------------------------------------------------------
@@ -204,20 +245,25 @@ def to_device(batch: dict, device) -> dict:
     return {k: to_device(v, device) if isinstance(v, dict) else v.to(device) for k, v in batch.items()}
 
 
-def train_step(model, micro: list[dict], cfg: TrainConfig, accelerator) -> dict[str, float]:
-    """Forward/backward every micro-batch of one optimizer step; returns the loss parts per token."""
+def train_step(model, micro: list[dict], cfg: TrainConfig, accelerator, step: int = 0) -> dict[str, float]:
+    """Forward/backward every micro-batch of one optimizer step; returns the loss parts per token.
+
+    Parts the student returns beyond ce/kd/router (erd, mc, coverage, aux, load statistics) are
+    weighted by ``cfg.loss_weights()``; those without a weight are only logged. ``step`` seeds
+    the Monte Carlo expert draws (with run.seed and the sample ids), so a resumed run draws the same.
+    """
     n_valid = global_sum(accelerator, float(sum(int(mb["loss_mask"].sum()) for mb in micro)))
     scale = accelerator.num_processes / max(n_valid, 1.0)  # DDP averages gradients over ranks
-    kd_weight = cfg.alpha * cfg.temperature**2
-    sums = {"ce": 0.0, "kd": 0.0, "router": 0.0, "loss": 0.0}
+    weights = cfg.loss_weights()
+    sums: dict[str, float] = {}
     for i, mb in enumerate(micro):
         sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
         with sync, accelerator.autocast():
-            out = model(to_device(mb, accelerator.device))
-            loss = (1 - cfg.alpha) * out["ce"] + kd_weight * out["kd"] + cfg.router_weight * out["router"]
+            out = model(to_device({**mb, "step": torch.tensor(step)}, accelerator.device))
+            loss = sum(weights[k] * v for k, v in out.items() if k in weights)
             accelerator.backward(loss * scale)
-        for key, value in (("ce", out["ce"]), ("kd", out["kd"]), ("router", out["router"]), ("loss", loss)):
-            sums[key] += float(value.detach())
+        for key, value in {**out, "loss": loss}.items():
+            sums[key] = sums.get(key, 0.0) + float(value.detach())
     return {k: global_sum(accelerator, v) / max(n_valid, 1.0) for k, v in sums.items()} | {"tokens": n_valid}
 
 
@@ -260,7 +306,7 @@ def train_loop(cfg, accelerator, model, optimizer, job, step: int, logger, out_d
     model.train()
     while step < total:
         for seqs, micro in epoch_steps(job.stream, tcfg.num_workers):
-            parts = train_step(model, micro, tcfg, accelerator)
+            parts = train_step(model, micro, tcfg, accelerator, step)
             if tcfg.grad_clip > 0:
                 accelerator.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
             optimizer.step()
@@ -292,7 +338,18 @@ def finish(cfg, accelerator, model, job, out_dir: Path, inputs: str) -> Path:
     if accelerator.is_main_process:
         student = accelerator.unwrap_model(model).model
         student.save_pretrained(final)
+        save_router_temperature(accelerator.unwrap_model(model), final)
         job.tokenizer.save_pretrained(final)
         state.write_state(cfg.run_dir, "train", "done", inputs, steps=cfg.train.total_steps)
     accelerator.end_training()
     return final
+
+
+def save_router_temperature(wrapped, final: Path) -> None:
+    """save_pretrained keeps only the HF model: the learnt τ_r goes beside it (docs/router.md)."""
+    tau_L = wrapped.router_tau() if hasattr(wrapped, "router_tau") else None
+    if tau_L is None:
+        return
+    record = {"router_temperature": [round(t, 6) for t in tau_L.detach().tolist()],
+              "student_moe_layers": wrapped.routers.layers, "teacher_moe_layers": list(wrapped.layer_map)}
+    (final / "router_temperature.json").write_text(json.dumps(record, indent=1))
