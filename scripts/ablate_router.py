@@ -1,0 +1,136 @@
+"""Router-loss ablation on the embedded demo (issue 5): full, without MC exploration, without
+ERD, without any router loss; same cache, budget and seed; each evaluated on the held-out split.
+
+    python scripts/ablate_router.py                    # builds/reuses the demo under runs/
+    python scripts/ablate_router.py --root runs_router --demo-root runs --out docs/router_study.md
+
+The demo (stages/demo.py) is run first unless its teacher and caches exist, so its assets,
+teacher and caches are reused. Each variant is a run ``router_<variant>`` whose data/, cache/ and
+cache_eval/ are symbolic links to the demo run's, trained from configs/demo.yaml with the
+variant's train.* overrides. The demo's own student (β·router KL = 0.1) is re-evaluated as a
+reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+COMMON = ["train.router_weight=0", "eval.before=false", "eval.rouge_samples=0"]
+ROUTER_ON = {"router_erd_weight": 0.1, "router_mc_weight": 0.1, "router_aux_weight": 0.01}
+VARIANTS = {
+    "full": ROUTER_ON,
+    "no_mc": {**ROUTER_ON, "router_mc_weight": 0.0},
+    "no_erd": {**ROUTER_ON, "router_erd_weight": 0.0},
+    "no_router": dict.fromkeys(ROUTER_ON, 0.0),
+}
+
+
+def demo_overrides(demo_root: Path) -> list[str]:
+    """The overrides stages/demo.py gives configs/demo.yaml; runs the demo first unless its
+    teacher and caches are already there (then nothing of it is re-run or re-fingerprinted)."""
+    from stages import demo
+
+    teacher = demo_root / "demo_teacher" / "train" / "final"
+    if not all((demo_root / "demo" / d / "manifest.json").exists() for d in ("cache", "cache_eval")) \
+            or not teacher.exists():
+        demo.main(str(demo_root))
+    assets = demo.build_assets(demo_root / "demo_assets")
+    return [f"data.source={assets['data']}", f"teacher.path={teacher}", f"student.path={assets['student']}"]
+
+
+def link_inputs(demo_dir: Path, run_dir: Path, names=("data", "cache", "cache_eval")) -> None:
+    """The variant reads the demo's prepared data and caches (never copies or rewrites them)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        link = run_dir / name
+        if not link.exists() and (demo_dir / name).exists():
+            link.symlink_to((demo_dir / name).resolve(), target_is_directory=True)
+
+
+def variant_config(name: str, weights: dict, base: list[str]):
+    from stages import demo
+
+    overrides = base + COMMON + [f"run.name=router_{name}"] + [f"train.{k}={v}" for k, v in weights.items()]
+    return demo.run_config("demo.yaml", overrides)
+
+
+def run_variant(name: str, weights: dict, base: list[str], demo_dir: Path) -> dict:
+    from stages import evaluate, train_student
+
+    cfg = variant_config(name, weights, base)
+    link_inputs(demo_dir, cfg.run_dir)
+    start = time.time()
+    print(f"== variant {name}: {' '.join(f'{k}={v}' for k, v in weights.items())}", flush=True)
+    final = train_student.run(cfg)
+    results = evaluate.run(cfg)["after"]
+    tau = final / "router_temperature.json"
+    results["router_temperature"] = json.loads(tau.read_text())["router_temperature"] if tau.exists() else None
+    results["seconds"] = round(time.time() - start)
+    return results
+
+
+def demo_row(base: list[str], demo_dir: Path) -> dict:
+    """The demo's own student (β·router KL = 0.1, same cache, budget, seed) re-evaluated here, so
+    its row has the expert-load metrics too: its train/ is linked, never retrained."""
+    from stages import evaluate
+
+    cfg = variant_config("kl_demo", {"router_weight": 0.1}, base)
+    link_inputs(demo_dir, cfg.run_dir, ("data", "cache", "cache_eval", "train"))
+    return evaluate.run(cfg)["after"]
+
+
+def table(rows: dict[str, dict]) -> str:
+    head = ("| variant | perplexity | KL to teacher | top-1 agreement | load CV | dead experts | router entropy "
+            "| τ_r (per layer) |")
+    lines = [head, "|" + "---|" * 8]
+    for name, r in rows.items():
+        tau = ", ".join(f"{t:.3f}" for t in r["router_temperature"]) if r.get("router_temperature") else "–"
+        lines.append(f"| {name} | {r['perplexity']:.3f} | {r['kl_to_teacher']:.4f} | {r['top1_agreement']:.4f} "
+                     f"| {r.get('load_cv', float('nan')):.3f} | {r.get('dead_experts', float('nan')):.3f} "
+                     f"| {r.get('router_entropy', float('nan')):.3f} | {tau} |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    import os
+
+    import torch
+
+    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default="runs", help="where the variants' runs go")
+    parser.add_argument("--demo-root", default="", help="where the demo's runs are (default: --root)")
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (shared CPU: 1)")
+    parser.add_argument("--out", default="", help="also write the table and per-variant JSON here (markdown)")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    root, demo_root = Path(args.root), Path(args.demo_root or args.root)
+    base = [f"run.root={root}"] + demo_overrides(demo_root)
+    demo_dir = demo_root / "demo"
+    rows = {"demo: β·router KL 0.1": demo_row(base, demo_dir)}
+    rows.update({name: run_variant(name, VARIANTS[name], base, demo_dir) for name in args.variants})
+    text = f"machine: {machine()}\n\n{table(rows)}\n"
+    print(text, flush=True)
+    (root / "router_ablation.json").write_text(json.dumps(rows, indent=1))
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
