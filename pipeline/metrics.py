@@ -36,6 +36,15 @@ class MetricsLogger:
         self.start = time.time()
         self._tokens, self._t0, self._first_step = 0, time.time(), None
 
+    def resume_at(self, step: int) -> None:
+        """Drop the records after ``step``: a killed run logged steps that its resume repeats."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(self.path)
+
     def step(self, step: int, parts: dict[str, float], tokens: int, lr: float, device: torch.device) -> None:
         """Record one optimizer step; print and write every ``every`` steps and at the end."""
         self._first_step = step - 1 if self._first_step is None else self._first_step

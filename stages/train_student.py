@@ -284,6 +284,7 @@ def run(cfg, force: bool = False) -> Path:
     step = resume(out_dir, accelerator, model, optimizer, job)
     logger = MetricsLogger(out_dir, cfg.train.total_steps, accelerator.is_main_process, accelerator,
                            every=cfg.train.log_every)
+    logger.resume_at(step)
     train_loop(cfg, accelerator, model, optimizer, job, step, logger, out_dir)
     return finish(cfg, accelerator, model, job, out_dir, inputs)
 

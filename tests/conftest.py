@@ -147,16 +147,19 @@ def cached_run(assets, text_jsonl, teacher_path, student_path):
 @pytest.fixture
 def train_config(tmp_path, cached_run):
     """train_config(*overrides, cache=(cache overrides), name="demo") → a PipelineConfig whose run
-    directory (under tmp_path) is a copy of a session-built prepared + cached run."""
+    directory (under tmp_path) is a copy of a session-built prepared + cached run
+    (with_overrides=True: also the full override list, for run_pipeline.py subprocesses)."""
     import shutil
 
     from stages.config import PipelineConfig
 
-    def make(*overrides: str, cache: tuple[str, ...] = (), name: str = "demo"):
+    def make(*overrides: str, cache: tuple[str, ...] = (), name: str = "demo", with_overrides: bool = False):
         run_dir, base = cached_run(*cache)
         dest = tmp_path / "runs" / name
         if not dest.exists():
             shutil.copytree(run_dir, dest)
-        return load_config(PipelineConfig, [], [*base, f"run.root={tmp_path / 'runs'}", f"run.name={name}", *overrides])
+        everything = [*base, f"run.root={tmp_path / 'runs'}", f"run.name={name}", *overrides]
+        cfg = load_config(PipelineConfig, [], everything)
+        return (cfg, everything) if with_overrides else cfg  # the overrides: for run_pipeline.py subprocesses
 
     return make
