@@ -123,8 +123,9 @@ def main() -> None:
     root, demo_root = Path(args.root), Path(args.demo_root or args.root)
     base = [f"run.root={root}"] + demo_overrides(demo_root)
     demo_dir = demo_root / "demo"
-    rows = {"demo: β·router KL 0.1": demo_row(base, demo_dir)}
-    rows.update({name: run_variant(name, VARIANTS[name], base, demo_dir) for name in args.variants})
+    rows = {name: run_variant(name, VARIANTS[name], base, demo_dir) for name in args.variants}
+    if (demo_dir / "train" / "final").exists():  # the demo's own student, if it is trained by now
+        rows["demo: β·router KL 0.1"] = demo_row(base, demo_dir)
     text = f"machine: {machine()}\n\n{table(rows)}\n"
     print(text, flush=True)
     (root / "router_ablation.json").write_text(json.dumps(rows, indent=1))
