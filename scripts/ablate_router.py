@@ -124,7 +124,9 @@ def main() -> None:
     base = [f"run.root={root}"] + demo_overrides(demo_root)
     demo_dir = demo_root / "demo"
     rows = {name: run_variant(name, VARIANTS[name], base, demo_dir) for name in args.variants}
-    if (demo_dir / "train" / "final").exists():  # the demo's own student, if it is trained by now
+    from pipeline.state import read_state
+
+    if (read_state(demo_dir, "train") or {}).get("status") == "done":  # the demo's own student, if trained by now
         rows["demo: β·router KL 0.1"] = demo_row(base, demo_dir)
     text = f"machine: {machine()}\n\n{table(rows)}\n"
     print(text, flush=True)
