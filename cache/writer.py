@@ -76,6 +76,7 @@ def assemble_shard(batches: list[dict[str, np.ndarray]], codec: Codec, num_exper
         out["draw_counts"] = cat["draw_counts"].astype(np.uint16)
     if "router_ids" in cat:
         out["router_ids"] = cat["router_ids"].astype(router_id_dtype(num_experts))
+    if "router_probs" in cat:  # absent in an ids-only router cache (vLLM teacher)
         out["router_probs"] = cat["router_probs"].astype(codec.values)
     return out
 

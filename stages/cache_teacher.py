@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -175,7 +175,7 @@ def cached_fields(spec: ExtractSpec, teacher) -> set[str]:
     if spec.wants_draws:
         out |= {"draw_offsets", "draw_ids", "draw_counts"}
     if teacher.router_topk:
-        out |= {"router_ids", "router_probs"}
+        out |= {"router_ids", "router_probs"} if getattr(teacher, "router_has_probs", True) else {"router_ids"}
     return out
 
 
@@ -217,12 +217,16 @@ def run(cfg, force: bool = False) -> dict[str, Manifest]:
 
     _, data_manifest = load_split(cfg.run_dir, "train")
     spec = extract_spec(cfg.cache, vocab_limit=data_manifest["vocab_size"])
-    teacher = build_teacher(cfg.teacher, spec, dist.device)
+    # vLLM sizes its KV cache by max_model_len; 0 means the prepared length (+1 for the one generated token)
+    teacher_cfg = replace(cfg.teacher, max_model_len=cfg.teacher.max_model_len or cfg.data.max_length + 1)
+    teacher = build_teacher(teacher_cfg, spec, dist.device)
     check_teacher_fits(teacher, data_manifest, spec)  # before the state records a run with these inputs
     if dist.is_main:
         state.write_state(cfg.run_dir, "cache", "running", inputs)
     start = time.time()
     manifests = {s: m for s in cfg.cache.splits if (m := cache_split(cfg, teacher, spec, s, dist)) is not None}
+    if hasattr(teacher, "close"):
+        teacher.close()  # an engine (vLLM) frees its memory now, not whenever its object is collected
     if dist.is_main:
         tokens = {s: m.n_tokens for s, m in manifests.items()}
         state.write_state(cfg.run_dir, "cache", "done", inputs, tokens=tokens, seconds=round(time.time() - start, 1))
