@@ -35,7 +35,7 @@ class EvalConfig:
     max_sequences: int = 0
     """Evaluate at most this many sequences (0 = all)."""
     overlap_k: list[int] = field(default_factory=lambda: [8, 32])
-    """k of overlap@k with the teacher's top-k (capped at the cached k)."""
+    """k of overlap@k with the teacher's top-k (capped at the cached k; the cached k is always reported)."""
     rouge_samples: int = 16
     """Prompt/response data: generations scored with Rouge-L (0 = off)."""
     max_new_tokens: int = 48
@@ -69,8 +69,7 @@ def teacher_metrics(logp_TV, t: dict, mask, ks: list[int]) -> dict[str, float]:
     out = {"kl": float((kl_T * mask).sum()),
            "top1": float(((logp_TV.argmax(-1) == ids_TK[:, 0]) * mask).sum()),
            "teacher_nll": float(-(t["target_logprob"] * mask).sum()) if "target_logprob" in t else 0.0}
-    for k in ks:
-        k = min(k, ids_TK.shape[1])
+    for k in sorted({min(k, ids_TK.shape[1]) for k in ks} | {ids_TK.shape[1]}):  # always overlap@(cached k)
         student_TK = logp_TV.topk(k, -1).indices
         hits = (student_TK[:, :, None] == ids_TK[:, None, :k]).any(-1).float().sum(-1) / k
         out[f"overlap@{k}"] = float((hits * mask).sum())
