@@ -1,0 +1,110 @@
+"""Where a run stands: each stage's recorded state, and how far its caches got.
+
+    python run_pipeline.py status runs/demo
+
+A stage's state file (pipeline/state.py) says running while its process works and done at the
+end; a killed process leaves it at running. For the cache stage the journals under each cache
+directory tell how many shards were committed, so a running or killed cache shows its progress
+(a re-run resumes from there), and manifest.json says whether the cache is complete.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cache.schema import MANIFEST_NAME
+from cache.writer import committed_shards
+from pipeline.config import ConfigError
+from pipeline.state import STAGES, read_state
+
+RECORD_KEYS = ("stage", "status", "inputs", "updated")
+
+
+def cache_dirs(run_dir: Path) -> list[Path]:
+    """runs/<name>/cache (train split) and cache_<split>; not the ones set aside by --force."""
+    found = [p for p in run_dir.glob("cache*") if p.is_dir() and (p.name == "cache" or p.name.startswith("cache_"))]
+    return sorted(p for p in found if ".old-" not in p.name)
+
+
+def split_of(cache_dir: Path) -> str:
+    return "train" if cache_dir.name == "cache" else cache_dir.name[len("cache_"):]
+
+
+def prepared_tokens(run_dir: Path) -> dict[str, int]:
+    path = run_dir / "data" / "manifest.json"
+    if not path.exists():
+        return {}
+    return {split: info["tokens"] for split, info in json.loads(path.read_text())["splits"].items()}
+
+
+def cache_progress(cache_dir: Path, expected_tokens: int | None) -> dict:
+    shards = committed_shards(cache_dir)
+    return {"split": split_of(cache_dir), "shards": len(shards), "tokens": sum(s.n_tokens for s in shards),
+            "sequences": sum(s.n_seqs for s in shards), "expected_tokens": expected_tokens,
+            "complete": (cache_dir / MANIFEST_NAME).exists()}
+
+
+def latest_checkpoint_step(run_dir: Path) -> int | None:
+    from pipeline import checkpoint
+
+    latest = checkpoint.latest(run_dir / "train" / "checkpoints")
+    return int(latest.name.split("-")[1]) if latest else None
+
+
+def status(run_dir: str | Path) -> dict:
+    """{"stages": {stage: state dict or None}, "caches": {dir name: progress}, "checkpoint_step": ...}."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} does not exist; pass a run directory such as runs/<run.name>")
+    if not (run_dir / "state").is_dir():
+        raise ConfigError(f"{run_dir} holds no state/ folder: not a kdcache run directory (runs/<run.name>)")
+    tokens = prepared_tokens(run_dir)
+    return {"stages": {stage: read_state(run_dir, stage) for stage in STAGES},
+            "caches": {p.name: cache_progress(p, tokens.get(split_of(p))) for p in cache_dirs(run_dir)},
+            "checkpoint_step": latest_checkpoint_step(run_dir)}
+
+
+def progress_text(state: dict) -> str:
+    return ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(state.items()) if k not in RECORD_KEYS)
+
+
+def stage_rows(report: dict) -> list[tuple[str, str, str, str]]:
+    rows = [("stage", "status", "updated", "progress")]
+    for stage, state in report["stages"].items():
+        if state is None:
+            rows.append((stage, "not started", "-", ""))
+            continue
+        progress = progress_text(state)
+        step = report["checkpoint_step"]
+        if stage == "train" and step is not None:
+            progress = ", ".join(filter(None, [progress, f"last complete checkpoint: step {step}"]))
+        rows.append((stage, state["status"], state["updated"], progress))
+    return rows
+
+
+def cache_line(name: str, c: dict) -> str:
+    of = f" of {c['expected_tokens']:,}" if c["expected_tokens"] else ""
+    done = "complete (manifest.json written)" if c["complete"] else "incomplete (no manifest.json yet)"
+    return (f"  {name + '/':<14} split {c['split']}: {c['shards']} shard{'s' if c['shards'] != 1 else ''} committed, "
+            f"{c['tokens']:,}{of} tokens, {c['sequences']:,} sequences; {done}")
+
+
+def format_status(run_dir, report: dict) -> str:
+    rows = stage_rows(report)
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"run {run_dir}"] + ["  " + "  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3]
+                                  for r in rows]
+    lines = [line.rstrip() for line in lines]
+    if report["caches"]:
+        lines += ["", "caches (from the shard journals)"]
+        lines += [cache_line(name, c) for name, c in report["caches"].items()]
+    if any(s and s["status"] == "running" for s in report["stages"].values()):
+        lines += ["", "a stage shown as running whose process has ended was interrupted; re-running it resumes"]
+    return "\n".join(lines)
+
+
+def main(run_dir: str) -> dict:
+    report = status(run_dir)
+    print(format_status(run_dir, report), flush=True)
+    return report
