@@ -13,6 +13,7 @@ so any world size gives the same bits. See docs/init.md.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass, field, fields
@@ -83,8 +84,6 @@ class InitConfig:
 
 
 def _check_rank_map(rank_map: dict[str, int]) -> None:
-    import re
-
     for pattern, rank in rank_map.items():
         try:
             re.compile(pattern)
@@ -127,13 +126,13 @@ def override(config, overrides: dict[str, Any]):
         if not hasattr(config, key):
             raise ConfigError(f"init.student_overrides.{key} is not a field of the {config.model_type} config")
     aliases = getattr(type(config), "attribute_map", {})  # e.g. num_experts → num_local_experts
-    fields_ = {**config.to_dict(), **{aliases.get(k, k): v for k, v in overrides.items()}}
+    values = {**config.to_dict(), **{aliases.get(k, k): v for k, v in overrides.items()}}
     if "num_hidden_layers" in overrides:
         for derived in PER_LAYER_FIELDS:
             if derived not in overrides:
-                fields_.pop(derived, None)
+                values.pop(derived, None)
     try:
-        return type(config)(**fields_)
+        return type(config)(**values)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"init.student_overrides give an invalid {config.model_type} config: {err}") from None
 

@@ -23,7 +23,8 @@ from pipeline.demo import save_tiny_model, tiny_config
 from stages.init_student import InitConfig, compute_shard, merge_shards, run
 
 VOCAB = 96
-EXPERT_KEY = {"qwen3_moe": "num_experts", "olmoe": "num_experts", "mixtral": "num_local_experts"}
+EXPERT_KEY = {"qwen3_moe": "num_experts", "qwen2_moe": "num_experts", "olmoe": "num_experts",
+              "mixtral": "num_local_experts"}
 
 
 def student_overrides(family: str) -> dict:
@@ -34,6 +35,8 @@ def student_overrides(family: str) -> dict:
     if family in EXPERT_KEY:
         over[EXPERT_KEY[family]] = 4
         over.update({} if family == "mixtral" else {"moe_intermediate_size": 16})
+    if family == "qwen2_moe":
+        over["shared_expert_intermediate_size"] = 16
     return over
 
 
@@ -195,7 +198,7 @@ def test_student_of_the_teachers_shape_is_the_teacher(family, tiny, tmp_path):
         assert torch.equal(student[name], tensor), name
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe", "qwen3"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "qwen3"])
 def test_smaller_student_loads_and_runs(family, tiny, tmp_path):
     cfg = InitConfig(teacher_path=str(tiny(family, "teacher")), student_path=str(tiny(family, "student")),
                      output_dir=str(tmp_path / "out"))
