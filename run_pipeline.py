@@ -20,7 +20,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name in STAGE_COMMANDS:
         p = sub.add_parser(name, help=f"the '{name}' stage" if name != "run" else "every stage in order")
         p.add_argument("--config", action="append", default=[], help="YAML file(s); later ones win")
-        p.add_argument("--force", action="store_true", help="set aside outputs made with other inputs and redo")
+        p.add_argument("--force", action="store_true", help="redo the stage(s): existing outputs are renamed aside, never deleted")
         p.add_argument("overrides", nargs="*", help="section.key=value")
     p = sub.add_parser("inspect", help="statistics of a cache")
     p.add_argument("cache_dir")

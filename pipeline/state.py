@@ -37,13 +37,13 @@ def write_state(run_dir: Path, stage: str, status: str, inputs: str, **progress)
 def begin(run_dir: Path, stage: str, inputs: str, outputs: list[Path], force: bool) -> bool:
     """True if the stage must run; False if it is done with these inputs.
 
-    With changed inputs: refuse, or with ``force`` set the old outputs aside (renamed,
-    never deleted) and start afresh.
+    With changed inputs: refuse. With ``force``: set the old outputs aside (renamed, never
+    deleted) and start afresh, whatever the inputs (e.g. to rebuild a damaged cache).
     """
     state = read_state(run_dir, stage)
     if state is None:
         return True
-    if state["inputs"] == inputs:
+    if state["inputs"] == inputs and not force:
         return state["status"] != "done"
     if not force:
         raise ConfigError(

@@ -84,6 +84,7 @@ class HFTeacher:
             "teacher_model_type": config.model_type,
             "router_topk": self.router_topk,
             "num_experts": self.num_experts,
+            "experts_per_token": getattr(config, "num_experts_per_tok", 0) if self.num_experts else 0,
             "moe_layers": self.capture.layers if self.capture else [],
         }
 

@@ -139,6 +139,7 @@ class VLLMTeacher:
 
     def _router_topk(self, text_config, spec: ExtractSpec) -> int:
         per_token = getattr(text_config, "num_experts_per_tok", 0) if self.num_experts else 0
+        self.experts_per_token = per_token
         topk = resolve_routed_topk(spec.router_topk, per_token)
         if topk and not on_gpu():
             print("vllm teacher: routed expert ids need a GPU (enable_return_routed_experts) and router "
@@ -170,6 +171,7 @@ class VLLMTeacher:
             "teacher_backend": "vllm",  # log_partition and router fields differ from an hf cache
             "router_topk": self.router_topk,
             "num_experts": self.num_experts,
+            "experts_per_token": self.experts_per_token,
             "moe_layers": self.moe_layers,
         }
 
