@@ -51,7 +51,8 @@ def caches(tmp_path_factory, text_jsonl, moe_hd32):
             "cache.value_dtype=float32", "run.device=cpu"]
     cfgs = []
     for backend in ("hf", "vllm"):
-        cfg = load_config(PipelineConfig, [], base + [f"run.name={backend}", f"teacher.backend={backend}"])
+        cfg = load_config(PipelineConfig, [], base + [f"run.name={backend}", f"teacher.backend={backend}",
+                                                      "teacher.engine_kwargs.enforce_eager=true"])  # no compile warm-up
         prepare.run(cfg)
         cache_teacher.run(cfg)
         cfgs.append(cfg)
@@ -102,7 +103,7 @@ def test_vllm_manifest_names_backend_and_fields(caches):
     from stages.cache_teacher import cache_dir
 
     hf, vl = (read_manifest(cache_dir(cfg.run_dir, "train")) for cfg in caches)
-    assert vl.identity["teacher_backend"] == "vllm" and "teacher_backend" not in hf.identity
+    assert vl.identity["teacher_backend"] == "vllm" and hf.identity.get("teacher_backend", "hf") != "vllm"
     assert vl.identity["teacher_config"] == hf.identity["teacher_config"]
     assert vl.identity["router_topk"] == 0 and not any(f.startswith("router_") for f in vl.fields)
     assert vl.n_tokens == hf.n_tokens
