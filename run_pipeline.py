@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-STAGE_COMMANDS = ("run", "prepare", "cache", "train", "eval")
+STAGE_COMMANDS = ("run", "prepare", "init", "cache", "train", "eval")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -34,13 +34,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def stage_command(args) -> None:
-    from pipeline.config import load_config
-    from stages import cache_teacher, evaluate, prepare, train_student
+    from pipeline.config import ConfigError, load_config
+    from stages import cache_teacher, evaluate, init_student, prepare, train_student
     from stages.config import PipelineConfig
 
     cfg = load_config(PipelineConfig, args.config, args.overrides)
     if args.command in ("prepare", "run"):
         prepare.run(cfg, force=args.force)
+    if args.command == "init" or (args.command == "run" and cfg.student.init == "svd"):
+        if args.command == "run" and cfg.init.mode != "full":
+            raise ConfigError("student.init=svd inside `run` needs init.mode=full (a LoRA adapter is not trained here)")
+        initialised = init_student.run_stage(cfg, force=args.force)
+        if args.command == "run":
+            cfg.student.path = str(initialised)
     if args.command in ("cache", "run") and cfg.teacher.path:
         cache_teacher.run(cfg, force=args.force)
     if args.command in ("train", "run"):

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from pipeline.data import DataConfig
 from pipeline.teachers.base import TeacherConfig
 from stages.cache_teacher import CacheConfig
 from stages.evaluate import EvalConfig
+from stages.init_student import InitConfig
 from stages.train_student import StudentConfig, TrainConfig
 
 
@@ -38,6 +40,7 @@ class PipelineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -45,6 +48,12 @@ class PipelineConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.run.root) / self.run.name
+
+    def init_config(self) -> InitConfig:
+        """The init section with its paths filled from the teacher and student sections."""
+        return dataclasses.replace(self.init, teacher_path=self.init.teacher_path or self.teacher.path,
+                                   student_path=self.init.student_path or self.student.path,
+                                   output_dir=self.init.output_dir or str(self.run_dir / "init"))
 
     def tokenizer_path(self) -> str:
         return self.data.tokenizer or self.teacher.path or self.student.path

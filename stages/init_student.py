@@ -45,8 +45,8 @@ class InitConfig:
     """Model or config directory defining the student's shape; its weights (if any) are the LoRA base and the Hungarian match targets."""
     student_overrides: dict[str, Any] = field(default_factory=dict)
     """Config fields set on the student config (on the teacher's when student_path is empty), e.g. num_hidden_layers."""
-    output_dir: str = "runs/init"
-    """Where the student checkpoint or adapter, init_config.yaml and init_map.json go."""
+    output_dir: str = ""
+    """Where the student checkpoint or adapter, init_config.yaml and init_map.json go ('' = runs/<name>/init)."""
     mode: str = choice("full", MODES)
     """'full' = save_pretrained checkpoint; 'lora' = PEFT adapter on the student turning it into the init."""
     layer_blend: str = choice("linear", BLENDS)
@@ -72,15 +72,18 @@ class InitConfig:
             if allowed is not None and getattr(self, fld.name) not in allowed:
                 raise ConfigError(f"init.{fld.name}={getattr(self, fld.name)!r} is not allowed; "
                                   f"allowed: {', '.join(allowed)}")
+        if self.lora_rank < 1:
+            raise ConfigError(f"init.lora_rank={self.lora_rank} must be an integer >= 1")
+        _check_rank_map(self.lora_rank_map)
+
+    def check_paths(self) -> None:
+        """The checks that need the paths (filled from teacher.path / student.path in a pipeline run)."""
         if not self.teacher_path or not self.output_dir:
             raise ConfigError("init.teacher_path and init.output_dir must be set (a teacher model dir, an output dir)")
         if self.mode == "lora" and not _has_weights(self.student_path):
             raise ConfigError(f"init.mode=lora needs init.student_path with weights; got {self.student_path!r}")
         if self.mode == "lora" and self.student_overrides:
             raise ConfigError("init.student_overrides must be empty with init.mode=lora (the adapter needs the student as saved)")
-        if self.lora_rank < 1:
-            raise ConfigError(f"init.lora_rank={self.lora_rank} must be an integer >= 1")
-        _check_rank_map(self.lora_rank_map)
 
 
 def _check_rank_map(rank_map: dict[str, int]) -> None:
@@ -309,8 +312,26 @@ def finish(cfg: InitConfig, synthetic: dict[str, torch.Tensor]) -> Path:
 def run(cfg: InitConfig) -> Path:
     """Load teacher and student → map → project (this rank's share) → merge on rank 0 → save."""
     cfg.validate()
+    cfg.check_paths()
     rank, world_size = rank_and_world()
     compute_shard(cfg, rank, world_size)
     if rank != 0:
         return Path(cfg.output_dir)
     return finish(cfg, merge_shards(cfg, world_size))
+
+
+def run_stage(pipeline_cfg, force: bool = False) -> Path:
+    """The init stage inside a pipeline run: paths from the teacher/student sections, state recorded.
+
+        python run_pipeline.py init --config configs/my.yaml init.mode=lora
+    """
+    from pipeline import state
+
+    cfg = pipeline_cfg.init_config()
+    inputs = fingerprint(cfg)
+    out = Path(cfg.output_dir)
+    if state.begin(pipeline_cfg.run_dir, "init", inputs, [out], force):
+        state.write_state(pipeline_cfg.run_dir, "init", "running", inputs)
+        run(cfg)
+        state.write_state(pipeline_cfg.run_dir, "init", "done", inputs, mode=cfg.mode)
+    return out

@@ -38,6 +38,8 @@ class StudentConfig:
     """Attention kernel."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    init: str = choice("none", ("none", "svd"))
+    """'svd': in `run`, start from the init stage's weight-space projection of the teacher (init.mode=full)."""
 
 
 @dataclass

@@ -314,6 +314,7 @@ def test_bad_config_is_a_one_line_value_error(change, message):
     cfg = InitConfig(**{"teacher_path": "t", "output_dir": "o", **change})
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         cfg.validate()
+        cfg.check_paths()  # the path checks run once a pipeline has filled the paths in
 
 
 def test_incompatible_student_is_a_value_error(tiny, tmp_path):
