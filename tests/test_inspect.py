@@ -147,11 +147,12 @@ def test_router_statistics_all_experts(full):
     shares = np.asarray(router["load_shares"])
     np.testing.assert_allclose(shares.sum(axis=1), 1.0, rtol=1e-9)
     for layer in range(ids.shape[1]):
-        soft = np.zeros(ident["num_experts"])
+        routed_k = ident.get("experts_per_token", 0)  # recorded: hard load of the routed experts
+        load = np.zeros(ident["num_experts"])
         for t in range(ids.shape[0]):
-            for r in range(ids.shape[2]):
-                soft[ids[t, layer, r]] += probs[t, layer, r]
-        np.testing.assert_allclose(shares[layer], soft / soft.sum(), rtol=1e-9)
+            for r in range(routed_k or ids.shape[2]):
+                load[ids[t, layer, r]] += 1.0 if routed_k else probs[t, layer, r]
+        np.testing.assert_allclose(shares[layer], load / load.sum(), rtol=1e-9)
         assert router["load_cv"][layer] == pytest.approx(np.std(shares[layer]) / np.mean(shares[layer]))
         entropy = np.mean([-sum(p * math.log(p) for p in row if p > 0) for row in probs[:, layer]])
         # fp16 probabilities sum to 1 only within rounding; the tail bucket absorbs the rest
