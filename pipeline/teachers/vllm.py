@@ -37,7 +37,7 @@ from pipeline.config import ConfigError
 from pipeline.router import num_experts as count_experts
 from pipeline.teachers.base import TeacherBatch, TeacherConfig, resolve_dtype
 from pipeline.teachers.extract import ExtractSpec
-from pipeline.teachers.hf import config_fingerprint
+from pipeline.teachers.hf import config_fingerprint, own_tokenizer_fingerprint
 
 VLLM_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -128,6 +128,7 @@ class VLLMTeacher:
         self.config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
         text = self.config.get_text_config()
         self.vocab_size = text.vocab_size
+        self.tokenizer_fingerprint = own_tokenizer_fingerprint(cfg.path)  # checked against the prepared data
         self.num_experts = count_experts(text)
         self.router_topk = self._router_topk(text, spec)
         self.moe_layers = moe_layer_indices(text) if self.router_topk else []
