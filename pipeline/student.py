@@ -14,6 +14,8 @@ from pipeline.losses import KDSpec, TeacherTargets, chunked_lm_losses
 from pipeline.router import RouterCapture
 from pipeline.router_losses import TAU_RANGE, RouterLossSpec, router_parts
 
+PROMPT_KL = KDSpec("forward_kl", 1.0)  # BiLD's prompt term: forward KL at tau = 1, tail bucket
+
 
 def teacher_targets(t: dict, temperatures: tuple[float, ...]) -> TeacherTargets | None:
     if "log_partition" not in t:
@@ -26,9 +28,10 @@ def teacher_targets(t: dict, temperatures: tuple[float, ...]) -> TeacherTargets 
 class DistillStudent(nn.Module):
     def __init__(self, model, spec: KDSpec | None, temperatures: tuple[float, ...], vocab_limit: int,
                  chunk_tokens: int, routers: RouterCapture | None = None, layer_map: list[int] | None = None,
-                 teacher_experts: int = 0, router_spec: RouterLossSpec | None = None):
+                 teacher_experts: int = 0, router_spec: RouterLossSpec | None = None, prompt_kl: bool = False):
         super().__init__()
         self.model, self.spec, self.temperatures = model, spec, temperatures
+        self.prompt_kl = prompt_kl  # also return "prompt_kl" (train.prompt_kl_weight > 0)
         self.vocab_limit, self.chunk_tokens = vocab_limit, chunk_tokens
         self.routers, self.layer_map, self.teacher_experts = routers, layer_map or [], teacher_experts
         self.router_spec = router_spec or RouterLossSpec(parts=frozenset({"router"} if self.layer_map else ()),
@@ -45,13 +48,29 @@ class DistillStudent(nn.Module):
         valid = batch["valid"]
         hidden_TH = hidden_BLH[valid]
         mask_T = batch["loss_mask"]
-        teacher = teacher_targets(batch["teacher"], self.temperatures) if self.spec is not None else None
+        wants_teacher = self.spec is not None or self.prompt_kl
+        teacher = teacher_targets(batch["teacher"], self.temperatures) if wants_teacher else None
         out = chunked_lm_losses(hidden_TH, self.model.get_output_embeddings().weight, batch["labels"], mask_T, mask_T,
-                                teacher, self.spec, chunk_tokens=self.chunk_tokens, vocab_limit=self.vocab_limit)
+                                teacher if self.spec is not None else None, self.spec,
+                                chunk_tokens=self.chunk_tokens, vocab_limit=self.vocab_limit)
+        if self.prompt_kl:
+            out["prompt_kl"] = self._prompt_kl(hidden_TH, batch, teacher)
         if self.routers is not None:
             out.update(self._router_parts(batch))
         out.setdefault("router", hidden_TH.new_zeros(()))
         return out
+
+    def _prompt_kl(self, hidden_TH: torch.Tensor, batch: dict, teacher: TeacherTargets | None) -> torch.Tensor:
+        """Sum of forward KL at tau = 1 (tail bucket) over the positions with a next token that are
+        not trained on: the prompt of prompt/response data (BiLD's training semantics). The lm_head
+        runs on those rows only, so response tokens are not projected twice."""
+        if teacher is None or teacher.topk_ids_TK is None:
+            raise ValueError("train.prompt_kl_weight > 0 needs a cache with top-k targets (cache.targets=topk...)")
+        rows_R = ((batch["labels"] >= 0) & ~batch["loss_mask"].bool()).nonzero()[:, 0]
+        kd_R = torch.ones_like(rows_R, dtype=torch.bool)
+        return chunked_lm_losses(hidden_TH.index_select(0, rows_R), self.model.get_output_embeddings().weight,
+                                 batch["labels"].index_select(0, rows_R), ~kd_R, kd_R, teacher.index(rows_R),
+                                 PROMPT_KL, chunk_tokens=self.chunk_tokens, vocab_limit=self.vocab_limit)["kd"]
 
     def router_tau(self) -> torch.Tensor | None:
         """τ_r [L], projected into TAU_RANGE before use (projected gradient descent)."""

@@ -62,6 +62,8 @@ class TrainConfig:
     """KD temperature tau; the KD term is scaled by tau²."""
     missing_mass: str = choice("tail_bucket", ("tail_bucket", "renormalize"))
     """How the teacher mass outside the cached top-k is treated."""
+    prompt_kl_weight: float = 0.0
+    """Weight of forward KL at tau = 1 on the untrained (prompt) positions: BiLD's semantics with alpha = 1."""
     router_weight: float = 0.0
     """beta: weight of the router KL (MoE teacher and student, cache with router data)."""
     router_layer_map: list[int] = field(default_factory=list)
@@ -134,6 +136,8 @@ class TrainConfig:
             raise ConfigError(f"train.alpha={self.alpha} must be in [0, 1]")
         if self.temperature <= 0:
             raise ConfigError(f"train.temperature={self.temperature} must be positive")
+        if self.prompt_kl_weight < 0:
+            raise ConfigError(f"train.prompt_kl_weight={self.prompt_kl_weight} must be >= 0")
         from pipeline.losses import KD_LOSSES
 
         if self.kd_loss not in KD_LOSSES:
@@ -154,7 +158,8 @@ class TrainConfig:
 
     def loss_weights(self) -> dict[str, float]:
         """Weight of each part the student returns in the total loss (others are statistics)."""
-        return {"ce": 1 - self.alpha, "kd": self.alpha * self.temperature**2, "router": self.router_weight,
+        return {"ce": 1 - self.alpha, "kd": self.alpha * self.temperature**2, "prompt_kl": self.prompt_kl_weight,
+                "router": self.router_weight,
                 "erd": self.router_erd_weight, "mc": self.router_mc_weight,
                 "coverage": self.router_mc_weight * self.router_coverage_weight, "aux": self.router_aux_weight}
 
@@ -168,7 +173,8 @@ class TrainConfig:
     def uses_cache(self) -> bool:
         if self.source != "auto":
             return self.source == "cache"
-        return self.alpha > 0 or self.router_weight > 0 or self.router_erd_weight > 0 or self.router_mc_weight > 0
+        return (self.alpha > 0 or self.prompt_kl_weight > 0 or self.router_weight > 0 or self.router_erd_weight > 0
+                or self.router_mc_weight > 0)
 
 
 # --- optimizer and schedule -----------------------------------------------------------------
@@ -282,6 +288,7 @@ def run(cfg, force: bool = False) -> Path:
         state.write_state(cfg.run_dir, "train", "running", inputs)
         save_config(cfg, out_dir / "config.yaml")
     job = setup(cfg, accelerator)
+    job.model.prompt_kl = cfg.train.prompt_kl_weight > 0  # DistillStudent returns the "prompt_kl" sum
     model, optimizer = accelerator.prepare(job.model, job.optimizer)
     step = resume(out_dir, accelerator, model, optimizer, job)
     logger = MetricsLogger(out_dir, cfg.train.total_steps, accelerator.is_main_process, accelerator,

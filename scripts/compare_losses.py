@@ -1,0 +1,145 @@
+"""KD-loss study on the embedded demo (issue 4): the demo student trained once per KD loss of
+the catalogue that the demo cache supports, plus the CE-only baseline (alpha = 0); same cache,
+budget and seed; each evaluated on the held-out split.
+
+    python scripts/compare_losses.py                              # builds/reuses the demo under runs/
+    OMP_NUM_THREADS=1 python scripts/compare_losses.py --root /tmp/demo_runs --steps 60 --out docs/loss_study.md
+
+The demo (stages/demo.py) is run first unless its teacher and caches exist, so its assets,
+teacher and caches are reused. Each variant is a run ``demo_loss_<name>`` beside the demo's,
+whose data/, cache/ and cache_eval/ are symbolic links to the demo run's (nothing is copied,
+re-prepared or re-cached), trained from configs/demo.yaml with ``train.kd_loss=<name>``; the
+CE-only baseline (``ce_only``: alpha = 0) reads the same cache so that it sees the same batches;
+``bild_semantics`` is BiLD's recipe (bild on response tokens, alpha = 1, forward KL at tau = 1
+on prompt tokens: train.prompt_kl_weight = 1). Every variant has the router KL off
+(train.router_weight=0), so the rows differ only in the token-level loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+COMMON = ["train.router_weight=0", "eval.before=false", "eval.rouge_samples=0"]
+BASELINE = "ce_only"  # alpha = 0: the student on the data alone
+EXTRA = {"bild_semantics": ["train.kd_loss=bild", "train.alpha=1", "train.prompt_kl_weight=1"]}  # BiLD's recipe
+
+
+def demo_overrides(root: Path) -> list[str]:
+    """The overrides stages/demo.py gives configs/demo.yaml; runs the demo first unless its
+    teacher and caches are already there (then nothing of it is re-run or re-fingerprinted)."""
+    from stages import demo
+
+    teacher = root / "demo_teacher" / "train" / "final"
+    if not all((root / "demo" / d / "manifest.json").exists() for d in ("cache", "cache_eval")) or not teacher.exists():
+        demo.main(str(root))
+    assets = demo.build_assets(root / "demo_assets")
+    return [f"run.root={root}", f"data.source={assets['data']}", f"teacher.path={teacher}",
+            f"student.path={assets['student']}"]
+
+
+def supported_losses(cache: Path) -> list[str]:
+    """KD_LOSSES names the cache has targets for: 'sampled' needs draws, the others the top-k."""
+    from pipeline.losses import KD_LOSSES
+
+    targets = json.loads((cache / "manifest.json").read_text())["identity"]["targets"]
+    return [name for name in KD_LOSSES if ("sampled" if name == "sampled" else "topk") in targets]
+
+
+def variant_overrides(name: str, steps: int) -> list[str]:
+    # The baseline reads the same cache (its KD part unused), so every variant sees the same batches.
+    if name == BASELINE:
+        loss = ["train.alpha=0", "train.source=cache"]
+    else:
+        loss = EXTRA.get(name, [f"train.kd_loss={name}"])
+    budget = [f"train.steps={steps}", f"train.checkpoint_every={steps}"] if steps else []
+    return COMMON + budget + loss + [f"run.name=demo_loss_{name}"]
+
+
+def link_inputs(demo_dir: Path, run_dir: Path, names=("data", "cache", "cache_eval")) -> None:
+    """The variant reads the demo's prepared data and caches (never copies or rewrites them)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        link = run_dir / name
+        if not link.exists() and (demo_dir / name).exists():
+            link.symlink_to((demo_dir / name).resolve(), target_is_directory=True)
+
+
+def tokens_per_second(train_dir: Path) -> float:
+    """Median of the logged intervals' tok/s (the first interval also holds the start-up)."""
+    rows = [json.loads(line) for line in (train_dir / "metrics.jsonl").read_text().splitlines() if line]
+    rates = [r["tok_s"] for r in rows[1:]] or [r["tok_s"] for r in rows]
+    return statistics.median(rates)
+
+
+def run_variant(name: str, base: list[str], steps: int, demo_dir: Path) -> dict:
+    from stages import demo, evaluate, train_student
+
+    cfg = demo.run_config("demo.yaml", base + variant_overrides(name, steps))
+    link_inputs(demo_dir, cfg.run_dir)
+    start = time.time()
+    print(f"== variant {name} ({cfg.train.steps} steps)", flush=True)
+    train_student.run(cfg)
+    results = evaluate.run(cfg)["after"]
+    results["tok_s"] = tokens_per_second(cfg.run_dir / "train")
+    results["seconds"] = round(time.time() - start)
+    return results
+
+
+def table(rows: dict[str, dict]) -> str:
+    lines = ["| loss | perplexity | KL to teacher | top-1 agreement | overlap@8 | overlap@32 | train tok/s |",
+             "|" + "---|" * 7]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['perplexity']:.3f} | {r['kl_to_teacher']:.4f} | {r['top1_agreement']:.4f} "
+                     f"| {r.get('overlap@8', float('nan')):.4f} | {r.get('overlap@32', float('nan')):.4f} "
+                     f"| {r['tok_s']:,.0f} |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    import torch
+
+    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default="runs", help="where the demo's runs are and the variants' go")
+    parser.add_argument("--steps", type=int, default=0, help="optimizer steps per variant (0 = the demo's train.steps)")
+    parser.add_argument("--losses", nargs="*", default=[],
+                        help=f"a subset of the KD losses (and/or {BASELINE}, {', '.join(EXTRA)}); default: all")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (shared CPU: 1)")
+    parser.add_argument("--out", default="", help="also write the table here (markdown)")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    root = Path(args.root)
+    base = demo_overrides(root)
+    demo_dir = root / "demo"
+    allowed = [BASELINE] + supported_losses(demo_dir / "cache") + list(EXTRA)
+    unknown = sorted(set(args.losses) - set(allowed))
+    if unknown:
+        raise SystemExit(f"--losses: {', '.join(unknown)} not available with the demo cache; choose from {allowed}")
+    names = [n for n in allowed if n in args.losses] if args.losses else allowed
+    rows = {name: run_variant(name, base, args.steps, demo_dir) for name in names}
+    text = f"machine: {machine()}\n\n{table(rows)}\n"
+    print(text, flush=True)
+    (root / "loss_study.json").write_text(json.dumps(rows, indent=1))
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""BiLD's training semantics (issue 4): train.prompt_kl_weight adds forward KL at tau = 1 on the
+prompt positions. Checked against an independent dense computation from the cached top-k + tail
+and the student's own full forward, on the first optimizer step."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from cache.stream import CacheSource, ShardStream
+from pipeline.config import ConfigError
+from stages import train_student
+from stages.cache_teacher import cache_dir
+from stages.train_setup import stream_plan
+from stages.train_student import TrainConfig
+
+
+class _OneProcess:
+    num_processes, process_index = 1, 0
+
+
+def first_row(cfg) -> dict:
+    return json.loads((cfg.run_dir / "train" / "metrics.jsonl").read_text().splitlines()[0])
+
+
+def dense_prompt_kl(cfg, student_path) -> tuple[float, int, int]:
+    """(sum of KL over the first step's prompt positions / its loss-masked count, prompt positions,
+    loss-masked count): the teacher's K cached probabilities plus 1 - their sum as one tail
+    bucket, the student's full softmax coarsened to the same K + 1 buckets, in float64."""
+    stream = ShardStream(CacheSource(cache_dir(cfg.run_dir, "train")), stream_plan(cfg, _OneProcess()))
+    out = stream.load(stream.steps(0)[0])
+    vocab = CacheSource(cache_dir(cfg.run_dir, "train")).reader.manifest.identity["vocab_size"]
+    student = AutoModelForCausalLM.from_pretrained(student_path).eval()
+    kl, n_prompt, start = 0.0, 0, 0
+    for n in np.asarray(out.seq_lens):
+        rows = slice(start, start + n)
+        ids, mask = torch.as_tensor(np.asarray(out.input_ids[rows])), np.asarray(out.loss_mask[rows])
+        prompt = np.flatnonzero((mask == 0) & (np.arange(n) < n - 1))  # untrained, with a next token
+        with torch.no_grad():
+            logits = student(ids[None]).logits[0, prompt, :vocab].double()
+        lp = torch.log_softmax(logits, -1)
+        lq = torch.as_tensor(np.asarray(out.topk_logprobs[rows], np.float64)[prompt])
+        top = torch.as_tensor(np.asarray(out.topk_ids[rows], np.int64)[prompt])
+        p_top = lp.gather(1, top)
+        q_tail = (1 - lq.exp().sum(-1)).clamp(min=0)
+        p_tail = 1 - p_top.exp().sum(-1)
+        tail = torch.where(q_tail > 0, q_tail * (q_tail.clamp(min=1e-300).log() - p_tail.log()), 0.0)
+        kl += float((lq.exp() * (lq - p_top)).sum() + tail.sum())
+        n_prompt, start = n_prompt + len(prompt), start + n
+    n_trained = int(np.asarray(out.loss_mask).sum())
+    return kl / n_trained, n_prompt, n_trained
+
+
+@pytest.fixture
+def pairs_cache(pairs_jsonl):
+    return (f"data.source={pairs_jsonl}",)
+
+
+def test_prompt_kl_equals_a_dense_reference_on_prompt_response_data(train_config, pairs_cache, student_path):
+    cfg = train_config("train.steps=1", "train.alpha=0.5", "train.prompt_kl_weight=0.5", "train.router_weight=0",
+                       cache=pairs_cache)
+    train_student.run(cfg)
+    row = first_row(cfg)
+    reference, n_prompt, n_trained = dense_prompt_kl(cfg, student_path)
+    assert n_prompt > 0 and n_trained > 0
+    assert row["prompt_kl"] > 0.01
+    assert row["prompt_kl"] == pytest.approx(reference, rel=1e-4, abs=1e-6)
+    assert row["loss"] == pytest.approx(0.5 * row["ce"] + 0.5 * row["kd"] + 0.5 * row["prompt_kl"], rel=1e-4)
+
+
+def test_prompt_kl_is_absent_with_weight_zero(train_config, pairs_cache):
+    cfg = train_config("train.steps=1", "train.router_weight=0", cache=pairs_cache)
+    train_student.run(cfg)
+    assert "prompt_kl" not in first_row(cfg)
+
+
+def test_bild_semantics_without_ce(train_config, pairs_cache):
+    """alpha = 1 (no CE term) with bild on responses and the prompt KL: the loss is kd + prompt_kl."""
+    cfg = train_config("train.steps=1", "train.alpha=1", "train.kd_loss=bild", "train.prompt_kl_weight=1",
+                       "train.router_weight=0", cache=pairs_cache)
+    train_student.run(cfg)
+    row = first_row(cfg)
+    assert row["prompt_kl"] > 0 and row["loss"] == pytest.approx(row["kd"] + row["prompt_kl"], rel=1e-4)
+
+
+def test_prompt_kl_is_zero_on_text_data(train_config):
+    """Text data trains on every position with a next token: there is no prompt."""
+    cfg = train_config("train.steps=1", "train.prompt_kl_weight=1", "train.router_weight=0")
+    train_student.run(cfg)
+    row = first_row(cfg)
+    assert row["prompt_kl"] == 0.0 and row["kd"] > 0
+
+
+def test_prompt_kl_config():
+    assert TrainConfig(alpha=0.0, prompt_kl_weight=1.0).uses_cache()  # needs the teacher even without KD
+    assert not TrainConfig(alpha=0.0).uses_cache()
+    with pytest.raises(ConfigError, match="prompt_kl_weight"):
+        TrainConfig(prompt_kl_weight=-1.0).validate()
