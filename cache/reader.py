@@ -2,10 +2,15 @@
 
 Shard handles open on first use in the process that reads (h5py handles do not survive
 fork), so a reader can be built in the parent and used inside DataLoader workers.
+
+Reads go through a cache of decoded chunks (LRU, bounded in bytes): a training sequence is
+far shorter than a compressed chunk, and without it every sequence would decompress whole
+chunks of every field again.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +24,7 @@ TOKEN_FIELDS = ("input_ids", "loss_mask", "target_logprob", "log_partition", "to
 
 
 class CacheReader:
-    def __init__(self, cache_dir: str | Path):
+    def __init__(self, cache_dir: str | Path, block_cache_bytes: int = 256 << 20):
         self.cache_dir = Path(cache_dir)
         self.manifest: Manifest = read_manifest(self.cache_dir)
         if not self.manifest.complete:
@@ -27,6 +32,9 @@ class CacheReader:
         self.codec = Codec(**self.manifest.identity["codec"])
         self._handles: dict[str, object] = {}
         self._offsets: dict[str, np.ndarray] = {}
+        self._sample_ids: dict[str, np.ndarray] = {}
+        self._blocks: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._block_bytes, self._max_block_bytes = 0, block_cache_bytes
 
     @property
     def shards(self) -> list[ShardInfo]:
@@ -43,20 +51,45 @@ class CacheReader:
         return self._offsets[name]
 
     def sample_ids(self, name: str) -> np.ndarray:
-        return np.asarray(self.shard(name)["sample_ids"][:])
+        if name not in self._sample_ids:
+            self._sample_ids[name] = np.asarray(self.shard(name)["sample_ids"][:])
+        return self._sample_ids[name]
+
+    def _block(self, name: str, key: str, index: int, rows: int) -> np.ndarray:
+        cache_key = (name, key, index)
+        block = self._blocks.get(cache_key)
+        if block is None:
+            block = np.asarray(self.shard(name)[key][index * rows:(index + 1) * rows])
+            self._blocks[cache_key] = block
+            self._block_bytes += block.nbytes
+            while self._block_bytes > self._max_block_bytes and len(self._blocks) > 1:
+                self._block_bytes -= self._blocks.popitem(last=False)[1].nbytes
+        else:
+            self._blocks.move_to_end(cache_key)
+        return block
+
+    def rows(self, name: str, key: str, a: int, b: int) -> np.ndarray:
+        """Rows [a, b) of one array, assembled from cached decoded chunks."""
+        array = self.shard(name)[key]
+        rows = (array.chunks or (0,))[0]
+        if not rows or b <= a:
+            return np.asarray(array[a:b])
+        parts = [self._block(name, key, i, rows) for i in range(a // rows, (b - 1) // rows + 1)]
+        start = a - (a // rows) * rows
+        return np.concatenate(parts)[start:start + (b - a)] if len(parts) > 1 else parts[0][start:start + (b - a)]
 
     def read(self, name: str, first_seq: int, last_seq: int) -> TeacherOutput:
         """Sequences [first_seq, last_seq) of a shard, decoded."""
         shard, offsets = self.shard(name), self.seq_offsets(name)
         a, b = int(offsets[first_seq]), int(offsets[last_seq])
-        fields = {k: np.asarray(shard[k][a:b]) for k in TOKEN_FIELDS if k in shard}
+        fields = {k: self.rows(name, k, a, b) for k in TOKEN_FIELDS if k in shard}
         if "topk_ids" in fields:
             fields["topk_ids"], fields["topk_logprobs"] = decode_topk(fields["topk_ids"], fields["topk_logprobs"], self.codec)
         if "draw_offsets" in shard:
-            bounds = np.asarray(shard["draw_offsets"][a:b + 1])
+            bounds = self.rows(name, "draw_offsets", a, b + 1)
             fields["draw_n"] = np.diff(bounds)
-            fields["draw_ids"] = np.asarray(shard["draw_ids"][bounds[0]:bounds[-1]])
-            fields["draw_counts"] = np.asarray(shard["draw_counts"][bounds[0]:bounds[-1]])
+            fields["draw_ids"] = self.rows(name, "draw_ids", int(bounds[0]), int(bounds[-1]))
+            fields["draw_counts"] = self.rows(name, "draw_counts", int(bounds[0]), int(bounds[-1]))
         return TeacherOutput(
             sample_ids=self.sample_ids(name)[first_seq:last_seq],
             seq_lens=np.diff(offsets[first_seq:last_seq + 1]), **fields,
@@ -78,3 +111,5 @@ class CacheReader:
         for handle in self._handles.values():
             handle.close()
         self._handles.clear()
+        self._blocks.clear()
+        self._block_bytes = 0

@@ -41,15 +41,20 @@ class ZarrShard:
 
     def __init__(self, path: Path):
         self._group = zarr.open_group(str(path), mode="r", zarr_format=3)
+        self._arrays: dict[str, zarr.Array] = {}
 
     def __getitem__(self, name: str):
-        return self._group[name]
+        if name not in self._arrays:  # each lookup is a metadata read through zarr's event loop
+            self._arrays[name] = self._group[name]
+        return self._arrays[name]
 
     def keys(self) -> list[str]:
-        return sorted(self._group.array_keys())
+        if not hasattr(self, "_keys"):
+            self._keys = sorted(self._group.array_keys())
+        return self._keys
 
     def __contains__(self, name: str) -> bool:
-        return name in self._group
+        return name in self._arrays or name in self.keys()
 
     def stored_nbytes(self, name: str) -> int:
         return int(self._group[name].nbytes_stored())
