@@ -66,6 +66,7 @@ class MetricsLogger:
             f.write(json.dumps(record) + "\n")
 
     def line(self, r: dict) -> str:
-        others = " ".join(f"{k} {r[k]:.3f}" for k in ("ce", "kd", "router") if k in r)
+        parts = ("ce", "kd", "prompt_kl", "router", "erd", "mc", "coverage", "aux")
+        others = " ".join(f"{k} {r[k]:.3f}" for k in parts if k in r and (r[k] or k in ("ce", "kd", "router")))
         return (f"step {r['step']}/{self.total} | loss {r['loss']:.4f} ({others}) | tok/s {r['tok_s']:,.0f} | "
                 f"mem {r['mem_gib']:.1f} GiB | eta {format_eta(r['eta_s'])}")
