@@ -111,7 +111,27 @@ def save_config(cfg: Any, path: Path) -> None:
     path.write_text(to_yaml(cfg))
 
 
+def _non_default(cfg: Any) -> dict:
+    """The fields of a config that differ from their defaults (recursively).
+
+    Hashing only these keeps a finished stage's fingerprint stable when a new field with a
+    default is added to a config class.
+    """
+    out = {}
+    for fld in dataclasses.fields(cfg):
+        value = getattr(cfg, fld.name)
+        if dataclasses.is_dataclass(value):
+            nested = _non_default(value)
+            if nested:
+                out[fld.name] = nested
+            continue
+        default = fld.default_factory() if fld.default_factory is not dataclasses.MISSING else fld.default
+        if value != default:
+            out[fld.name] = [to_dict(v) if dataclasses.is_dataclass(v) else v for v in value] if isinstance(value, list) else value
+    return out
+
+
 def fingerprint(*parts: Any) -> str:
-    """A short stable hash of JSON-able parts (configs as dicts, other fingerprints)."""
-    text = json.dumps([to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True, default=str)
+    """A short stable hash of JSON-able parts (configs by their non-default fields, other fingerprints)."""
+    text = json.dumps([_non_default(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

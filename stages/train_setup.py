@@ -152,7 +152,8 @@ def setup(cfg, accelerator) -> TrainJob:
         source, spec, temps, vocab_limit, identity = PreparedSource(cfg.run_dir), None, (1.0,), len(tokenizer), {}
     capture, layer_map, losses = router_setup(cfg, model, identity)
     wrapped = DistillStudent(model, spec if cfg.train.alpha > 0 else None, temps, vocab_limit,
-                             cfg.train.loss_chunk_tokens, capture, layer_map, identity.get("num_experts", 0), losses)
+                             cfg.train.loss_chunk_tokens, capture, layer_map, identity.get("num_experts", 0), losses,
+                             prompt_kl=cfg.train.prompt_kl_weight > 0)
     if capture is not None:
         capture.__enter__()  # hooks live as long as the job
     optimizer, scheduler = build_optimizer(wrapped, cfg.train)

@@ -3,8 +3,8 @@
     python run_pipeline.py train --config configs/demo.yaml
     torchrun --nproc_per_node 8 run_pipeline.py train --config configs/demo.yaml
 
-L = (1 − α)·CE + α·τ²·KD + β·router KL + λ_ERD·ERD + λ_MC·(MC + λ_cov·coverage) + λ_aux·aux
-(docs/router.md), each a sum over valid (loss-masked) tokens divided by the global count of
+L = (1 − α)·CE + α·τ²·KD + w_p·prompt KL + β·router KL + λ_ERD·ERD + λ_MC·(MC + λ_cov·coverage)
+  + λ_aux·aux (docs/losses.md, docs/router.md), each a sum over valid (loss-masked) tokens divided by the global count of
 valid tokens of the optimizer step (all ranks, all micro-batches). Without KD and teacher
 router terms it reads the prepared data directly (SFT / CE-only baseline).
 """
@@ -288,7 +288,6 @@ def run(cfg, force: bool = False) -> Path:
         state.write_state(cfg.run_dir, "train", "running", inputs)
         save_config(cfg, out_dir / "config.yaml")
     job = setup(cfg, accelerator)
-    job.model.prompt_kl = cfg.train.prompt_kl_weight > 0  # DistillStudent returns the "prompt_kl" sum
     model, optimizer = accelerator.prepare(job.model, job.optimizer)
     step = resume(out_dir, accelerator, model, optimizer, job)
     logger = MetricsLogger(out_dir, cfg.train.total_steps, accelerator.is_main_process, accelerator,
