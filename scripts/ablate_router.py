@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from stages import demo  # noqa: E402  (after the path set-up: scripts run from a checkout)
 
 COMMON = ["train.router_weight=0", "eval.before=false", "eval.rouge_samples=0"]
 ROUTER_ON = {"router_erd_weight": 0.1, "router_mc_weight": 0.1, "router_aux_weight": 0.01}
@@ -36,7 +37,6 @@ VARIANTS = {
 def demo_overrides(demo_root: Path) -> list[str]:
     """The overrides stages/demo.py gives configs/demo.yaml; runs the demo first unless its
     teacher and caches are already there (then nothing of it is re-run or re-fingerprinted)."""
-    from stages import demo
 
     teacher = demo_root / "demo_teacher" / "train" / "final"
     if not all((demo_root / "demo" / d / "manifest.json").exists() for d in ("cache", "cache_eval")) \
@@ -46,17 +46,7 @@ def demo_overrides(demo_root: Path) -> list[str]:
     return [f"data.source={assets['data']}", f"teacher.path={teacher}", f"student.path={assets['student']}"]
 
 
-def link_inputs(demo_dir: Path, run_dir: Path, names=("data", "cache", "cache_eval")) -> None:
-    """The variant reads the demo's prepared data and caches (never copies or rewrites them)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        link = run_dir / name
-        if not link.exists() and (demo_dir / name).exists():
-            link.symlink_to((demo_dir / name).resolve(), target_is_directory=True)
-
-
 def variant_config(name: str, weights: dict, base: list[str]):
-    from stages import demo
 
     overrides = base + COMMON + [f"run.name=router_{name}"] + [f"train.{k}={v}" for k, v in weights.items()]
     return demo.run_config("demo.yaml", overrides)
@@ -66,7 +56,7 @@ def run_variant(name: str, weights: dict, base: list[str], demo_dir: Path) -> di
     from stages import evaluate, train_student
 
     cfg = variant_config(name, weights, base)
-    link_inputs(demo_dir, cfg.run_dir)
+    demo.link_inputs(demo_dir, cfg.run_dir)
     start = time.time()
     print(f"== variant {name}: {' '.join(f'{k}={v}' for k, v in weights.items())}", flush=True)
     final = train_student.run(cfg)
@@ -83,7 +73,7 @@ def demo_row(base: list[str], demo_dir: Path) -> dict:
     from stages import evaluate
 
     cfg = variant_config("kl_demo", {"router_weight": 0.1}, base)
-    link_inputs(demo_dir, cfg.run_dir, ("data", "cache", "cache_eval", "train"))
+    demo.link_inputs(demo_dir, cfg.run_dir, ("data", "cache", "cache_eval", "train"))
     return evaluate.run(cfg)["after"]
 
 
@@ -97,16 +87,6 @@ def table(rows: dict[str, dict]) -> str:
                      f"| {r.get('load_cv', float('nan')):.3f} | {r.get('dead_experts', float('nan')):.3f} "
                      f"| {r.get('router_entropy', float('nan')):.3f} | {tau} |")
     return "\n".join(lines)
-
-
-def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    import os
-
-    import torch
-
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s)"
 
 
 def main() -> None:
@@ -128,7 +108,7 @@ def main() -> None:
 
     if (read_state(demo_dir, "train") or {}).get("status") == "done":  # the demo's own student, if trained by now
         rows["demo: β·router KL 0.1"] = demo_row(base, demo_dir)
-    text = f"machine: {machine()}\n\n{table(rows)}\n"
+    text = f"machine: {demo.machine()}\n\n{table(rows)}\n"
     print(text, flush=True)
     (root / "router_ablation.json").write_text(json.dumps(rows, indent=1))
     if args.out:

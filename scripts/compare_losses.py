@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from stages import demo  # noqa: E402  (after the path set-up: scripts run from a checkout)
 
 COMMON = ["train.router_weight=0", "eval.before=false", "eval.rouge_samples=0"]
 BASELINE = "ce_only"  # alpha = 0: the student on the data alone
@@ -37,7 +37,6 @@ EXTRA = {"bild_semantics": ["train.kd_loss=bild", "train.alpha=1", "train.prompt
 def demo_overrides(root: Path) -> list[str]:
     """The overrides stages/demo.py gives configs/demo.yaml; runs the demo first unless its
     teacher and caches are already there (then nothing of it is re-run or re-fingerprinted)."""
-    from stages import demo
 
     teacher = root / "demo_teacher" / "train" / "final"
     if not all((root / "demo" / d / "manifest.json").exists() for d in ("cache", "cache_eval")) or not teacher.exists():
@@ -65,15 +64,6 @@ def variant_overrides(name: str, steps: int) -> list[str]:
     return COMMON + budget + loss + [f"run.name=demo_loss_{name}"]
 
 
-def link_inputs(demo_dir: Path, run_dir: Path, names=("data", "cache", "cache_eval")) -> None:
-    """The variant reads the demo's prepared data and caches (never copies or rewrites them)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        link = run_dir / name
-        if not link.exists() and (demo_dir / name).exists():
-            link.symlink_to((demo_dir / name).resolve(), target_is_directory=True)
-
-
 def tokens_per_second(train_dir: Path) -> float:
     """Median of the logged intervals' tok/s (the first interval also holds the start-up)."""
     rows = [json.loads(line) for line in (train_dir / "metrics.jsonl").read_text().splitlines() if line]
@@ -82,10 +72,10 @@ def tokens_per_second(train_dir: Path) -> float:
 
 
 def run_variant(name: str, base: list[str], steps: int, demo_dir: Path) -> dict:
-    from stages import demo, evaluate, train_student
+    from stages import evaluate, train_student
 
     cfg = demo.run_config("demo.yaml", base + variant_overrides(name, steps))
-    link_inputs(demo_dir, cfg.run_dir)
+    demo.link_inputs(demo_dir, cfg.run_dir)
     start = time.time()
     print(f"== variant {name} ({cfg.train.steps} steps)", flush=True)
     train_student.run(cfg)
@@ -103,14 +93,6 @@ def table(rows: dict[str, dict]) -> str:
                      f"| {r.get('overlap@8', float('nan')):.4f} | {r.get('overlap@32', float('nan')):.4f} "
                      f"| {r['tok_s']:,.0f} |")
     return "\n".join(lines)
-
-
-def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    import torch
-
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s)"
 
 
 def main() -> None:
@@ -134,7 +116,7 @@ def main() -> None:
         raise SystemExit(f"--losses: {', '.join(unknown)} not available with the demo cache; choose from {allowed}")
     names = [n for n in allowed if n in args.losses] if args.losses else allowed
     rows = {name: run_variant(name, base, args.steps, demo_dir) for name in names}
-    text = f"machine: {machine()}\n\n{table(rows)}\n"
+    text = f"machine: {demo.machine()}\n\n{table(rows)}\n"
     print(text, flush=True)
     (root / "loss_study.json").write_text(json.dumps(rows, indent=1))
     if args.out:

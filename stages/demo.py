@@ -73,3 +73,29 @@ def summary(stats: dict, results: dict) -> str:
     keys = [k for k in ("tokens", "sequences", "bytes_per_token", "topk_mass_mean", "target_in_topk") if k in stats]
     cache_lines = "\n".join(f"  {k:<20} {stats[k]:,.4g}" for k in keys)
     return f"\n== demo summary\ncache (train split):\n{cache_lines}\nstudent vs teacher (held-out):\n{format_results(results)}"
+
+
+# --- shared by the studies built on the demo (scripts/compare_losses.py, scripts/ablate_router.py) ---
+
+
+def link_inputs(demo_dir: Path, run_dir: Path, names=("data", "cache", "cache_eval")) -> None:
+    """A study variant reads the demo's prepared data and caches (never copies or rewrites them)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        link = run_dir / name
+        if not link.exists() and (demo_dir / name).exists():
+            link.symlink_to((demo_dir / name).resolve(), target_is_directory=True)
+
+
+def machine() -> str:
+    """CPU model, cores and torch threads, for the tables the studies commit."""
+    import os
+    import platform
+
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                 platform.processor())
+    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s)"

@@ -22,7 +22,6 @@ import torch
 
 from pipeline import checkpoint, state
 from pipeline.config import ConfigError, choice, fingerprint, save_config
-from pipeline.losses import KDSpec
 from pipeline.metrics import MetricsLogger
 
 PRECISIONS = ("auto", "fp32", "bf16")
