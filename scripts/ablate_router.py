@@ -34,18 +34,6 @@ VARIANTS = {
 }
 
 
-def demo_overrides(demo_root: Path) -> list[str]:
-    """The overrides stages/demo.py gives configs/demo.yaml; runs the demo first unless its
-    teacher and caches are already there (then nothing of it is re-run or re-fingerprinted)."""
-
-    teacher = demo_root / "demo_teacher" / "train" / "final"
-    if not all((demo_root / "demo" / d / "manifest.json").exists() for d in ("cache", "cache_eval")) \
-            or not teacher.exists():
-        demo.main(str(demo_root))
-    assets = demo.build_assets(demo_root / "demo_assets")
-    return [f"data.source={assets['data']}", f"teacher.path={teacher}", f"student.path={assets['student']}"]
-
-
 def variant_config(name: str, weights: dict, base: list[str]):
 
     overrides = base + COMMON + [f"run.name=router_{name}"] + [f"train.{k}={v}" for k, v in weights.items()]
@@ -101,7 +89,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     root, demo_root = Path(args.root), Path(args.demo_root or args.root)
-    base = [f"run.root={root}"] + demo_overrides(demo_root)
+    base = [f"run.root={root}"] + demo.demo_overrides(demo_root)
     demo_dir = demo_root / "demo"
     rows = {name: run_variant(name, VARIANTS[name], base, demo_dir) for name in args.variants}
     from pipeline.state import read_state

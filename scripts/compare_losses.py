@@ -34,18 +34,6 @@ BASELINE = "ce_only"  # alpha = 0: the student on the data alone
 EXTRA = {"bild_semantics": ["train.kd_loss=bild", "train.alpha=1", "train.prompt_kl_weight=1"]}  # BiLD's recipe
 
 
-def demo_overrides(root: Path) -> list[str]:
-    """The overrides stages/demo.py gives configs/demo.yaml; runs the demo first unless its
-    teacher and caches are already there (then nothing of it is re-run or re-fingerprinted)."""
-
-    teacher = root / "demo_teacher" / "train" / "final"
-    if not all((root / "demo" / d / "manifest.json").exists() for d in ("cache", "cache_eval")) or not teacher.exists():
-        demo.main(str(root))
-    assets = demo.build_assets(root / "demo_assets")
-    return [f"run.root={root}", f"data.source={assets['data']}", f"teacher.path={teacher}",
-            f"student.path={assets['student']}"]
-
-
 def supported_losses(cache: Path) -> list[str]:
     """KD_LOSSES names the cache has targets for: 'sampled' needs draws, the others the top-k."""
     from pipeline.losses import KD_LOSSES
@@ -108,7 +96,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     root = Path(args.root)
-    base = demo_overrides(root)
+    base = [f"run.root={root}"] + demo.demo_overrides(root)
     demo_dir = root / "demo"
     allowed = [BASELINE] + supported_losses(demo_dir / "cache") + list(EXTRA)
     unknown = sorted(set(args.losses) - set(allowed))

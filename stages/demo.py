@@ -99,3 +99,14 @@ def machine() -> str:
     model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
                  platform.processor())
     return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s)"
+
+
+def demo_overrides(root: Path) -> list[str]:
+    """The overrides main() gives configs/demo.yaml; runs the demo first unless its teacher and
+    caches are already there (then nothing of it is re-run)."""
+    root = Path(root)
+    teacher = root / "demo_teacher" / "train" / "final"
+    if not all((root / "demo" / d / "manifest.json").exists() for d in ("cache", "cache_eval")) or not teacher.exists():
+        main(str(root))
+    assets = build_assets(root / "demo_assets")
+    return [f"data.source={assets['data']}", f"teacher.path={teacher}", f"student.path={assets['student']}"]

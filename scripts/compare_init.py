@@ -1,0 +1,67 @@
+"""Study: an SVD-initialised student against a randomly initialised one, on the demo.
+
+    python scripts/compare_init.py --root runs --out docs/init_study_table.md
+
+Both variants are the demo's student shape (stages/demo.py STUDENT), trained with the demo's
+loss (configs/demo.yaml) on the demo's cache for the same steps and seed. "random" starts from
+the demo's random student; "svd" starts from the init stage's projection of the demo's trained
+teacher into that shape (init.mode=full). Evaluate reports each student at step 0 ("before")
+and after training ("after"): held-out perplexity and KL to the teacher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from stages import demo  # noqa: E402  (after the path set-up: scripts run from a checkout)
+
+COMMON = ["eval.rouge_samples=0"]
+
+
+def run_variant(name: str, base: list[str], steps: int, demo_dir: Path) -> dict:
+    from stages import evaluate, init_student, train_student
+
+    budget = [f"train.steps={steps}", f"train.checkpoint_every={steps}"] if steps else []
+    cfg = demo.run_config("demo.yaml", base + COMMON + budget + [f"run.name=demo_init_{name}"])
+    demo.link_inputs(demo_dir, cfg.run_dir)
+    if name == "svd":
+        cfg.student.path = str(init_student.run_stage(cfg))
+    print(f"== variant {name} ({cfg.train.steps} steps)", flush=True)
+    train_student.run(cfg)
+    return evaluate.run(cfg)
+
+
+def table(rows: dict[str, dict]) -> str:
+    lines = ["| init | step | perplexity | KL to teacher | top-1 agreement |", "|---|---|---|---|---|"]
+    for name, results in rows.items():
+        for when, label in (("before", "0"), ("after", "end")):
+            r = results[when]
+            lines.append(f"| {name} | {label} | {r['perplexity']:.2f} | {r['kl_to_teacher']:.4f} "
+                         f"| {r['top1_agreement']:.4f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default="runs", help="where the demo's runs are and the variants' go")
+    parser.add_argument("--steps", type=int, default=0, help="optimizer steps per variant (0 = the demo's)")
+    parser.add_argument("--out", default="", help="also write the table here (markdown)")
+    args = parser.parse_args()
+    root = Path(args.root)
+    base = [f"run.root={root}"] + demo.demo_overrides(root)
+    rows = {name: run_variant(name, base, args.steps, root / "demo") for name in ("random", "svd")}
+    text = f"machine: {demo.machine()}\n\n{table(rows)}\n"
+    print(text, flush=True)
+    (root / "init_study.json").write_text(json.dumps(rows, indent=1))
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
