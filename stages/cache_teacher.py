@@ -193,13 +193,6 @@ def run_batches(teacher, ds, todo: list[np.ndarray], writer: CacheWriter, dist: 
     bar.close()
 
 
-def begin_on_all_ranks(run_dir: Path, inputs: str, outputs: list[Path], force: bool, dist: Dist) -> bool:
-    """Rank 0 decides (and sets old outputs aside on --force) before the others look."""
-    must_run = state.begin(run_dir, "cache", inputs, outputs, force) if dist.is_main else False
-    dist.barrier()
-    return must_run if dist.is_main else state.begin(run_dir, "cache", inputs, [], False)
-
-
 def prepared_fingerprints(run_dir: Path) -> dict | None:
     """The prepared data is an input too: a re-prepared dataset must not reuse an old cache."""
     path = Path(run_dir) / "data" / "manifest.json"
@@ -210,7 +203,7 @@ def run(cfg, force: bool = False) -> dict[str, Manifest]:
     dist = Dist.from_env()
     inputs = fingerprint(cfg.teacher, cfg.cache, cfg.data, cfg.tokenizer_path(), prepared_fingerprints(cfg.run_dir))
     outputs = [cache_dir(cfg.run_dir, s) for s in cfg.cache.splits]
-    if not begin_on_all_ranks(cfg.run_dir, inputs, outputs, force, dist):
+    if not state.begin_on_all_ranks(cfg.run_dir, "cache", inputs, outputs, force, dist.is_main, dist.barrier):
         return {s: read_manifest(cache_dir(cfg.run_dir, s)) for s in cfg.cache.splits
                 if (cache_dir(cfg.run_dir, s) / "manifest.json").exists()}
     from stages.prepare import load_split

@@ -166,7 +166,7 @@ def eval_batches(cfg) -> tuple[list[dict], int]:
 def run(cfg, force: bool = False) -> dict:
     from stages.prepare import load_split
     from stages.train_setup import student_tokenizer
-    from pipeline.teachers.hf import load_causal_lm
+    from pipeline.models import load_causal_lm
 
     out_dir = cfg.run_dir / "eval"
     inputs = fingerprint(cfg.eval, cfg.student, cfg.train, cfg.cache, cfg.data)

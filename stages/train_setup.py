@@ -29,7 +29,7 @@ class TrainJob:
 def load_student(cfg):
     import torch
 
-    from pipeline.teachers.hf import load_causal_lm
+    from pipeline.models import load_causal_lm
 
     if not cfg.student.path:
         raise ConfigError("student.path is empty; set it to a model directory or hub id")

@@ -14,6 +14,7 @@ import torch
 
 from cache.schema import TeacherOutput
 from pipeline.config import ConfigError, fingerprint
+from pipeline.models import load_causal_lm
 from pipeline.router import RouterCapture, check_raw_logits, num_experts, router_family
 from pipeline.teachers.base import TeacherBatch, TeacherConfig, resolve_dtype
 from pipeline.teachers.extract import ExtractSpec, extract_sequence, sequence_generator
@@ -21,19 +22,6 @@ from pipeline.teachers.extract import ExtractSpec, extract_sequence, sequence_ge
 # config keys that say nothing about the function the model computes
 _VOLATILE = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "attn_implementation",
              "_attn_implementation_autoset", "use_cache", "output_router_logits", "architectures")
-
-
-def load_causal_lm(path: str, dtype: torch.dtype, device: torch.device, attn: str, trust_remote_code: bool):
-    from transformers import AutoModelForCausalLM
-
-    if not Path(path).exists() and ("/" not in path or path.startswith((".", "/"))):
-        raise ConfigError(f"model path {path!r} does not exist; pass a model directory or a hub id")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn,
-                                                     trust_remote_code=trust_remote_code)
-    except OSError as err:
-        raise ConfigError(f"cannot load model {path!r}: {str(err).splitlines()[0]}") from None
-    return model.to(device).eval()
 
 
 def own_tokenizer_fingerprint(path: str) -> str | None:
