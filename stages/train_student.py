@@ -219,6 +219,14 @@ def schedule(cfg: TrainConfig, mults: tuple[float, ...]):
     return factor
 
 
+def drop_frozen_grads(optimizer) -> None:
+    """Parameters at lr 0 in this phase lose their gradient: clipping ignores them, AdamW keeps no moments."""
+    for group in optimizer.param_groups:
+        if group["lr"] == 0.0:
+            for param in group["params"]:
+                param.grad = None
+
+
 def build_optimizer(model, cfg: TrainConfig):
     groups = param_groups(model, cfg)
     optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "mults"} for g in groups], lr=cfg.lr,
@@ -315,6 +323,7 @@ def train_loop(cfg, accelerator, model, optimizer, job, step: int, logger, out_d
     while step < total:
         for seqs, micro in epoch_steps(job.stream, tcfg.num_workers):
             parts = train_step(model, micro, tcfg, accelerator, step)
+            drop_frozen_grads(optimizer)
             if tcfg.grad_clip > 0:
                 accelerator.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
             optimizer.step()

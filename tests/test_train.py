@@ -207,6 +207,23 @@ def test_phase_multiplier_scales_the_schedule():
     assert lrs == pytest.approx([0.5, 0.5, 0.5, 1.0, 1.0])
 
 
+def test_frozen_parameters_get_no_gradient_and_no_adam_moments():
+    from stages.train_student import drop_frozen_grads
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    cfg = TrainConfig(lr=1.0, warmup_steps=0, phases=[TrainPhase(steps=2, param_groups={"^0\\.": 0.0})])
+    optimizer, _ = build_optimizer(model, cfg)
+    frozen = model[0].weight.detach().clone()
+    for _ in range(2):
+        model(torch.ones(1, 2)).sum().backward()
+        drop_frozen_grads(optimizer)
+        assert model[0].weight.grad is None and model[1].weight.grad is not None
+        optimizer.step()
+        optimizer.zero_grad()
+    assert torch.equal(model[0].weight, frozen)
+    assert model[0].weight not in optimizer.state and model[1].weight in optimizer.state
+
+
 def test_experts_only_phase_then_full_model(train_config, student_path):
     phases = "train.phases=[{steps: 2, default_lr_multiplier: 0.0, param_groups: {'mlp\\.experts': 1.0}}, {steps: 2}]"
     cfg = train_config(phases, "train.weight_decay=0.1", "train.checkpoint_every=2", "train.keep_checkpoints=2")
