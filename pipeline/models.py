@@ -1,4 +1,4 @@
-"""Loading causal LMs (teacher, student, evaluated checkpoints) through from_pretrained."""
+"""Models from from_pretrained: loading (teacher, student, evaluated checkpoints) and their fingerprints."""
 
 from __future__ import annotations
 
@@ -6,7 +6,26 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, fingerprint
+
+# config keys that say nothing about the function the model computes
+_VOLATILE = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "attn_implementation",
+             "_attn_implementation_autoset", "use_cache", "output_router_logits", "architectures")
+
+
+def own_tokenizer_fingerprint(path: str) -> str | None:
+    """Fingerprint of the tokenizer saved with the model; None when the model directory has none."""
+    from transformers import AutoTokenizer
+
+    from pipeline.data import tokenizer_fingerprint
+
+    if not any((Path(path) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    return tokenizer_fingerprint(AutoTokenizer.from_pretrained(path))
+
+
+def config_fingerprint(config) -> str:
+    return fingerprint({k: v for k, v in config.to_dict().items() if k not in _VOLATILE})
 
 
 def load_causal_lm(path: str, dtype: torch.dtype, device: torch.device, attn: str, trust_remote_code: bool):
@@ -20,3 +39,12 @@ def load_causal_lm(path: str, dtype: torch.dtype, device: torch.device, attn: st
     except OSError as err:
         raise ConfigError(f"cannot load model {path!r}: {str(err).splitlines()[0]}") from None
     return model.to(device).eval()
+
+
+def teacher_identity(path: str, config) -> dict:
+    """The model part of a cache's identity: where it was loaded from and what it computes."""
+    return {
+        "teacher_path": str(Path(path).resolve()) if Path(path).exists() else path,
+        "teacher_config": config_fingerprint(config),
+        "teacher_model_type": config.model_type,
+    }

@@ -89,7 +89,8 @@ def test_data_prepared_with_another_tokenizer(cli, docstrings, tmp_path):
 def test_teacher_tokenizer_fingerprint_is_loaded(make_model, tokenizer):
     from pipeline.data import tokenizer_fingerprint
     from pipeline.teachers.extract import ExtractSpec
-    from pipeline.teachers.hf import HFTeacher, own_tokenizer_fingerprint
+    from pipeline.models import own_tokenizer_fingerprint
+    from pipeline.teachers.hf import HFTeacher
     from pipeline.teachers.base import TeacherConfig
 
     path = make_model("qwen3")

@@ -7,37 +7,17 @@ hooks on the router modules (see pipeline/router.py).
 
 from __future__ import annotations
 
-from pathlib import Path
+import contextlib
 
 import numpy as np
 import torch
 
 from cache.schema import TeacherOutput
-from pipeline.config import ConfigError, fingerprint
-from pipeline.models import load_causal_lm
+from pipeline.config import ConfigError
+from pipeline.models import load_causal_lm, own_tokenizer_fingerprint, teacher_identity
 from pipeline.router import RouterCapture, check_raw_logits, num_experts, router_family
 from pipeline.teachers.base import TeacherBatch, TeacherConfig, resolve_dtype
 from pipeline.teachers.extract import ExtractSpec, extract_sequence, sequence_generator
-
-# config keys that say nothing about the function the model computes
-_VOLATILE = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "attn_implementation",
-             "_attn_implementation_autoset", "use_cache", "output_router_logits", "architectures")
-
-
-def own_tokenizer_fingerprint(path: str) -> str | None:
-    """Fingerprint of the tokenizer saved with the model; None when the model directory has none."""
-    from transformers import AutoTokenizer
-
-    from pipeline.data import tokenizer_fingerprint
-
-    if not any((Path(path) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
-        return None
-    return tokenizer_fingerprint(AutoTokenizer.from_pretrained(path))
-
-
-def config_fingerprint(config) -> str:
-    return fingerprint({k: v for k, v in config.to_dict().items() if k not in _VOLATILE})
-
 
 def resolve_router_topk(setting: str, experts: int) -> int:
     """'all' → every expert, 'none' → no router data, an integer → that many (≤ experts)."""
@@ -67,9 +47,7 @@ class HFTeacher:
     def identity(self) -> dict:
         config = self.model.config
         return {
-            "teacher_path": str(Path(self.cfg.path).resolve()) if Path(self.cfg.path).exists() else self.cfg.path,
-            "teacher_config": config_fingerprint(config),
-            "teacher_model_type": config.model_type,
+            **teacher_identity(self.cfg.path, config),
             "router_topk": self.router_topk,
             "num_experts": self.num_experts,
             "experts_per_token": getattr(config, "num_experts_per_tok", 0) if self.num_experts else 0,
@@ -81,13 +59,9 @@ class HFTeacher:
         input_ids = batch.input_ids.to(self.device)
         positions = torch.arange(input_ids.shape[1], device=self.device)
         attention_mask = (positions[None, :] < batch.lengths.to(self.device)[:, None]).long()
-        if self.capture:
-            with self.capture:
-                logits_BLV = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            router = self._router(self.capture.pop(), attention_mask)
-        else:
+        with self.capture or contextlib.nullcontext():
             logits_BLV = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            router = {}
+        router = self._router(self.capture.pop(), attention_mask) if self.capture else {}
         per_seq = [self._sequence(logits_BLV[b], input_ids[b], batch, b) for b in range(len(batch.lengths))]
         return self._output(batch, per_seq, router)
 

@@ -34,10 +34,10 @@ from vllm.platforms import current_platform
 
 from cache.schema import TeacherOutput
 from pipeline.config import ConfigError
+from pipeline.models import own_tokenizer_fingerprint, teacher_identity
 from pipeline.router import num_experts as count_experts
 from pipeline.teachers.base import TeacherBatch, TeacherConfig, resolve_dtype
 from pipeline.teachers.extract import ExtractSpec
-from pipeline.teachers.hf import config_fingerprint, own_tokenizer_fingerprint
 
 VLLM_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -164,11 +164,8 @@ class VLLMTeacher:
         self._shutdown()
 
     def identity(self) -> dict:
-        path = Path(self.cfg.path)
         return {
-            "teacher_path": str(path.resolve()) if path.exists() else self.cfg.path,
-            "teacher_config": config_fingerprint(self.config),
-            "teacher_model_type": self.config.model_type,
+            **teacher_identity(self.cfg.path, self.config),
             "teacher_backend": "vllm",  # log_partition and router fields differ from an hf cache
             "router_topk": self.router_topk,
             "num_experts": self.num_experts,
