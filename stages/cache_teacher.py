@@ -29,6 +29,7 @@ from pipeline.config import ConfigError, choice, fingerprint, save_config
 from pipeline.distributed import Dist
 from pipeline.teachers.base import TeacherBatch, build_teacher
 from pipeline.teachers.extract import TARGETS, ExtractSpec
+from pipeline.teachers.native import KERNELS
 
 
 @dataclass
@@ -63,6 +64,8 @@ class CacheConfig:
     """Sequences per teacher forward."""
     extract_chunk_tokens: int = 1024
     """Positions per extraction step (bounds the fp32 vocab-sized temporary)."""
+    extract_kernel: str = choice("auto", KERNELS)
+    """Top-k + log-partition on CPU: 'native' (one-pass C++ kernel, built on first use), 'torch', or 'auto' (native when it builds)."""
     seed: int = 0
     """Seed of the sampled targets (with each sample id)."""
     splits: list[str] = field(default_factory=lambda: ["train", "eval"])
@@ -91,7 +94,8 @@ def extract_spec(cfg: CacheConfig, vocab_limit: int) -> ExtractSpec:
     temps = tuple([1.0] + [t for t in cfg.temperatures if t != 1.0])
     return ExtractSpec(k=cfg.k, temperatures=temps, targets=cfg.targets, num_draws=cfg.num_draws,
                        draw_temperature=cfg.draw_temperature, seed=cfg.seed, vocab_limit=vocab_limit,
-                       chunk_tokens=cfg.extract_chunk_tokens, router_topk=str(cfg.router_topk))
+                       chunk_tokens=cfg.extract_chunk_tokens, router_topk=str(cfg.router_topk),
+                       kernel=cfg.extract_kernel)
 
 
 def plan_batches(sample_ids: np.ndarray, batch_size: int) -> list[np.ndarray]:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.teachers import native
+
 TARGETS = ("topk", "sampled", "topk+sampled")
 TOPK_BLOCK = 8  # entries per block in blocked_topk: k blocks of 8 leave 8k candidates
 
@@ -29,6 +31,7 @@ class ExtractSpec:
     vocab_limit: int = 0  # ids >= this are vocabulary padding and never a target
     chunk_tokens: int = 1024
     router_topk: str = "all"  # 'all' | 'none' | an integer
+    kernel: str = "auto"  # the teacher resolves it to 'native' (CPU kernel) or 'torch': native.resolve_kernel
 
     @property
     def wants_topk(self) -> bool:
@@ -82,6 +85,12 @@ def blocked_topk(z_CV: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
 
 def topk_and_partitions(z_CV: torch.Tensor, spec: ExtractSpec) -> dict[str, torch.Tensor]:
     zf_CV = z_CV.float()  # no copy for fp32 logits (CPU); the chunk's fp32 copy for bf16 ones
+    if spec.kernel == "native":
+        lp_CK, ids_CK, log_z_CP = native.topk_lse(zf_CV, spec.k if spec.wants_topk else 0, spec.temperatures)
+        out = {"log_partition": log_z_CP, "zf": zf_CV}
+        if spec.wants_topk:
+            out["topk_ids"], out["topk_logprobs"] = ids_CK, lp_CK
+        return out
     log_z_CP = log_partitions(zf_CV, spec.temperatures)
     out = {"log_partition": log_z_CP, "zf": zf_CV}
     if spec.wants_topk:

@@ -8,6 +8,7 @@ hooks on the router modules (see pipeline/router.py).
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from pipeline.models import load_causal_lm, own_tokenizer_fingerprint, teacher_i
 from pipeline.router import RouterCapture, check_raw_logits, num_experts, router_family
 from pipeline.teachers.base import TeacherBatch, TeacherConfig, resolve_dtype
 from pipeline.teachers.extract import ExtractSpec, extract_sequence, sequence_generator
+from pipeline.teachers.native import resolve_kernel
 
 def resolve_router_topk(setting: str, experts: int) -> int:
     """'all' → every expert, 'none' → no router data, an integer → that many (≤ experts)."""
@@ -32,7 +34,8 @@ def resolve_router_topk(setting: str, experts: int) -> int:
 
 class HFTeacher:
     def __init__(self, cfg: TeacherConfig, spec: ExtractSpec, device: torch.device):
-        self.cfg, self.spec, self.device = cfg, spec, device
+        self.cfg, self.device = cfg, device
+        self.spec = replace(spec, kernel=resolve_kernel(spec.kernel, device))
         self.model = load_causal_lm(cfg.path, resolve_dtype(cfg.dtype, device), device,
                                     cfg.attn_implementation, cfg.trust_remote_code)
         config = self.model.config
@@ -85,6 +88,9 @@ class HFTeacher:
 
     def _output(self, batch: TeacherBatch, per_seq: list[dict], router: dict) -> TeacherOutput:
         fields = {key: torch.cat([s[key] for s in per_seq]).cpu().numpy() for key in per_seq[0]}
+        if np.isnan(fields["log_partition"]).any():
+            raise ConfigError(f"the teacher's logits hold NaN (batch of sample ids {batch.sample_ids[:3].tolist()}...): "
+                              "fp16 overflow or broken weights; try teacher.dtype=bfloat16 or float32")
         fields.update({key: value.cpu().numpy() for key, value in router.items()})
         lengths = batch.lengths.numpy()
         valid = np.arange(batch.input_ids.shape[1])[None, :] < lengths[:, None]

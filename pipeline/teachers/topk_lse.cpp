@@ -1,0 +1,210 @@
+// One pass over each row of teacher logits: top-k (sorted) and log-partitions.
+//
+// Built and loaded by pipeline/teachers/native.py (g++ -O3, no torch headers, ctypes).
+// Each row (V floats, a few tens of KB) is read from memory once; the passes that follow
+// run on it while it sits in the core's cache:
+//   1. block maxima: block b holds the columns b, b + B, ..., b + 7B (B = V / 8, so the
+//      loads are contiguous), the columns past 8B are the tail; row max = max of both;
+//   2. per temperature t: log sum exp(z / t) = m / t + log sum exp((z - m) / t), with an
+//      AVX2 exp (Cephes polynomial, ~2 ulp) and eight-lane float partial sums;
+//   3. top-k: thr = the k-th largest block maximum. There are k entries >= thr (those
+//      maxima), so every top-k entry is >= thr and lies in a block whose maximum is >= thr
+//      or in the tail. Those few candidates are sorted by (value desc, column asc): ties
+//      go to the lower column, deterministically.
+// Rows whose vocabulary has fewer than 2k blocks select from every column.
+//
+// Shapes: rows R, vocabulary V (row stride ld >= V), temperatures P, k selected.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define KD_AVX2 1
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 8;  // entries per block, as blocked_topk in extract.py
+
+#ifdef KD_AVX2
+inline __m256 exp256(__m256 x) {
+  // Cephes expf: x = n ln2 + r, exp(r) by a degree-6 polynomial, 2^n by exponent bits.
+  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ);  // exp -> 0 (and -inf -> 0)
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(underflow, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// bm[b] = max over the 8 members of block b; returns the max over bm and the tail, NaN
+// when the row holds a NaN (max instructions would drop it).
+float block_maxima(const float* z, int64_t V, int64_t B, float* bm) {
+  int64_t b = 0;
+  bool nan = false;
+#ifdef KD_AVX2
+  __m256 unordered = _mm256_setzero_ps();
+  for (; b + 8 <= B; b += 8) {
+    __m256 m = _mm256_loadu_ps(z + b);
+    unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(m, m, _CMP_UNORD_Q));
+    for (int64_t i = 1; i < kBlock; ++i) {
+      const __m256 v = _mm256_loadu_ps(z + i * B + b);
+      unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      m = _mm256_max_ps(m, v);
+    }
+    _mm256_storeu_ps(bm + b, m);
+  }
+  nan = _mm256_movemask_ps(unordered) != 0;
+#endif
+  for (; b < B; ++b) {
+    float m = z[b];
+    nan = nan || std::isnan(m);
+    for (int64_t i = 1; i < kBlock; ++i) {
+      const float v = z[i * B + b];
+      nan = nan || std::isnan(v);
+      m = std::max(m, v);
+    }
+    bm[b] = m;
+  }
+  float best = -INFINITY;
+  for (int64_t j = 0; j < B; ++j) best = std::max(best, bm[j]);
+  for (int64_t j = kBlock * B; j < V; ++j) {
+    nan = nan || std::isnan(z[j]);
+    best = std::max(best, z[j]);
+  }
+  return nan ? NAN : best;
+}
+
+// sum over the row of exp((z - shift) * inv_t)
+float sum_exp(const float* z, int64_t V, float shift, float inv_t) {
+  int64_t j = 0;
+  float total = 0.0f;
+#ifdef KD_AVX2
+  const __m256 vs = _mm256_set1_ps(shift), vt = _mm256_set1_ps(inv_t);
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  for (; j + 16 <= V; j += 16) {
+    a0 = _mm256_add_ps(a0, exp256(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(z + j), vs), vt)));
+    a1 = _mm256_add_ps(a1, exp256(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(z + j + 8), vs), vt)));
+  }
+  total = hsum(_mm256_add_ps(a0, a1));
+#endif
+  for (; j < V; ++j) total += std::exp((z[j] - shift) * inv_t);
+  return total;
+}
+
+// Sort key: descending key order = descending value, then ascending column.
+inline uint64_t sort_key(float value, int64_t col) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  bits = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);  // float order as unsigned order
+  return (static_cast<uint64_t>(bits) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(col));
+}
+
+inline int32_t key_column(uint64_t key) { return static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(key)); }
+
+// The k-th largest block maximum. Any k entries bound it from below; the smallest of k
+// strided group maxima (group q = bm[q], bm[q + k], ...) is such a bound and leaves few
+// block maxima above it, so the exact selection runs on those few.
+float kth_block_max(const float* bm, int64_t B, int64_t k, std::vector<float>& scratch) {
+  const int64_t g = B / k;
+  scratch.resize(B + k);
+  float* group = scratch.data() + B;
+  std::copy(bm, bm + k, group);
+  for (int64_t j = 1; j < g; ++j)  // contiguous in q: vectorizes
+    for (int64_t q = 0; q < k; ++q) group[q] = std::max(group[q], bm[j * k + q]);
+  const float bound = *std::min_element(group, group + k);
+  int64_t n = 0;
+  for (int64_t b = 0; b < B; ++b) {  // branch-free compaction
+    scratch[n] = bm[b];
+    n += bm[b] >= bound;
+  }
+  std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.begin() + n, std::greater<float>());
+  return scratch[k - 1];
+}
+
+// The k largest entries of the row as sort keys, sorted, in keys[0:k].
+void select_topk(const float* z, int64_t V, int64_t B, int64_t k, const float* bm,
+                 std::vector<float>& scratch, std::vector<uint64_t>& keys) {
+  keys.clear();
+  if (B >= 2 * k) {
+    const float thr = kth_block_max(bm, B, k, scratch);
+    for (int64_t b = 0; b < B; ++b) {
+      if (!(bm[b] >= thr)) continue;
+      for (int64_t i = 0; i < kBlock; ++i) {
+        const int64_t col = i * B + b;
+        if (z[col] >= thr) keys.push_back(sort_key(z[col], col));
+      }
+    }
+    for (int64_t col = kBlock * B; col < V; ++col)
+      if (z[col] >= thr) keys.push_back(sort_key(z[col], col));
+  } else {
+    for (int64_t col = 0; col < V; ++col) keys.push_back(sort_key(z[col], col));
+  }
+  if (static_cast<int64_t>(keys.size()) > 4 * k)
+    std::partial_sort(keys.begin(), keys.begin() + k, keys.end(), std::greater<uint64_t>());
+  else
+    std::sort(keys.begin(), keys.end(), std::greater<uint64_t>());
+}
+
+}  // namespace
+
+extern "C" {
+
+// z: rows x ld floats (the first V columns used). inv_temps[P] = 1 / t.
+// Out: lse[rows, P]; when k > 0, logprob[rows, k] = z - lse at t = 1 (inv_temps[0] must be 1)
+// and ids[rows, k], sorted by value. Returns 0, or 1 when a row holds a NaN (its outputs are NaN).
+int kd_topk_lse(const float* z, int64_t rows, int64_t V, int64_t ld, const float* inv_temps, int64_t P,
+                int64_t k, float* lse, float* logprob, int32_t* ids) {
+  const int64_t B = V / kBlock;
+  std::vector<float> bm(std::max<int64_t>(B, 1));
+  std::vector<float> scratch;
+  std::vector<uint64_t> keys;
+  keys.reserve(static_cast<size_t>(std::max<int64_t>(4 * k, 64)));
+  int status = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* zr = z + r * ld;
+    const float m = block_maxima(zr, V, B, bm.data());
+    if (std::isnan(m)) {  // NaN out (the caller raises); a NaN would break the sort's ordering
+      status = 1;
+      std::fill(lse + r * P, lse + (r + 1) * P, NAN);
+      std::fill(logprob + r * k, logprob + (r + 1) * k, NAN);
+      std::fill(ids + r * k, ids + (r + 1) * k, 0);
+      continue;
+    }
+    const float shift = std::isfinite(m) ? m : 0.0f;  // torch.logsumexp's guard: all -inf rows give -inf
+    for (int64_t p = 0; p < P; ++p)
+      lse[r * P + p] = m == INFINITY ? INFINITY : shift * inv_temps[p] + std::log(sum_exp(zr, V, shift, inv_temps[p]));
+    if (k == 0) continue;
+    select_topk(zr, V, B, k, bm.data(), scratch, keys);
+    for (int64_t j = 0; j < k; ++j) {
+      const int32_t col = key_column(keys[j]);
+      logprob[r * k + j] = zr[col] - lse[r * P];
+      ids[r * k + j] = col;
+    }
+  }
+  return status;
+}
+
+}  // extern "C"
