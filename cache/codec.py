@@ -38,10 +38,12 @@ def encode_topk(ids_TK: np.ndarray, logprobs_TK: np.ndarray, codec: Codec) -> tu
     ids_TK = ids_TK.astype(np.int32)
     if codec.ids == "plain" or ids_TK.shape[1] == 0:
         return ids_TK, lp_TK
-    order_TK = np.argsort(ids_TK, axis=1, kind="stable")
-    sorted_TK = np.take_along_axis(ids_TK, order_TK, axis=1)
-    delta_TK = np.diff(sorted_TK, axis=1, prepend=0).astype(np.int32)
-    return delta_TK, np.take_along_axis(lp_TK, order_TK, axis=1)
+    # one sort of (id, value bits) keys moves both: ~2x an argsort + two gathers
+    bits = 8 * lp_TK.dtype.itemsize
+    key_TK = (ids_TK.astype(np.int64) << bits) | lp_TK.view(f"uint{bits}")
+    key_TK.sort(axis=1)
+    delta_TK = np.diff(key_TK >> bits, axis=1, prepend=0).astype(np.int32)
+    return delta_TK, (key_TK & ((1 << bits) - 1)).astype(f"uint{bits}").view(lp_TK.dtype)
 
 
 def decode_topk(stored_ids_TK: np.ndarray, stored_lp_TK: np.ndarray, codec: Codec) -> tuple[np.ndarray, np.ndarray]:

@@ -64,12 +64,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=0, help="sequences per batch (default 8 CPU, 4 GPU)")
     p.add_argument("--seq-len", type=int, default=0, help="tokens per sequence (default 512 CPU, 2048 GPU)")
     p.add_argument("--vocab", type=int, default=8192, help="CPU: BPE vocabulary to train")
-    p.add_argument("--shard-batches", type=int, default=2, help="batches per shard (shard_tokens)")
+    p.add_argument("--shard-batches", type=int, default=0,
+                   help="batches per shard (default: a repeat's batches, one shard; cache.shard_tokens' default "
+                        "262,144 holds 64 CPU batches, so smaller shards overstate the per-shard costs)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave torch's default)")
     p.add_argument("--gpu", action="store_true", help="the reference GPU workload of BENCHMARKS.md")
     args = p.parse_args(argv)
     args.batch_size = args.batch_size or (4 if args.gpu else 8)
     args.seq_len = args.seq_len or (2048 if args.gpu else 512)
+    args.shard_batches = args.shard_batches or args.batches
     return args
 
 
