@@ -11,6 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.openmp import short_spin
+
+short_spin()  # before anything imports torch
+
 STAGE_COMMANDS = ("run", "prepare", "init", "cache", "train", "eval")
 
 

@@ -31,8 +31,9 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], chunk_rows: int, comp
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
     for name, data in arrays.items():
         chunks = (max(1, min(chunk_rows, len(data))),) + data.shape[1:]
-        group.create_array(
-            name, data=data, chunks=chunks, compressors=_compressors(compression, level, data.dtype.itemsize)
+        group.create_array(  # write_empty_chunks: skip zarr's compare of every chunk with the fill value
+            name, data=data, chunks=chunks, compressors=_compressors(compression, level, data.dtype.itemsize),
+            config={"write_empty_chunks": True},
         )
 
 

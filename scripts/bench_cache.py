@@ -32,6 +32,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.openmp import short_spin  # noqa: E402
+
+short_spin()  # as run_pipeline.py does, before torch loads
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -307,6 +311,7 @@ def print_report(args, shape, n_tokens, times, cpu, storage, error, parts) -> No
     base, base_cpu = med["forward with logits"], med_cpu["forward with logits"]
     print(f"\n{shape}\nbatches {args.batches} x {args.batch_size} x {args.seq_len} tokens per repeat, k={args.k}, "
           f"targets={args.targets}, store={args.store}, torch threads {torch.get_num_threads()}, "
+          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'unset')}, "
           f"median of {args.repeats} interleaved repeats after a warm-up\n")
     print("| what | tok/s (wall) | ratio (wall) | tok per CPU-s | ratio (CPU time) | wall runs (s) |\n"
           "|---|---|---|---|---|---|")

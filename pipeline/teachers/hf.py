@@ -84,7 +84,8 @@ class HFTeacher:
         valid = attention_mask_BL.reshape(-1).bool()
         probs = [self.family.probs(layer_NE[valid]) for layer_NE in logits]
         top = [torch.topk(p_NE, self.router_topk, dim=-1) for p_NE in probs]
-        return {"router_probs": torch.stack([t.values for t in top], 1), "router_ids": torch.stack([t.indices for t in top], 1)}
+        return {"router_probs": torch.stack([t.values for t in top], 1),
+                "router_ids": torch.stack([t.indices for t in top], 1).to(torch.int32)}
 
     def _output(self, batch: TeacherBatch, per_seq: list[dict], router: dict) -> TeacherOutput:
         fields = {key: torch.cat([s[key] for s in per_seq]).cpu().numpy() for key in per_seq[0]}

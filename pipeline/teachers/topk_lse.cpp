@@ -32,14 +32,17 @@ namespace {
 constexpr int64_t kBlock = 8;  // entries per block, as blocked_topk in extract.py
 
 #ifdef KD_AVX2
+// exp(x) for x <= 0 (every caller subtracts the row max first), for sums that the terms
+// near 0 dominate. Cephes expf: x = n ln2 + r, exp(r) by a degree-6 polynomial, 2^n by
+// exponent bits; n = round(x / ln2) by the 1.5 * 2^23 trick (the sum's low mantissa bits
+// hold n). x is clamped at -87.3: a masked (-inf) entry adds 1.2e-38, nothing to a sum >= 1.
+// One-constant ln2 reduction: relative error ~1e-7 near 0, ~2e-6 only at the clamp.
 inline __m256 exp256(__m256 x) {
-  // Cephes expf: x = n ln2 + r, exp(r) by a degree-6 polynomial, 2^n by exponent bits.
-  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ);  // exp -> 0 (and -inf -> 0)
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  const __m256 magic = _mm256_set1_ps(12582912.0f);
+  const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic);
+  const __m256 n = _mm256_sub_ps(t, magic);
+  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693147180559945f), x);
   __m256 y = _mm256_set1_ps(1.9875691500e-4f);
   y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
   y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
@@ -47,8 +50,8 @@ inline __m256 exp256(__m256 x) {
   y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
   y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
   y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(underflow, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+  const __m256i e = _mm256_add_epi32(_mm256_slli_epi32(_mm256_castps_si256(t), 23), _mm256_set1_epi32(127 << 23));
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
 inline float hsum(__m256 v) {
@@ -97,20 +100,20 @@ float block_maxima(const float* z, int64_t V, int64_t B, float* bm) {
   return nan ? NAN : best;
 }
 
-// sum over the row of exp((z - shift) * inv_t)
-float sum_exp(const float* z, int64_t V, float shift, float inv_t) {
+// sum over the row of exp((z - m) * inv_t), m the row max
+float sum_exp(const float* z, int64_t V, float m, float inv_t) {
   int64_t j = 0;
   float total = 0.0f;
 #ifdef KD_AVX2
-  const __m256 vs = _mm256_set1_ps(shift), vt = _mm256_set1_ps(inv_t);
+  const __m256 vs = _mm256_set1_ps(m * inv_t), vt = _mm256_set1_ps(inv_t);  // (z - m) / t as one fmsub
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
   for (; j + 16 <= V; j += 16) {
-    a0 = _mm256_add_ps(a0, exp256(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(z + j), vs), vt)));
-    a1 = _mm256_add_ps(a1, exp256(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(z + j + 8), vs), vt)));
+    a0 = _mm256_add_ps(a0, exp256(_mm256_fmsub_ps(_mm256_loadu_ps(z + j), vt, vs)));
+    a1 = _mm256_add_ps(a1, exp256(_mm256_fmsub_ps(_mm256_loadu_ps(z + j + 8), vt, vs)));
   }
   total = hsum(_mm256_add_ps(a0, a1));
 #endif
-  for (; j < V; ++j) total += std::exp((z[j] - shift) * inv_t);
+  for (; j < V; ++j) total += std::exp((z[j] - m) * inv_t);
   return total;
 }
 
@@ -124,44 +127,67 @@ inline uint64_t sort_key(float value, int64_t col) {
 
 inline int32_t key_column(uint64_t key) { return static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(key)); }
 
-// The k-th largest block maximum. Any k entries bound it from below; the smallest of k
-// strided group maxima (group q = bm[q], bm[q + k], ...) is such a bound and leaves few
-// block maxima above it, so the exact selection runs on those few.
-float kth_block_max(const float* bm, int64_t B, int64_t k, std::vector<float>& scratch) {
+// How many block maxima are >= t.
+int64_t count_at_least(const float* bm, int64_t B, float t) {
+  int64_t n = 0, b = 0;
+#ifdef KD_AVX2
+  const __m256 vt = _mm256_set1_ps(t);
+  for (; b + 8 <= B; b += 8)
+    n += __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(bm + b), vt, _CMP_GE_OQ)));
+#endif
+  for (; b < B; ++b) n += bm[b] >= t;
+  return n;
+}
+
+// A threshold with at least k block maxima (so at least k entries) at or above it, and few
+// more: bisection on the value between a bound known to have k maxima above it (the smallest
+// of k strided group maxima) and the row max, stopping once k <= count <= k + k / 8.
+float block_threshold(const float* bm, int64_t B, int64_t k, float row_max, std::vector<float>& group) {
+  if (count_at_least(bm, B, row_max) >= k) return row_max;  // ties at the top
   const int64_t g = B / k;
-  scratch.resize(B + k);
-  float* group = scratch.data() + B;
-  std::copy(bm, bm + k, group);
+  group.assign(bm, bm + k);
   for (int64_t j = 1; j < g; ++j)  // contiguous in q: vectorizes
     for (int64_t q = 0; q < k; ++q) group[q] = std::max(group[q], bm[j * k + q]);
-  const float bound = *std::min_element(group, group + k);
-  int64_t n = 0;
-  for (int64_t b = 0; b < B; ++b) {  // branch-free compaction
-    scratch[n] = bm[b];
-    n += bm[b] >= bound;
+  float lo = *std::min_element(group.begin(), group.end()), hi = row_max;
+  if (!std::isfinite(lo)) return lo;  // masked (-inf) entries among the bound's groups: take every entry
+  for (int it = 0; it < 32; ++it) {
+    const float mid = lo + (hi - lo) * 0.5f;
+    if (!(mid > lo && mid < hi)) break;
+    const int64_t n = count_at_least(bm, B, mid);
+    if (n < k) {
+      hi = mid;
+    } else {
+      lo = mid;
+      if (n <= k + k / 8) break;
+    }
   }
-  std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.begin() + n, std::greater<float>());
-  return scratch[k - 1];
+  return lo;
+}
+
+// Sort keys of every entry >= thr (SIMD compare; the row is still in cache).
+void entries_at_least(const float* z, int64_t V, float thr, std::vector<uint64_t>& keys) {
+  int64_t j = 0;
+#ifdef KD_AVX2
+  const __m256 vt = _mm256_set1_ps(thr);
+  for (; j + 8 <= V; j += 8) {
+    int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(z + j), vt, _CMP_GE_OQ));
+    while (mask) {
+      const int i = __builtin_ctz(mask);
+      mask &= mask - 1;
+      keys.push_back(sort_key(z[j + i], j + i));
+    }
+  }
+#endif
+  for (; j < V; ++j)
+    if (z[j] >= thr) keys.push_back(sort_key(z[j], j));
 }
 
 // The k largest entries of the row as sort keys, sorted, in keys[0:k].
-void select_topk(const float* z, int64_t V, int64_t B, int64_t k, const float* bm,
+void select_topk(const float* z, int64_t V, int64_t B, int64_t k, const float* bm, float row_max,
                  std::vector<float>& scratch, std::vector<uint64_t>& keys) {
   keys.clear();
-  if (B >= 2 * k) {
-    const float thr = kth_block_max(bm, B, k, scratch);
-    for (int64_t b = 0; b < B; ++b) {
-      if (!(bm[b] >= thr)) continue;
-      for (int64_t i = 0; i < kBlock; ++i) {
-        const int64_t col = i * B + b;
-        if (z[col] >= thr) keys.push_back(sort_key(z[col], col));
-      }
-    }
-    for (int64_t col = kBlock * B; col < V; ++col)
-      if (z[col] >= thr) keys.push_back(sort_key(z[col], col));
-  } else {
-    for (int64_t col = 0; col < V; ++col) keys.push_back(sort_key(z[col], col));
-  }
+  const float thr = B >= 2 * k ? block_threshold(bm, B, k, row_max, scratch) : -INFINITY;
+  entries_at_least(z, V, thr, keys);
   if (static_cast<int64_t>(keys.size()) > 4 * k)
     std::partial_sort(keys.begin(), keys.begin() + k, keys.end(), std::greater<uint64_t>());
   else
@@ -193,11 +219,10 @@ int kd_topk_lse(const float* z, int64_t rows, int64_t V, int64_t ld, const float
       std::fill(ids + r * k, ids + (r + 1) * k, 0);
       continue;
     }
-    const float shift = std::isfinite(m) ? m : 0.0f;  // torch.logsumexp's guard: all -inf rows give -inf
-    for (int64_t p = 0; p < P; ++p)
-      lse[r * P + p] = m == INFINITY ? INFINITY : shift * inv_temps[p] + std::log(sum_exp(zr, V, shift, inv_temps[p]));
+    for (int64_t p = 0; p < P; ++p)  // an all -inf row gives -inf, a +inf entry +inf (as torch.logsumexp)
+      lse[r * P + p] = std::isinf(m) ? m : m * inv_temps[p] + std::log(sum_exp(zr, V, m, inv_temps[p]));
     if (k == 0) continue;
-    select_topk(zr, V, B, k, bm.data(), scratch, keys);
+    select_topk(zr, V, B, k, bm.data(), m, scratch, keys);
     for (int64_t j = 0; j < k; ++j) {
       const int32_t col = key_column(keys[j]);
       logprob[r * k + j] = zr[col] - lse[r * P];
