@@ -34,8 +34,8 @@ class Codec:
 
 def encode_topk(ids_TK: np.ndarray, logprobs_TK: np.ndarray, codec: Codec) -> tuple[np.ndarray, np.ndarray]:
     """(ids, log-probs) in descending-probability order → the stored pair."""
-    lp_TK = np.maximum(logprobs_TK.astype(np.float32), MIN_LOGPROB).astype(codec.values)
-    ids_TK = ids_TK.astype(np.int32)
+    lp_TK = encode_values(logprobs_TK, codec)
+    ids_TK = ids_TK.astype(np.int32, copy=False)
     if codec.ids == "plain" or ids_TK.shape[1] == 0:
         return ids_TK, lp_TK
     # one sort of (id, value bits) keys moves both: ~2x an argsort + two gathers
@@ -62,4 +62,4 @@ def router_id_dtype(num_experts: int) -> str:
 
 
 def encode_values(x: np.ndarray, codec: Codec) -> np.ndarray:
-    return np.maximum(x.astype(np.float32), MIN_LOGPROB).astype(codec.values)
+    return np.maximum(x.astype(np.float32, copy=False), MIN_LOGPROB).astype(codec.values, copy=False)

@@ -61,23 +61,23 @@ def assemble_shard(batches: list[dict[str, np.ndarray]], codec: Codec, num_exper
     """Concatenate batch records into the stored arrays of one shard."""
     cat = {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
     out = {
-        "sample_ids": cat["sample_ids"].astype(np.int64),
+        "sample_ids": cat["sample_ids"].astype(np.int64, copy=False),
         "seq_offsets": np.concatenate([[0], np.cumsum(cat["seq_lens"])]).astype(np.int64),
-        "input_ids": cat["input_ids"].astype(np.int32),
-        "loss_mask": cat["loss_mask"].astype(np.uint8),
+        "input_ids": cat["input_ids"].astype(np.int32, copy=False),
+        "loss_mask": cat["loss_mask"].astype(np.uint8, copy=False),
         "target_logprob": encode_values(cat["target_logprob"], codec),
-        "log_partition": cat["log_partition"].astype(np.float32),
+        "log_partition": cat["log_partition"].astype(np.float32, copy=False),
     }
     if "topk_ids" in cat:
         out["topk_ids"], out["topk_logprobs"] = encode_topk(cat["topk_ids"], cat["topk_logprobs"], codec)
     if "draw_n" in cat:
         out["draw_offsets"] = np.concatenate([[0], np.cumsum(cat["draw_n"])]).astype(np.int64)
-        out["draw_ids"] = cat["draw_ids"].astype(np.int32)
+        out["draw_ids"] = cat["draw_ids"].astype(np.int32, copy=False)
         out["draw_counts"] = cat["draw_counts"].astype(np.uint16)
     if "router_ids" in cat:
         out["router_ids"] = cat["router_ids"].astype(router_id_dtype(num_experts))
     if "router_probs" in cat:  # absent in an ids-only router cache (vLLM teacher)
-        out["router_probs"] = cat["router_probs"].astype(codec.values)
+        out["router_probs"] = cat["router_probs"].astype(codec.values, copy=False)
     return out
 
 

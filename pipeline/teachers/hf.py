@@ -82,10 +82,12 @@ class HFTeacher:
             check_raw_logits(logits[0])
             self._checked = True
         valid = attention_mask_BL.reshape(-1).bool()
-        probs = [self.family.probs(layer_NE[valid]) for layer_NE in logits]
-        top = [torch.topk(p_NE, self.router_topk, dim=-1) for p_NE in probs]
-        return {"router_probs": torch.stack([t.values for t in top], 1),
-                "router_ids": torch.stack([t.indices for t in top], 1).to(torch.int32)}
+        probs_NLE = torch.stack([self.family.probs(layer_NE[valid]) for layer_NE in logits], 1)
+        if self.router_topk == probs_NLE.shape[-1]:  # every expert: a sort is ~1.5x faster than topk on CPU
+            probs_NLR, ids_NLR = torch.sort(probs_NLE, dim=-1, descending=True)
+        else:
+            probs_NLR, ids_NLR = torch.topk(probs_NLE, self.router_topk, dim=-1)
+        return {"router_probs": probs_NLR, "router_ids": ids_NLR.to(torch.int32)}
 
     def _output(self, batch: TeacherBatch, per_seq: list[dict], router: dict) -> TeacherOutput:
         fields = {key: torch.cat([s[key] for s in per_seq]).cpu().numpy() for key in per_seq[0]}

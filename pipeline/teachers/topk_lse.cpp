@@ -5,12 +5,12 @@
 // run on it while it sits in the core's cache:
 //   1. block maxima: block b holds the columns b, b + B, ..., b + 7B (B = V / 8, so the
 //      loads are contiguous), the columns past 8B are the tail; row max = max of both;
-//   2. per temperature t: log sum exp(z / t) = m / t + log sum exp((z - m) / t), with an
-//      AVX2 exp (Cephes polynomial, ~2 ulp) and eight-lane float partial sums;
-//   3. top-k: thr = the k-th largest block maximum. There are k entries >= thr (those
-//      maxima), so every top-k entry is >= thr and lies in a block whose maximum is >= thr
-//      or in the tail. Those few candidates are sorted by (value desc, column asc): ties
-//      go to the lower column, deterministically.
+//   2. top-k threshold thr: at least k block maxima (so k entries) are >= thr, found by
+//      bisection between a bound and the row max (block_threshold); every top-k entry is >= thr;
+//   3. per temperature t: log sum exp(z / t) = m / t + log sum exp((z - m) / t), with an
+//      AVX2 exp (Cephes polynomial) and eight-lane float partial sums. The first of these
+//      passes also collects the few entries >= thr (a compare per eight entries), which are
+//      sorted by (value desc, column asc): ties go to the lower column, deterministically.
 // Rows whose vocabulary has fewer than 2k blocks select from every column.
 //
 // Shapes: rows R, vocabulary V (row stride ld >= V), temperatures P, k selected.
@@ -100,23 +100,6 @@ float block_maxima(const float* z, int64_t V, int64_t B, float* bm) {
   return nan ? NAN : best;
 }
 
-// sum over the row of exp((z - m) * inv_t), m the row max
-float sum_exp(const float* z, int64_t V, float m, float inv_t) {
-  int64_t j = 0;
-  float total = 0.0f;
-#ifdef KD_AVX2
-  const __m256 vs = _mm256_set1_ps(m * inv_t), vt = _mm256_set1_ps(inv_t);  // (z - m) / t as one fmsub
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-  for (; j + 16 <= V; j += 16) {
-    a0 = _mm256_add_ps(a0, exp256(_mm256_fmsub_ps(_mm256_loadu_ps(z + j), vt, vs)));
-    a1 = _mm256_add_ps(a1, exp256(_mm256_fmsub_ps(_mm256_loadu_ps(z + j + 8), vt, vs)));
-  }
-  total = hsum(_mm256_add_ps(a0, a1));
-#endif
-  for (; j < V; ++j) total += std::exp((z[j] - m) * inv_t);
-  return total;
-}
-
 // Sort key: descending key order = descending value, then ascending column.
 inline uint64_t sort_key(float value, int64_t col) {
   uint32_t bits;
@@ -126,6 +109,40 @@ inline uint64_t sort_key(float value, int64_t col) {
 }
 
 inline int32_t key_column(uint64_t key) { return static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(key)); }
+
+// Sum over the row of exp((z - m) * inv_t). With kScan, also the sort keys of every entry
+// >= thr: the top-k candidate scan rides on the same loads (a compare and a rarely taken
+// branch per eight entries).
+template <bool kScan>
+float sum_exp(const float* z, int64_t V, float m, float inv_t, float thr, std::vector<uint64_t>& keys) {
+  int64_t j = 0;
+  float total = 0.0f;
+#ifdef KD_AVX2
+  const __m256 vs = _mm256_set1_ps(m * inv_t), vt = _mm256_set1_ps(inv_t);  // (z - m) / t as one fmsub
+  const __m256 vthr = _mm256_set1_ps(thr);
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  for (; j + 16 <= V; j += 16) {
+    const __m256 x0 = _mm256_loadu_ps(z + j), x1 = _mm256_loadu_ps(z + j + 8);
+    a0 = _mm256_add_ps(a0, exp256(_mm256_fmsub_ps(x0, vt, vs)));
+    a1 = _mm256_add_ps(a1, exp256(_mm256_fmsub_ps(x1, vt, vs)));
+    if (kScan) {
+      uint32_t mask = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(x0, vthr, _CMP_GE_OQ))) |
+                      static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(x1, vthr, _CMP_GE_OQ))) << 8;
+      while (mask) {
+        const int i = __builtin_ctz(mask);
+        mask &= mask - 1;
+        keys.push_back(sort_key(z[j + i], j + i));
+      }
+    }
+  }
+  total = hsum(_mm256_add_ps(a0, a1));
+#endif
+  for (; j < V; ++j) {
+    total += std::exp((z[j] - m) * inv_t);
+    if (kScan && z[j] >= thr) keys.push_back(sort_key(z[j], j));
+  }
+  return total;
+}
 
 // How many block maxima are >= t.
 int64_t count_at_least(const float* bm, int64_t B, float t) {
@@ -164,30 +181,8 @@ float block_threshold(const float* bm, int64_t B, int64_t k, float row_max, std:
   return lo;
 }
 
-// Sort keys of every entry >= thr (SIMD compare; the row is still in cache).
-void entries_at_least(const float* z, int64_t V, float thr, std::vector<uint64_t>& keys) {
-  int64_t j = 0;
-#ifdef KD_AVX2
-  const __m256 vt = _mm256_set1_ps(thr);
-  for (; j + 8 <= V; j += 8) {
-    int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(z + j), vt, _CMP_GE_OQ));
-    while (mask) {
-      const int i = __builtin_ctz(mask);
-      mask &= mask - 1;
-      keys.push_back(sort_key(z[j + i], j + i));
-    }
-  }
-#endif
-  for (; j < V; ++j)
-    if (z[j] >= thr) keys.push_back(sort_key(z[j], j));
-}
-
-// The k largest entries of the row as sort keys, sorted, in keys[0:k].
-void select_topk(const float* z, int64_t V, int64_t B, int64_t k, const float* bm, float row_max,
-                 std::vector<float>& scratch, std::vector<uint64_t>& keys) {
-  keys.clear();
-  const float thr = B >= 2 * k ? block_threshold(bm, B, k, row_max, scratch) : -INFINITY;
-  entries_at_least(z, V, thr, keys);
+// The k largest of the candidate keys, sorted, in keys[0:k].
+void sort_candidates(std::vector<uint64_t>& keys, int64_t k) {
   if (static_cast<int64_t>(keys.size()) > 4 * k)
     std::partial_sort(keys.begin(), keys.begin() + k, keys.end(), std::greater<uint64_t>());
   else
@@ -219,10 +214,17 @@ int kd_topk_lse(const float* z, int64_t rows, int64_t V, int64_t ld, const float
       std::fill(ids + r * k, ids + (r + 1) * k, 0);
       continue;
     }
-    for (int64_t p = 0; p < P; ++p)  // an all -inf row gives -inf, a +inf entry +inf (as torch.logsumexp)
-      lse[r * P + p] = std::isinf(m) ? m : m * inv_temps[p] + std::log(sum_exp(zr, V, m, inv_temps[p]));
+    // every top-k entry is >= thr (with at least k block maxima >= thr); all columns for small vocabularies
+    const float thr = k == 0 ? INFINITY : B >= 2 * k ? block_threshold(bm.data(), B, k, m, scratch) : -INFINITY;
+    const float shift = std::isinf(m) ? 0.0f : m;  // an all -inf row gives -inf, a +inf entry +inf (as torch)
+    keys.clear();
+    for (int64_t p = 0; p < P; ++p) {
+      const float sum = p == 0 && k > 0 ? sum_exp<true>(zr, V, shift, inv_temps[p], thr, keys)
+                                        : sum_exp<false>(zr, V, shift, inv_temps[p], thr, keys);
+      lse[r * P + p] = std::isinf(m) ? m : m * inv_temps[p] + std::log(sum);
+    }
     if (k == 0) continue;
-    select_topk(zr, V, B, k, bm.data(), m, scratch, keys);
+    sort_candidates(keys, k);
     for (int64_t j = 0; j < k; ++j) {
       const int32_t col = key_column(keys[j]);
       logprob[r * k + j] = zr[col] - lse[r * P];
