@@ -37,14 +37,18 @@ def write_state(run_dir: Path, stage: str, status: str, inputs: str, **progress)
 def begin(run_dir: Path, stage: str, inputs: str, outputs: list[Path], force: bool) -> bool:
     """True if the stage must run; False if it is done with these inputs.
 
-    With changed inputs: refuse. With ``force``: set the old outputs aside (renamed, never
-    deleted) and start afresh, whatever the inputs (e.g. to rebuild a damaged cache).
+    With changed inputs: refuse, unless the stage stopped before writing any output. With
+    ``force``: set the old outputs aside (renamed, never deleted) and start afresh, whatever
+    the inputs (e.g. to rebuild a damaged cache).
     """
     state = read_state(run_dir, stage)
     if state is None:
         return True
     if state["inputs"] == inputs and not force:
         return state["status"] != "done"
+    if outputs and state["status"] != "done" and not any(path.exists() for path in outputs):
+        state_path(run_dir, stage).unlink()  # stopped before writing anything: nothing to protect
+        return True
     if not force:
         raise ConfigError(
             f"stage '{stage}' in {run_dir} was {state['status']} with other inputs; re-run with --force "
