@@ -137,7 +137,7 @@ def topk_lse(z_CV: torch.Tensor, k: int, temperatures: tuple[float, ...]
         return fn(z_CV.data_ptr() + 4 * a * ld, b - a, vocab, ld, inv_t.data_ptr(), p, k,
                   lse_CP.data_ptr() + 4 * a * p, lp_CK.data_ptr() + 4 * a * k, ids_CK.data_ptr() + 4 * a * k)
 
-    parts = max(1, min(_pool()._max_workers, rows // MIN_ROWS_PER_THREAD))
+    parts = max(1, min(torch.get_num_threads(), rows // MIN_ROWS_PER_THREAD))
     bounds = [rows * i // parts for i in range(parts + 1)]
     if parts == 1:
         run(0, rows)
