@@ -181,14 +181,19 @@ def test_param_groups_multipliers_and_no_decay_on_norms_and_biases(student_path)
         assert group["mults"] == ((0.0,) if "embed_tokens" in name else (2.0,) if ".experts." in name else (1.0,))
 
 
-def test_schedule_warmup_then_cosine_to_the_floor():
-    cfg = TrainConfig(lr=1.0, warmup_steps=4, steps=12, min_lr_ratio=0.1)
+def lr_trace(cfg: TrainConfig, steps: int) -> list[float]:
+    """The learning rate of each of the first ``steps`` optimizer steps."""
     optimizer, scheduler = build_optimizer(torch.nn.Linear(2, 2), cfg)
     lrs = []
-    for _ in range(13):
+    for _ in range(steps):
         lrs.append(scheduler.get_last_lr()[0])
         optimizer.step()
         scheduler.step()
+    return lrs
+
+
+def test_schedule_warmup_then_cosine_to_the_floor():
+    lrs = lr_trace(TrainConfig(lr=1.0, warmup_steps=4, steps=12, min_lr_ratio=0.1), 13)
     # hand-computed: (s+1)/4 during warmup; then 0.1 + 0.45 (1 + cos(pi (s-4)/8))
     expected = {0: 0.25, 1: 0.5, 3: 1.0, 4: 1.0, 6: 0.1 + 0.45 * (1 + math.sqrt(0.5)), 8: 0.55, 12: 0.1}
     for step, value in expected.items():
@@ -198,12 +203,7 @@ def test_schedule_warmup_then_cosine_to_the_floor():
 def test_phase_multiplier_scales_the_schedule():
     cfg = TrainConfig(lr=1.0, warmup_steps=0, min_lr_ratio=1.0,
                       phases=[TrainPhase(steps=3, default_lr_multiplier=0.5), TrainPhase(steps=2)])
-    optimizer, scheduler = build_optimizer(torch.nn.Linear(2, 2), cfg)
-    lrs = []
-    for _ in range(5):
-        lrs.append(scheduler.get_last_lr()[0])
-        optimizer.step()
-        scheduler.step()
+    lrs = lr_trace(cfg, 5)
     assert lrs == pytest.approx([0.5, 0.5, 0.5, 1.0, 1.0])
 
 
