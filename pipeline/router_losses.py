@@ -34,6 +34,7 @@ class RouterLossSpec:
     entropy_weight: float = 0.1  # beta_H of the ERD term
     mc_draws: int = 3  # K draws per token
     mc_suppress: float = 0.5  # a drawn expert's probability is multiplied by this before the next draw
+    mc_target: str = "suppressed"  # a key of MC_TARGETS: how the K draws are weighted
     seed: int = 0  # run.seed; the draws of a sequence depend on (seed, step, sample id) only
     top_k: int = 2  # the student's experts per token (load statistics, aux loss)
     model_type: str = ""  # the student's family: its modeling module provides load_balancing_loss_func
@@ -114,8 +115,34 @@ def suppressed_draws(teacher_TE: torch.Tensor, uniforms_TK: torch.Tensor,
     return torch.stack(ids, 1), torch.stack(weights, 1)
 
 
+def suppressed_weights(draw_probs_TK: torch.Tensor) -> torch.Tensor:
+    """1/K per draw: the expected target is the mean of the K suppressed draw distributions
+    (the teacher's distribution after suppression, flatter than q: exploration spreads)."""
+    return torch.full_like(draw_probs_TK, 1.0 / draw_probs_TK.shape[1])
+
+
+def bdistill_weights(draw_probs_TK: torch.Tensor) -> torch.Tensor:
+    """w_k / Σw with w_k = the probability e_k was drawn with, as B-Distill's released code does.
+    A draw is weighted by its own probability again, so the target is sharper than q (≈ q²)."""
+    return draw_probs_TK / draw_probs_TK.sum(-1, keepdim=True).clamp(min=1e-12)
+
+
+# How the K draws of a token are weighted (train.router_mc_target); docs/router.md derives both targets.
+MC_TARGETS = {"suppressed": suppressed_weights, "bdistill": bdistill_weights}
+
+
+def mc_weights(draw_probs_TK: torch.Tensor, target: str) -> torch.Tensor:
+    """Per-draw weights [T, K] summing to 1 per token (see MC_TARGETS)."""
+    if target not in MC_TARGETS:
+        raise ValueError(f"MC target {target!r} is not allowed; allowed: {', '.join(MC_TARGETS)}")
+    return MC_TARGETS[target](draw_probs_TK)
+
+
 def mc_loss(student_logits_TE: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-    """Per token [T]: −Σ_k w_k·log p_S(e_k), p_S = softmax(student logits) (the student's routing)."""
+    """Per token [T]: −Σ_k w_k·log p_S(e_k), p_S = softmax(student logits) (the student's routing).
+
+    With weights summing to 1 this is the cross-entropy to the sampled target Σ_k w_k·onehot(e_k),
+    whose expectation over the draws is the distribution the router is trained towards."""
     log_p_TE = torch.log_softmax(student_logits_TE.float(), dim=-1)
     return -(weights_TK * log_p_TE.gather(1, ids_TK)).sum(-1)
 
@@ -217,7 +244,8 @@ def teacher_parts(logits_LNE, batch: dict, spec: RouterLossSpec, layer_map: list
         if "erd" in sums:
             sums["erd"] = sums["erd"] + (erd_loss(g_TE, q_TE, tau_L[s], spec.entropy_weight) * mask_T).sum()
         if "mc" in sums:
-            ids_TK, w_TK = suppressed_draws(q_TE, uniforms_TX[:, s * k:(s + 1) * k], spec.mc_suppress)
+            ids_TK, drawn_TK = suppressed_draws(q_TE, uniforms_TX[:, s * k:(s + 1) * k], spec.mc_suppress)
+            w_TK = mc_weights(drawn_TK, spec.mc_target)
             sums["mc"] = sums["mc"] + (mc_loss(g_TE, ids_TK, w_TK) * mask_T).sum()
         if "coverage" in sums:
             sums["coverage"] = sums["coverage"] + coverage_kl(q_TE, g_TE, mask_T) * mask_T.sum()

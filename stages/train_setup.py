@@ -118,7 +118,8 @@ def check_expert_map(expert_map: list[int], e_teacher: int, e_student: int) -> N
 def router_spec(cfg, model, parts: frozenset) -> RouterLossSpec:
     t = cfg.train
     return RouterLossSpec(parts=parts, expert_map=tuple(t.router_expert_map), entropy_weight=t.router_entropy_weight,
-                          mc_draws=t.router_mc_draws, mc_suppress=t.router_mc_suppress, seed=cfg.run.seed,
+                          mc_draws=t.router_mc_draws, mc_suppress=t.router_mc_suppress, mc_target=t.router_mc_target,
+                          seed=cfg.run.seed,
                           top_k=int(getattr(model.config, "num_experts_per_tok", 1)),
                           model_type=model.config.model_type, temperature_init=t.router_temperature,
                           learn_temperature=t.router_learn_temperature)

@@ -23,6 +23,7 @@ import torch
 from pipeline import checkpoint, state
 from pipeline.config import ConfigError, choice, fingerprint, save_config
 from pipeline.metrics import MetricsLogger
+from pipeline.router_losses import MC_TARGETS
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -83,6 +84,8 @@ class TrainConfig:
     """K: draws per token from the teacher's mapped router distribution."""
     router_mc_suppress: float = 0.5
     """Suppression: a drawn expert's probability is multiplied by this before the next draw."""
+    router_mc_target: str = choice("suppressed", tuple(MC_TARGETS))
+    """'suppressed' = each draw weighs 1/K (target: the teacher after suppression); 'bdistill' = w_k/Σw as B-Distill's code (sharper)."""
     router_coverage_weight: float = 0.5
     """lambda_cov: weight of the coverage KL(c_T ‖ c_S) inside the MC term."""
     router_aux_weight: float = 0.0

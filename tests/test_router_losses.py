@@ -16,8 +16,8 @@ import torch
 
 from pipeline.config import ConfigError
 from pipeline.router import map_experts, router_kl, uniform_layer_map
-from pipeline.router_losses import (RouterLossSpec, aux_loss, coverage_kl, draw_uniforms, erd_loss, load_summary,
-                                    map_experts_explicit, mc_loss, suppressed_draws)
+from pipeline.router_losses import (MC_TARGETS, RouterLossSpec, aux_loss, coverage_kl, draw_uniforms, erd_loss,
+                                    load_summary, map_experts_explicit, mc_loss, mc_weights, suppressed_draws)
 
 T, E = 12, 4
 
@@ -89,6 +89,73 @@ def test_draws_follow_teacher_and_suppression_spreads_them():
     ids, w = suppressed_draws(q, uniforms, 0.5)
     second = ids[:, 1][ids[:, 0] == 0]  # after expert 0 (0.7 → 0.35): 0.35/0.65 for it again
     assert (second == 0).float().mean() == pytest.approx(0.35 / 0.65, abs=0.02)
+
+
+def enumerated_target(q: list[float], draws: int, suppress: float, target: str) -> np.ndarray:
+    """Reference: E[Σ_k ŵ_k·onehot(e_k)] exactly, summing over every sequence of K draws in float64.
+
+    Each draw picks e with probability p(e)/Σp, then p(e) ← suppress·p(e); ŵ_k = 1/K for
+    'suppressed', w_k/Σw with w_k = the probability e_k was drawn with for 'bdistill'."""
+    out = np.zeros(len(q))
+
+    def walk(p: np.ndarray, path: list[int], probs: list[float], chance: float) -> None:
+        if len(path) == draws:
+            w = np.full(draws, 1.0 / draws) if target == "suppressed" else np.array(probs) / sum(probs)
+            for e, wk in zip(path, w):
+                out[e] += chance * wk
+            return
+        for e in range(len(p)):
+            pe = p[e] / p.sum()
+            if pe > 0:
+                nxt = p.copy()
+                nxt[e] *= suppress
+                walk(nxt, path + [e], probs + [pe], chance * pe)
+
+    walk(np.array(q, dtype=np.float64), [], [], 1.0)
+    return out
+
+
+def implied_target(q: list[float], draws: int, suppress: float, target: str, rows: int) -> torch.Tensor:
+    """The target the implementation trains towards, averaged over ``rows`` independent draws:
+    mc_loss's gradient in the logits is Σŵ·p_S − Σ_k ŵ_k·onehot(e_k), so the target is p_S − grad."""
+    q_TE = torch.tensor(q).repeat(rows, 1)
+    uniforms = torch.rand(rows, draws, generator=torch.Generator().manual_seed(11))
+    ids, drawn = suppressed_draws(q_TE, uniforms, suppress)
+    logits = torch.zeros(rows, len(q), requires_grad=True)
+    mc_loss(logits, ids, mc_weights(drawn, target)).sum().backward()
+    return (torch.softmax(logits.detach(), -1) - logits.grad).double().mean(0)
+
+
+@pytest.mark.parametrize("target", list(MC_TARGETS))
+def test_mc_implied_target_matches_exact_expectation(target):
+    q = [0.55, 0.25, 0.1, 0.05, 0.05]
+    for draws in (1, 3):
+        want = enumerated_target(q, draws, 0.5, target)
+        assert want.sum() == pytest.approx(1.0)
+        got = implied_target(q, draws, 0.5, target, rows=200_000)
+        np.testing.assert_allclose(got.numpy(), want, atol=5e-3)  # 200k draws: standard error ≤ 1.2e-3
+    if target == "bdistill":  # B-Distill's weighting sharpens the teacher: top expert 0.55 → 0.68
+        assert want[0] == pytest.approx(0.678, abs=1e-3) and want[0] > q[0] + 0.1
+    else:  # the teacher after suppression is flatter than the teacher: exploration spreads
+        assert want[0] == pytest.approx(0.487, abs=1e-3) and (want[2:] > np.array(q[2:])).all()
+
+
+def test_mc_one_draw_without_suppression_targets_the_teacher_in_both_modes():
+    q = [0.55, 0.25, 0.1, 0.05, 0.05]
+    for target in MC_TARGETS:
+        np.testing.assert_allclose(enumerated_target(q, 1, 1.0, target), q, atol=1e-12)
+    with pytest.raises(ValueError, match="allowed: suppressed, bdistill"):
+        mc_weights(torch.ones(2, 3), "paper")
+
+
+def test_mc_target_is_a_checked_config_choice():
+    from pipeline.config import load_config
+    from stages.config import PipelineConfig
+
+    assert load_config(PipelineConfig).train.router_mc_target == "suppressed"
+    assert load_config(PipelineConfig, overrides=["train.router_mc_target=bdistill"]).train.router_mc_target == "bdistill"
+    with pytest.raises(ConfigError, match="train.router_mc_target='q2' is not allowed; allowed: suppressed, bdistill"):
+        load_config(PipelineConfig, overrides=["train.router_mc_target=q2"])
 
 
 def test_draws_keyed_by_seed_step_and_sample_not_by_batch():
