@@ -309,7 +309,17 @@ def kd_per_token(student_logits_CV: torch.Tensor, teacher: TeacherTargets, spec:
 
 
 def _chunk_losses(hidden_CH, weight_VH, labels_C, ce_mask_C, kd_mask_C, teacher, spec):
-    """(CE sum, KD sum) of one chunk; its fp32 logits live only inside this call."""
+    """(CE sum, KD sum) of one chunk; its fp32 logits live only inside this call.
+
+    Autocast is left here: under it (the trainer's bf16 mixed precision) a matmul of fp32
+    inputs is still computed in bf16, which puts CE off by ~1e-2 nats/token. checkpoint replays
+    the autocast state of the forward, so the recompute in backward is fp32 too.
+    """
+    with torch.autocast(hidden_CH.device.type, enabled=False):
+        return _chunk_losses_fp32(hidden_CH, weight_VH, labels_C, ce_mask_C, kd_mask_C, teacher, spec)
+
+
+def _chunk_losses_fp32(hidden_CH, weight_VH, labels_C, ce_mask_C, kd_mask_C, teacher, spec):
     logits_CV = _fp32(hidden_CH) @ _fp32(weight_VH).T
     safe_labels_C = torch.where(ce_mask_C, labels_C, torch.zeros_like(labels_C))
     ce_C = torch.logsumexp(logits_CV, -1) - logits_CV.gather(-1, safe_labels_C[:, None])[:, 0]
