@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.weight_init import LayerSource, project_matrix
+from pipeline.layer_map import LayerSource
+from pipeline.weight_init import project_matrix
 
 log = logging.getLogger(__name__)
 

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from pipeline.config import ConfigError
+from pipeline.layer_map import nearest_layer_map
 
 
 def _softmax(logits_NE: torch.Tensor) -> torch.Tensor:
@@ -111,10 +112,9 @@ class RouterCapture:
 
 
 def uniform_layer_map(n_student: int, n_teacher: int) -> list[int]:
-    """Teacher MoE layer (position among the teacher's MoE layers) for each student MoE layer."""
-    if n_student == 1:
-        return [n_teacher - 1]
-    return [round(j * (n_teacher - 1) / (n_student - 1)) for j in range(n_student)]
+    """Teacher MoE layer (position among the teacher's MoE layers) for each student MoE layer:
+    the init stage's layer map (pipeline/layer_map.py), nearer of its two blended layers."""
+    return nearest_layer_map(n_student, n_teacher)
 
 
 def teacher_router_dense(ids_TR: torch.Tensor, probs_TR: torch.Tensor | None, num_experts: int) -> torch.Tensor:

@@ -2,9 +2,10 @@
 
 No data and no forward pass: every student tensor is computed from the teacher's tensors.
 
-* Layer map: student layer s sits at teacher position p = s·(L_T−1)/(L_S−1) (evenly spaced,
-  both ends pinned to the teacher's ends; L_S = 1 sits in the middle), and its tensors are
-  the blend of teacher layers floor(p) and floor(p)+1 with weight p − floor(p).
+* Layer map (pipeline/layer_map.py, shared with router distillation): student layer s sits at
+  teacher position p = s·(L_T−1)/(L_S−1) (evenly spaced, both ends pinned to the teacher's
+  ends; L_S = 1 sits in the middle), and its tensors are the blend of teacher layers floor(p)
+  and floor(p)+1 with weight p − floor(p).
 * Projection: a teacher matrix W [out_T, in_T] becomes the student's [out_S, in_S] as
   ``U[idx_out, :r] · diag(S[:r]) · V[idx_in, :r]ᵀ`` with r = min(out_S, in_S): the rows
   ``idx_out`` and columns ``idx_in`` of W's best rank-r approximation. The index maps pick
@@ -17,10 +18,8 @@ Shape legend: O rows (out features), I columns (in features), N flattened elemen
 from __future__ import annotations
 
 import logging
-import math
 import re
 import zlib
-from dataclasses import dataclass
 
 import torch
 
@@ -37,34 +36,6 @@ BLENDS = ("linear", "slerp")
 PROJECTIONS = ("svd", "slice")
 # The attention tensors whose axis is laid out as [heads × head_dim]: module name → that axis.
 HEAD_AXES = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "o_proj": 1, "q_norm": 0, "k_norm": 0}
-
-
-@dataclass(frozen=True)
-class LayerSource:
-    """Teacher layers lo and hi blended as (1 − w)·lo + w·hi for one student layer."""
-
-    lo: int
-    hi: int
-    w: float
-
-    def weights(self) -> list[tuple[int, float]]:
-        """(teacher layer, weight) pairs with a non-zero weight."""
-        pairs = [(self.lo, 1.0 - self.w)] if self.lo == self.hi else [(self.lo, 1.0 - self.w), (self.hi, self.w)]
-        return [(layer, wt) for layer, wt in pairs if wt > 0]
-
-
-def layer_map(n_student: int, n_teacher: int) -> list[LayerSource]:
-    """Student layer s ↔ teacher position s·(L_T−1)/(L_S−1), linear between its two neighbours."""
-    if n_student < 1 or n_teacher < 1:
-        raise ValueError(f"layer counts must be positive, got student={n_student} teacher={n_teacher}")
-    out = []
-    for s in range(n_student):
-        pos = (n_teacher - 1) / 2 if n_student == 1 else s * (n_teacher - 1) / (n_student - 1)
-        lo = min(int(math.floor(pos + 1e-9)), n_teacher - 1)
-        hi = min(lo + 1, n_teacher - 1)
-        w = 0.0 if lo == hi else max(pos - lo, 0.0)
-        out.append(LayerSource(lo, hi, round(w, 9) if w > 1e-9 else 0.0))
-    return out
 
 
 def blend(a_N: torch.Tensor, b_N: torch.Tensor, w: float, method: str = "linear") -> torch.Tensor:

@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.config import ConfigError, choice, fingerprint, save_config
+from pipeline.config import ConfigError, choice, fingerprint, ranged, save_config
 from pipeline.expert_init import MOE_NAMES, init_moe_layer, moe_names
 from pipeline.lora_extract import save_adapter
 from pipeline.router import num_experts
-from pipeline.weight_init import (BLENDS, PROJECTIONS, LayerSource, blend, layer_map, layer_name, project_tensor,
-                                  student_layer)
+from pipeline.layer_map import LayerSource, layer_map
+from pipeline.weight_init import BLENDS, PROJECTIONS, blend, layer_name, project_tensor, student_layer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODES = ("full", "lora")
@@ -59,11 +59,11 @@ class InitConfig:
     """Regex → rank, first re.search match on the module/parameter name wins; 0 excludes it."""
     lora_full_copies: bool = True
     """mode=lora: write norms and embeddings as full copies (modules_to_save); False keeps the student's."""
-    seed: int = 0
+    seed: int = ranged(0, min=0)
     """KMeans random_state and randomized-SVD seed base."""
     dtype: str = choice("float32", tuple(DTYPES))
     """dtype of the saved student checkpoint (the maths runs in float32; LoRA factors stay float32)."""
-    shard_wait_s: float = 3600.0
+    shard_wait_s: float = ranged(3600.0, above=0.0)
     """How long rank 0 waits for the other ranks' shards."""
 
     def validate(self) -> None:

@@ -20,6 +20,7 @@ import yaml
 
 from pipeline import expert_init, weight_init
 from pipeline.demo import save_tiny_model, tiny_config
+from pipeline.layer_map import LayerSource, layer_map
 from stages.init_student import InitConfig, compute_shard, merge_shards, run
 
 VOCAB = 96
@@ -76,7 +77,7 @@ def synthetic(cfg: InitConfig, world_size: int = 1) -> dict[str, torch.Tensor]:
 
 
 def test_layer_map_is_evenly_spaced_without_clustering_at_the_ends():
-    layers = weight_init.layer_map(5, 12)
+    layers = layer_map(5, 12)
     positions = [src.lo + src.w for src in layers]
     assert positions == pytest.approx([s * 11 / 4 for s in range(5)])
     pinned_first = [s for s, src in enumerate(layers) if src.weights() == [(0, 1.0)]]
@@ -86,11 +87,11 @@ def test_layer_map_is_evenly_spaced_without_clustering_at_the_ends():
 
 
 def test_layer_map_edge_cases():
-    assert weight_init.layer_map(1, 9) == [weight_init.LayerSource(4, 5, 0.0)]  # the middle layer
-    assert [src.lo + src.w for src in weight_init.layer_map(1, 4)] == [1.5]
-    same = weight_init.layer_map(6, 6)
+    assert layer_map(1, 9) == [LayerSource(4, 5, 0.0)]  # the middle layer
+    assert [src.lo + src.w for src in layer_map(1, 4)] == [1.5]
+    same = layer_map(6, 6)
     assert [src.weights() for src in same] == [[(s, 1.0)] for s in range(6)]
-    deeper = weight_init.layer_map(7, 4)  # more student layers than teacher layers
+    deeper = layer_map(7, 4)  # more student layers than teacher layers
     assert [src.lo + src.w for src in deeper] == pytest.approx([s * 3 / 6 for s in range(7)])
 
 
