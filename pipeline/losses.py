@@ -297,6 +297,20 @@ KD_LOSSES: dict[str, Callable[[torch.Tensor, TeacherTargets, KDSpec], torch.Tens
 }
 
 
+EXACT_AT_ANY_TAU = frozenset({"sampled", "top_kl", "bild"})  # never temper the tail bucket at tau != 1
+
+
+def approximates_tail(spec: KDSpec, temperatures: tuple[float, ...], k: int, vocab_size: int) -> bool:
+    """True if spec's loss on this cache would use the one-token tail (_tail_as_one_logit).
+
+    That is: tail_bucket, a cache that does not hold the whole vocabulary, and a temperature the
+    cache lacks; normkd's per-token temperatures (T_norm * sigma) are never cached.
+    """
+    if spec.missing_mass != "tail_bucket" or k >= vocab_size or spec.name in EXACT_AT_ANY_TAU:
+        return False
+    return spec.name == "normkd" or _cached_index(temperatures, spec.temperature) is None
+
+
 def kd_per_token(student_logits_CV: torch.Tensor, teacher: TeacherTargets, spec: KDSpec) -> torch.Tensor:
     """Per-token KD loss [C] of spec.name (not multiplied by tau^2)."""
     loss = KD_LOSSES.get(spec.name)

@@ -32,6 +32,9 @@ from stages import demo  # noqa: E402  (after the path set-up: scripts run from 
 COMMON = ["train.router_weight=0", "eval.before=false", "eval.rouge_samples=0"]
 BASELINE = "ce_only"  # alpha = 0: the student on the data alone
 EXTRA = {"bild_semantics": ["train.kd_loss=bild", "train.alpha=1", "train.prompt_kl_weight=1"]}  # BiLD's recipe
+# NormKD's per-token temperatures are never cached: its tail bucket is the one-token approximation
+# (docs/losses.md), which the trainer refuses unless asked.
+OPT_IN = {"normkd": ["train.allow_uncached_temperature=true"]}
 
 
 def supported_losses(cache: Path) -> list[str]:
@@ -47,7 +50,7 @@ def variant_overrides(name: str, steps: int) -> list[str]:
     if name == BASELINE:
         loss = ["train.alpha=0", "train.source=cache"]
     else:
-        loss = EXTRA.get(name, [f"train.kd_loss={name}"])
+        loss = EXTRA.get(name, [f"train.kd_loss={name}"]) + OPT_IN.get(name, [])
     budget = [f"train.steps={steps}", f"train.checkpoint_every={steps}"] if steps else []
     return COMMON + budget + loss + [f"run.name=demo_loss_{name}"]
 

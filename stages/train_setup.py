@@ -5,12 +5,15 @@ Kept apart from stages/train_student.py so the stage itself reads as the loop it
 
 from __future__ import annotations
 
+import math
+import sys
 from dataclasses import dataclass
 
+from cache.schema import read_manifest
 from cache.stream import CacheSource, ShardStream, StreamPlan
 from pipeline.config import ConfigError
 from pipeline.data import tokenizer_fingerprint
-from pipeline.losses import KDSpec
+from pipeline.losses import KDSpec, approximates_tail
 from pipeline.router import RouterCapture, num_experts, router_family, uniform_layer_map
 from pipeline.router_losses import TEACHER_PARTS, RouterLossSpec
 from pipeline.student import DistillStudent
@@ -57,6 +60,58 @@ def check_cache_fits(identity: dict, tokenizer, model) -> None:
     if model.get_output_embeddings().weight.shape[0] < identity["vocab_size"]:
         raise ConfigError(f"the student's vocabulary ({model.get_output_embeddings().weight.shape[0]}) is smaller "
                           f"than the cache's tokenizer ({identity['vocab_size']})")
+
+
+def check_kd_targets(cfg, is_main: bool = True) -> None:
+    """Refuse a KD loss the cache cannot give at train.temperature, before anything is written:
+    draws made at another temperature, a loss without its targets, or (unless
+    train.allow_uncached_temperature) the one-token tail approximation of an uncached tau."""
+    t = cfg.train
+    if t.alpha == 0 or not t.uses_cache():
+        return
+    identity = read_manifest(cache_dir(cfg.run_dir, "train")).identity
+    if t.kd_loss == "sampled":
+        check_draw_temperature(t, identity.get("draws"))
+    elif "topk" not in identity["targets"]:
+        raise ConfigError(f"train.kd_loss={t.kd_loss} needs the teacher's top-k but the cache holds "
+                          f"cache.targets={identity['targets']}; use train.kd_loss=sampled or re-cache with "
+                          f"cache.targets=topk+sampled")
+    else:
+        check_cached_temperature(t, identity, is_main)
+
+
+def check_draw_temperature(t, draws: dict | None) -> None:
+    """Draws from q^tau_draw are an unbiased target for CE(q^tau_draw || p^tau) only: at another tau
+    the expected gradient is not that of KL(q^tau || p^tau), and no weighting corrects it here."""
+    if not draws:
+        raise ConfigError("train.kd_loss=sampled needs a cache with draws; re-cache with cache.targets=topk+sampled")
+    tau_draw = float(draws["temperature"])
+    if not math.isclose(t.temperature, tau_draw, rel_tol=1e-6):
+        raise ConfigError(f"train.temperature={t.temperature} but the cache's draws were made at "
+                          f"cache.draw_temperature={tau_draw}, so train.kd_loss=sampled would distil the wrong "
+                          f"target; train at train.temperature={tau_draw} or re-cache with "
+                          f"cache.draw_temperature={t.temperature}")
+
+
+def check_cached_temperature(t, identity: dict, is_main: bool) -> None:
+    """The one-token tail of an uncached tau (docs/losses.md) is refused unless opted in; then one warning."""
+    temps = [float(x) for x in identity["temperatures"]]
+    spec = KDSpec(name=t.kd_loss, temperature=t.temperature, missing_mass=t.missing_mass)
+    if not approximates_tail(spec, tuple(temps), identity["k"], identity["vocab_size"]):
+        return
+    if t.kd_loss == "normkd":
+        what = "train.kd_loss=normkd tempers each token by T_norm·σ, never a cached temperature"
+        fix = "use train.missing_mass=renormalize"
+    else:
+        what = f"train.temperature={t.temperature} is not among the cache's temperatures {temps}"
+        fix = f"re-cache with cache.temperatures={sorted(set(temps) | {t.temperature})}"
+    approximation = "with train.missing_mass=tail_bucket the teacher's tail then counts as one token (docs/losses.md)"
+    if not t.allow_uncached_temperature:
+        raise ConfigError(f"{what}: {approximation}; {fix}, or accept the approximation with "
+                          f"train.allow_uncached_temperature=true")
+    if is_main:
+        print(f"warning: {what}: {approximation}, allowed by train.allow_uncached_temperature=true",
+              file=sys.stderr, flush=True)
 
 
 ROUTER_WEIGHTS = {"router": "router_weight", "erd": "router_erd_weight", "mc": "router_mc_weight",

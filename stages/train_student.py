@@ -62,6 +62,8 @@ class TrainConfig:
     """KD temperature tau; the KD term is scaled by tau²."""
     missing_mass: str = choice("tail_bucket", ("tail_bucket", "renormalize"))
     """How the teacher mass outside the cached top-k is treated."""
+    allow_uncached_temperature: bool = False
+    """Accept the one-token tail approximation of a tau the cache lacks (tail_bucket; else refused)."""
     prompt_kl_weight: float = 0.0
     """Weight of forward KL at tau = 1 on the untrained (prompt) positions: BiLD's semantics with alpha = 1."""
     router_weight: float = 0.0
@@ -286,11 +288,12 @@ def train_step(model, micro: list[dict], cfg: TrainConfig, accelerator, step: in
 
 
 def run(cfg, force: bool = False) -> Path:
-    from stages.train_setup import setup
+    from stages.train_setup import check_kd_targets, setup
 
     out_dir = cfg.run_dir / "train"
     inputs = fingerprint(cfg.student, cfg.train, cfg.run.seed, cfg.data, cfg.teacher, cfg.cache)
     accelerator = make_accelerator(cfg, out_dir)
+    check_kd_targets(cfg, accelerator.is_main_process)  # before any state: a refused run writes nothing
     if not state.begin_on_all_ranks(cfg.run_dir, "train", inputs, [out_dir], force,
                                     accelerator.is_main_process, accelerator.wait_for_everyone):
         return out_dir / "final"

@@ -1,0 +1,104 @@
+"""KD targets the cache cannot give at train.temperature are refused at train start (issue 16,
+items 3 and 4): one line on stderr, exit != 0, nothing written, and the corrected run trains.
+
+- Sampled targets are draws from the teacher at cache.draw_temperature: at another train
+  temperature they estimate CE(q^tau_draw || p^tau), not KL(q^tau || p^tau).
+- An uncached tau with tail_bucket treats the teacher's tail as one token; refused unless
+  train.allow_uncached_temperature=true, which trains with one warning line.
+The session cache (conftest TRAIN_BASE) has draws at tau 1 and temperatures [1, 2].
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import run_pipeline
+from pipeline.config import ConfigError
+from stages.train_setup import check_cached_temperature
+
+BASE = ("train.steps=1", "train.router_weight=0", "train.checkpoint_every=1")
+
+
+@pytest.fixture
+def train_cli(train_config, capsys):
+    """train_cli(*overrides) → (exit code, stderr lines) of `run_pipeline.py train` on a copy of the cache."""
+
+    def run(*overrides: str) -> tuple[int, list[str]]:
+        _, everything = train_config(*BASE, *overrides, with_overrides=True)
+        capsys.readouterr()
+        code = run_pipeline.main(["train", *everything])
+        return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+    run.run_dir = train_config(*BASE).run_dir
+    return run
+
+
+def files_under(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def said(err: list[str]) -> list[str]:
+    """The stderr lines meant for the user (not the progress bars of loading and saving)."""
+    return [line for line in err if line.startswith(("error: ", "warning: "))]
+
+
+def refused(train_cli, *overrides: str) -> str:
+    before = files_under(train_cli.run_dir)
+    code, err = train_cli(*overrides)
+    assert code != 0 and len(err) == 1 and err[0].startswith("error: "), err
+    assert files_under(train_cli.run_dir) == before, "a refused run must write nothing"
+    assert not (train_cli.run_dir / "train").exists()
+    return err[0]
+
+
+def test_sampled_at_another_temperature_than_the_draws_is_refused(train_cli):
+    line = refused(train_cli, "train.kd_loss=sampled", "train.temperature=2.0")
+    assert "train.temperature=2.0" in line and "cache.draw_temperature=1.0" in line
+    assert "train at train.temperature=1.0" in line and "re-cache with cache.draw_temperature=2.0" in line
+    code, err = train_cli("train.kd_loss=sampled", "train.temperature=1.0")
+    assert code == 0 and said(err) == []
+    assert (train_cli.run_dir / "train" / "final").is_dir()
+
+
+def test_uncached_temperature_is_refused_unless_allowed(train_cli):
+    line = refused(train_cli, "train.temperature=3.0")
+    assert "train.temperature=3.0" in line and "[1.0, 2.0]" in line
+    assert "cache.temperatures=[1.0, 2.0, 3.0]" in line and "train.allow_uncached_temperature=true" in line
+    code, err = train_cli("train.temperature=3.0", "train.allow_uncached_temperature=true")
+    (warning,) = said(err)
+    assert code == 0 and warning.startswith("warning: ") and "train.temperature=3.0" in warning and "[1.0, 2.0]" in warning
+    assert (train_cli.run_dir / "train" / "final").is_dir()
+
+
+def check(kd_loss="forward_kl", temperature=3.0, missing_mass="tail_bucket", allow=False, k=8, vocab=512):
+    t = SimpleNamespace(kd_loss=kd_loss, temperature=temperature, missing_mass=missing_mass,
+                        allow_uncached_temperature=allow)
+    check_cached_temperature(t, {"temperatures": [1.0, 2.0], "k": k, "vocab_size": vocab}, is_main=True)
+
+
+@pytest.mark.parametrize("case", [
+    {"temperature": 2.0},  # cached
+    {"missing_mass": "renormalize"},  # exact renormalised top-k at any tau
+    {"k": 512},  # the whole vocabulary is cached: no tail
+    {"kd_loss": "bild"}, {"kd_loss": "top_kl"},  # never temper a tail bucket
+])
+def test_exact_cases_pass_silently(case, capsys):
+    check(**case)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("kd_loss", ["forward_kl", "reverse_kl", "jsd", "tvd", "dkd", "nkd", "skew_forward_kl"])
+def test_every_bucket_loss_at_an_uncached_tau_is_refused(kd_loss):
+    with pytest.raises(ConfigError, match=r"train.temperature=3.0 is not among the cache's temperatures \[1.0, 2.0\]"):
+        check(kd_loss)
+
+
+def test_normkd_with_tail_bucket_is_refused_at_any_tau(capsys):
+    with pytest.raises(ConfigError, match="normkd.*train.missing_mass=renormalize.*allow_uncached_temperature=true"):
+        check("normkd", temperature=1.0)
+    check("normkd", temperature=1.0, missing_mass="renormalize")
+    check("normkd", temperature=1.0, allow=True)
+    assert capsys.readouterr().err.count("warning: ") == 1
