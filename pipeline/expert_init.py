@@ -1,17 +1,21 @@
 """Weight-space student init, MoE part: expert fingerprints, KMeans, Hungarian assignment, synthesis.
 
 For one student MoE layer: every expert of the (one or two) teacher layers it maps to is
-projected to the student's width, described by a fingerprint, and the pool is clustered
-into E_S groups (KMeans, fixed seed; a teacher layer's experts weigh 1 − w or w). Cluster c
-becomes one student expert: the weighted mean of its members' projected weights, with the
-weighted mean of their projected router rows as its router row, so the router sends tokens
-to the expert that was built from the experts the teacher sent them to.
+described by a permutation-invariant fingerprint, and the pool is clustered into E_S groups
+(KMeans, fixed seed; a teacher layer's experts weigh 1 − w or w). Within a cluster, every
+member's intermediate units are permuted to match a reference member (Hungarian matching of
+units by their weights), then each member is projected to the student's width and cluster c
+becomes one student expert: the weighted mean of its aligned members, with the weighted mean
+of their projected router rows as its router row, so the router sends tokens to the expert
+that was built from the experts the teacher sent them to.
 
-Experts of two different layers are not aligned unit-by-unit, so expert tensors are never
-blended element-wise like dense tensors: pooling replaces blending.
+An expert's output does not change when its intermediate units are permuted (gate rows, up
+rows and down columns together), so two experts can compute the same function with their
+units in different orders; averaging them unit by unit without the alignment mixes unrelated
+units. Experts of two teacher layers are pooled (and aligned), never blended element-wise.
 
 Shape legend: E experts, M pooled teacher experts, C clusters, H hidden, I expert
-intermediate, F fingerprint features.
+intermediate, F fingerprint / unit features.
 """
 
 from __future__ import annotations
@@ -61,29 +65,62 @@ def bank_from_state(state: dict[str, torch.Tensor], names: tuple[str, str, str],
     return ExpertBank(router, gate_up[:, :inter], gate_up[:, inter:], down, weight)
 
 
-def project_bank(bank: ExpertBank, hidden: int, inter: int, key: str, method: str) -> ExpertBank:
-    """Every expert matrix (and the router's hidden axis) reduced to the student's H and I."""
+def project_router(router_EH: torch.Tensor, hidden: int, key: str, method: str) -> torch.Tensor:
+    """A layer's router rows [E, H_T] reduced to the student's hidden units [E, H_S]."""
+    return project_matrix(router_EH, torch.arange(router_EH.shape[0]), torch.arange(hidden), f"{key}.router", method)
+
+
+def project_experts(bank: ExpertBank, hidden: int, inter: int, keys: list[str], method: str) -> ExpertBank:
+    """Every expert matrix reduced to the student's H and I (the router rows are kept as they are)."""
     idx_h, idx_i = torch.arange(hidden), torch.arange(inter)
-    idx_e = torch.arange(bank.router_EH.shape[0])
 
     def stack(w_EOI: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, part: str) -> torch.Tensor:
-        return torch.stack([project_matrix(w, rows, cols, f"{key}.{part}[{e}]", method) for e, w in enumerate(w_EOI)])
+        return torch.stack([project_matrix(w, rows, cols, f"{k}.{part}", method) for k, w in zip(keys, w_EOI)])
 
-    return ExpertBank(project_matrix(bank.router_EH, idx_e, idx_h, f"{key}.router", method),
-                      stack(bank.gate_EIH, idx_i, idx_h, "gate"), stack(bank.up_EIH, idx_i, idx_h, "up"),
+    return ExpertBank(bank.router_EH, stack(bank.gate_EIH, idx_i, idx_h, "gate"), stack(bank.up_EIH, idx_i, idx_h, "up"),
                       stack(bank.down_EHI, idx_h, idx_i, "down"), bank.weight)
 
 
-def fingerprints(bank: ExpertBank) -> torch.Tensor:
+def fingerprints(bank: ExpertBank, hidden: int | None = None) -> torch.Tensor:
     """[E, 3H]: router row, per-hidden-unit input norms, per-hidden-unit output norms, each unit-length.
 
-    Norms over the intermediate axis do not change when an expert's hidden units are
-    permuted, so two experts that compute the same function get the same fingerprint.
+    Norms over the intermediate axis do not change when an expert's intermediate units are
+    permuted, so two experts that compute the same function get the same fingerprint. They
+    are taken over all of the expert's units, on the first ``hidden`` hidden units (the
+    student's; the router rows must already be that wide).
     """
-    reads_EH = torch.sqrt(bank.gate_EIH.pow(2).sum(1) + bank.up_EIH.pow(2).sum(1))
-    writes_EH = bank.down_EHI.norm(dim=2)
+    reads_EH = torch.sqrt(bank.gate_EIH.pow(2).sum(1) + bank.up_EIH.pow(2).sum(1))[:, :hidden]
+    writes_EH = bank.down_EHI.norm(dim=2)[:, :hidden]
     parts = [bank.router_EH, reads_EH, writes_EH]
     return torch.cat([F.normalize(p.float(), dim=1) for p in parts], dim=1)
+
+
+def unit_features(gate_IH: torch.Tensor, up_IH: torch.Tensor, down_HI: torch.Tensor) -> torch.Tensor:
+    """[I, 3H] float64: what each intermediate unit reads (gate and up rows) and writes (down column)."""
+    return torch.cat([gate_IH, up_IH, down_HI.T], dim=1).double()
+
+
+def unit_permutation(ref_IF: torch.Tensor, member_IF: torch.Tensor) -> torch.Tensor:
+    """perm [I]: the member's unit perm[i] is matched to the reference's unit i, minimising the total
+    squared distance of their features (Hungarian, scipy.optimize.linear_sum_assignment)."""
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment((torch.cdist(ref_IF, member_IF) ** 2).numpy())
+    return torch.as_tensor(cols[np.argsort(rows)], dtype=torch.long)
+
+
+def align_clusters(pool: ExpertBank, weight_M: torch.Tensor, labels: np.ndarray) -> ExpertBank:
+    """The pool with every cluster member's intermediate units permuted onto its cluster's reference
+    member (the largest pooling weight, then the lowest index), so averaging adds like to like."""
+    gate, up, down = pool.gate_EIH.clone(), pool.up_EIH.clone(), pool.down_EHI.clone()
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        ref = int(members[int(np.argmax(weight_M[members].numpy()))])  # argmax: the first of equal weights
+        ref_IF = unit_features(gate[ref], up[ref], down[ref])
+        for m in members[members != ref]:
+            perm = unit_permutation(ref_IF, unit_features(gate[m], up[m], down[m]))
+            gate[m], up[m], down[m] = gate[m][perm], up[m][perm], down[m][:, perm]
+    return ExpertBank(pool.router_EH, gate, up, down, pool.weight)
 
 
 def cluster(fp_MF: torch.Tensor, weight_M: torch.Tensor, k: int, seed: int) -> np.ndarray:
@@ -168,16 +205,19 @@ def init_moe_layer(teacher: dict[str, torch.Tensor], teacher_type: str, source: 
     """The student layer's router, gate_up and down from the pooled, clustered teacher experts."""
     n_experts, hidden = student_shapes[student_names[0]]
     inter = student_shapes[student_names[2]][2]
-    banks = []
+    banks, keys = [], []
     for layer, wt in sorted(source.weights(), key=lambda p: -p[1]):  # nearer layer first
         bank = bank_from_state(teacher, moe_names(teacher_type, layer), wt)
-        banks.append(project_bank(bank, hidden, inter, f"teacher.layers.{layer}", method))
-    pool, weight_M = pool_banks(banks)
-    fp_MF = fingerprints(pool)
+        bank.router_EH = project_router(bank.router_EH, hidden, f"teacher.layers.{layer}", method)
+        banks.append(bank)
+        keys += [f"teacher.layers.{layer}.experts[{e}]" for e in range(bank.router_EH.shape[0])]
+    pool, weight_M = pool_banks(banks)  # experts still at the teacher's width: aligned before projection
+    fp_MF = fingerprints(pool, hidden)
     labels = cluster(fp_MF, weight_M, n_experts, seed)
     student_fp = fingerprints(bank_from_state(student_state, student_names)) if student_state else None
     order = assign(centroids(fp_MF, weight_M, labels, n_experts), student_fp, labels)
-    out = synthesize(pool, weight_M, labels, order)
+    aligned = project_experts(align_clusters(pool, weight_M, labels), hidden, inter, keys, method)
+    out = synthesize(aligned, weight_M, labels, order)
     log.info("init: %s ← teacher %s, cluster sizes %s", student_names[0], source,
              [int((labels == c).sum()) for c in order])
     router, gate_up, down = student_names

@@ -178,6 +178,64 @@ def test_clusters_are_averaged_with_their_router_rows():
     assert expert_init.assign(torch.zeros(2, 1), None, labels) == [1, 0]  # cluster of expert 0 first
 
 
+def expert_output(x_NH: torch.Tensor, gate_IH: torch.Tensor, up_IH: torch.Tensor, down_HI: torch.Tensor) -> torch.Tensor:
+    """Reference SwiGLU expert (Qwen3-MoE / Mixtral / OLMoE): down(silu(gate x) · up x)."""
+    return (torch.nn.functional.silu(x_NH @ gate_IH.T) * (x_NH @ up_IH.T)) @ down_HI.T
+
+
+def permuted_pair(hidden: int, inter: int, seed: int):
+    """One random expert and a copy of it with its intermediate units permuted (same function)."""
+    gen = torch.Generator().manual_seed(seed)
+    gate, up, down = (torch.randn(*shape, generator=gen) for shape in ((inter, hidden), (inter, hidden), (hidden, inter)))
+    perm = torch.randperm(inter, generator=gen)
+    x = torch.randn(32, hidden, generator=gen)
+    assert torch.allclose(expert_output(x, gate[perm], up[perm], down[:, perm]), expert_output(x, gate, up, down),
+                          rtol=1e-4, atol=1e-4)
+    pool = expert_init.ExpertBank(torch.randn(2, hidden, generator=gen), torch.stack([gate, gate[perm]]),
+                                  torch.stack([up, up[perm]]), torch.stack([down, down[:, perm]]))
+    return pool, (gate, up, down), x
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).norm() / want.norm())
+
+
+def test_permuted_copies_of_one_expert_merge_back_into_it():
+    pool, (gate, up, down), x = permuted_pair(hidden=64, inter=128, seed=4)
+    labels, weight = np.zeros(2, dtype=int), torch.ones(2)
+    naive = expert_init.synthesize(pool, weight, labels, [0])  # element-wise mean of unaligned units
+    assert relative_error(expert_output(x, naive.gate_EIH[0], naive.up_EIH[0], naive.down_EHI[0]),
+                          expert_output(x, gate, up, down)) > 0.5  # measured 0.81 (issue 16)
+    merged = expert_init.synthesize(expert_init.align_clusters(pool, weight, labels), weight, labels, [0])
+    assert torch.equal(merged.gate_EIH[0], gate) and torch.equal(merged.up_EIH[0], up)
+    assert torch.equal(merged.down_EHI[0], down)
+    assert torch.equal(expert_output(x, merged.gate_EIH[0], merged.up_EIH[0], merged.down_EHI[0]),
+                       expert_output(x, gate, up, down))
+
+
+def test_reference_member_is_the_heavier_one():
+    pool, (gate, _, _), _ = permuted_pair(hidden=8, inter=6, seed=5)
+    aligned = expert_init.align_clusters(pool, torch.tensor([0.25, 0.75]), np.zeros(2, dtype=int))
+    assert torch.equal(aligned.gate_EIH[1], pool.gate_EIH[1]), "the heavier member keeps its order"
+    assert torch.equal(aligned.gate_EIH[0], pool.gate_EIH[1]), "the lighter one is permuted onto it"
+
+
+@pytest.mark.parametrize("inter_student", [12, 5])
+def test_init_merges_permuted_teacher_experts_into_the_expert(inter_student):
+    """Through init_moe_layer: a teacher layer whose two experts are one expert in two unit orders,
+    merged into one student expert, gives that expert (its first units when the student is narrower)."""
+    pool, (gate, up, down), x = permuted_pair(hidden=16, inter=12, seed=6)
+    names = expert_init.moe_names("qwen3_moe", 0)
+    teacher = {names[0]: pool.router_EH, names[1]: torch.cat([pool.gate_EIH, pool.up_EIH], 1), names[2]: pool.down_EHI}
+    shapes = {names[0]: (1, 16), names[1]: (1, 2 * inter_student, 16), names[2]: (1, 16, inter_student)}
+    out = expert_init.init_moe_layer(teacher, "qwen3_moe", LayerSource(0, 0, 0.0), names, shapes, None, 0, "slice")
+    keep = slice(0, inter_student)  # the reference: the original expert's first units, sliced by hand
+    got_gate, got_up = out[names[1]][0, :inter_student], out[names[1]][0, inter_student:]
+    want = expert_output(x, gate[keep], up[keep], down[:, keep])
+    assert torch.equal(expert_output(x, got_gate, got_up, out[names[2]][0]), want)
+    assert torch.equal(out[names[0]][0], pool.router_EH.mean(0))
+
+
 def test_kmeans_is_seeded_and_fills_every_cluster():
     fp = torch.randn(16, 5)
     labels = expert_init.cluster(fp, torch.ones(16), 4, seed=0)
