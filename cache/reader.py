@@ -3,6 +3,11 @@
 Shard handles open on first use in the process that reads (h5py handles do not survive
 fork), so a reader can be built in the parent and used inside DataLoader workers.
 
+Every shard's bytes are checked against the manifest's sha256 before the first read from it
+(``verify=True``, the default): a flipped byte in a compressed chunk can decode into plausible
+numbers, and training on them says nothing. The names already checked survive ``close`` and
+``fork``, so the workers of a reader built (and indexed) in the parent do not hash again.
+
 Reads go through a cache of decoded chunks (LRU, bounded in bytes): a training sequence is
 far shorter than a compressed chunk, and without it every sequence would decompress whole
 chunks of every field again.
@@ -24,7 +29,7 @@ TOKEN_FIELDS = ("input_ids", "loss_mask", "target_logprob", "log_partition", "to
 
 
 class CacheReader:
-    def __init__(self, cache_dir: str | Path, block_cache_bytes: int = 256 << 20):
+    def __init__(self, cache_dir: str | Path, block_cache_bytes: int = 256 << 20, verify: bool = True):
         self.cache_dir = Path(cache_dir)
         self.manifest: Manifest = read_manifest(self.cache_dir)
         if not self.manifest.complete:
@@ -35,6 +40,9 @@ class CacheReader:
         self._sample_ids: dict[str, np.ndarray] = {}
         self._blocks: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._block_bytes, self._max_block_bytes = 0, block_cache_bytes
+        self._verify = verify
+        self._verified: set[str] = set()
+        self._infos = {s.name: s for s in self.manifest.shards}
 
     @property
     def shards(self) -> list[ShardInfo]:
@@ -42,8 +50,22 @@ class CacheReader:
 
     def shard(self, name: str):
         if name not in self._handles:
+            if self._verify and name not in self._verified:
+                self.check_shard(name)
             self._handles[name] = open_shard(self.cache_dir, self.manifest.store, name)
         return self._handles[name]
+
+    def check_shard(self, name: str) -> None:
+        """A CacheError (one line: the shard, what is wrong, what to do) unless its bytes match the manifest."""
+        path = self.cache_dir / name
+        problem = "missing" if not path.exists() else None
+        if problem is None and checksum(path) != self._infos[name].checksum:
+            problem = "checksum mismatch: its bytes changed after the cache was written"
+        if problem:
+            raise CacheError(f"shard {path} is damaged ({problem}); list every damaged shard with "
+                             f"`run_pipeline.py inspect {self.cache_dir} --verify`, then re-create the cache "
+                             f"with `run_pipeline.py cache --force` (sets the old cache aside)")
+        self._verified.add(name)
 
     def seq_offsets(self, name: str) -> np.ndarray:
         if name not in self._offsets:
@@ -105,6 +127,8 @@ class CacheReader:
             path = self.cache_dir / info.name
             if not path.exists() or checksum(path) != info.checksum:
                 bad.append(info.name)
+            else:
+                self._verified.add(info.name)
         return bad
 
     def close(self) -> None:

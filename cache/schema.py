@@ -10,9 +10,11 @@ entries per layer (k_r), D stored draw entries, P cached temperatures.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +90,8 @@ class Manifest:
         return int(self.identity.get("k", 0))
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True)
+        content = asdict(self)
+        return json.dumps({**content, "checksum": content_checksum(content)}, indent=1, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Manifest":
@@ -100,6 +103,12 @@ class Manifest:
             )
         shards = [ShardInfo(**s) for s in data.get("shards", [])]
         return cls(**{**data, "shards": shards})
+
+
+def content_checksum(content: dict) -> str:
+    """sha256 of the canonical JSON of a manifest's content (everything but the checksum itself)."""
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def write_json_atomic(path: Path, text: str) -> None:
@@ -117,10 +126,32 @@ def write_manifest(cache_dir: Path, manifest: Manifest) -> None:
 
 
 def read_manifest(cache_dir: str | Path) -> Manifest:
+    """The manifest of a cache; a CacheError naming the file when it is missing, unreadable or altered."""
     path = Path(cache_dir) / MANIFEST_NAME
     if not path.exists():
         raise CacheError(f"{cache_dir} holds no {MANIFEST_NAME}: not a finished kdcache cache")
-    return Manifest.from_dict(json.loads(path.read_text()))
+    damaged = (f"{path} is damaged ({{}}); re-create the cache: run_pipeline.py cache --force "
+               f"(sets the old cache aside)")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CacheError(damaged.format(f"not valid JSON: {str(err).splitlines()[0]}")) from None
+    if not isinstance(data, dict):
+        raise CacheError(damaged.format("not a JSON object"))
+    if data.get("format_version") != FORMAT_VERSION:
+        return Manifest.from_dict(data)  # a version this kdcache does not know: say that, not "damaged"
+    recorded = data.pop("checksum", None)
+    if recorded is None:
+        raise CacheError(damaged.format("no checksum recorded: written by an older kdcache, or edited"))
+    if recorded != content_checksum(data):
+        raise CacheError(damaged.format("its content no longer matches its checksum"))
+    unknown = sorted(set(data) - {f.name for f in dataclass_fields(Manifest)})
+    if unknown:
+        raise CacheError(damaged.format(f"unknown keys {', '.join(unknown)}"))
+    try:
+        return Manifest.from_dict(data)
+    except TypeError as err:  # a shard record with other keys: only a hand-made manifest gets here
+        raise CacheError(damaged.format(f"malformed: {err}")) from None
 
 
 def identity_mismatch(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:

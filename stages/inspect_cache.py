@@ -20,9 +20,9 @@ from cache.stats import cache_stats
 DEFAULT_MAX_TOKENS = 2_000_000
 
 
-def inspect(cache_dir: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS) -> dict:
-    """The statistics dict of a finished cache (CacheError for a missing or incomplete one)."""
-    reader = CacheReader(cache_dir)
+def inspect(cache_dir: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS, verify: bool = True) -> dict:
+    """The statistics dict of a finished cache (CacheError for a missing, incomplete or damaged one)."""
+    reader = CacheReader(cache_dir, verify=verify)  # verify: each shard read is hashed first
     try:
         return cache_stats(reader, max_tokens)
     finally:
@@ -37,13 +37,14 @@ def verify_shards(cache_dir: str | Path) -> int:
         what = [f"{name} ({'missing' if not (reader.cache_dir / name).exists() else 'checksum mismatch'})"
                 for name in bad]
         raise CacheError(f"{len(bad)} of {len(reader.shards)} shards of {cache_dir} fail verification: "
-                         f"{', '.join(what)}; the cache is damaged, re-create it")
+                         f"{', '.join(what)}; the cache is damaged, re-create it with "
+                         f"`run_pipeline.py cache --force` (sets the old cache aside)")
     return len(reader.shards)
 
 
 def main(cache_dir: str, verify: bool = False, plots: str = "", max_tokens: int = DEFAULT_MAX_TOKENS) -> dict:
     checked = verify_shards(cache_dir) if verify else None  # first: a damaged shard could break the statistics
-    stats = inspect(cache_dir, max_tokens)
+    stats = inspect(cache_dir, max_tokens, verify=checked is None)  # --verify hashed every shard already
     print(format_report(cache_dir, stats), flush=True)
     if checked is not None:
         print(f"\nverify: all {checked} shards match their checksums", flush=True)
