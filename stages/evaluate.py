@@ -2,11 +2,16 @@
 
     python run_pipeline.py eval --config configs/demo.yaml
 
-On the eval split: perplexity, KL(teacher ‖ student) at τ = 1 over the cached top-k plus
-the tail bucket (from cache_eval/), top-1 agreement and overlap@k with the teacher's
-top-k; for prompt/response data also Rouge-L of greedy generations against the
-references; for MoE models the expert load (per-layer load CV, router entropy, dead-expert
-share, load histogram; docs/router.md). Results go to runs/<name>/eval/results.json.
+On the eval split, on run.device: perplexity; KL(teacher ‖ student) at τ = 1 over the whole
+vocabulary (`kl_to_teacher`), top-1 agreement and overlap@k, from the teacher itself
+(teacher.path, run on the split); from the cache (cache_eval/) the KL over the cached top-k plus
+one tail bucket, which is only a lower bound of the full KL (data-processing inequality) and
+equals the tail-bucket forward-KL training loss (`kl_topk_bucket_lower_bound`). Without the
+teacher the agreement metrics come from the cached top-k, `kl_to_teacher` is absent and
+`kl_to_teacher_missing` says why. For prompt/response data also Rouge-L of greedy generations
+(left-padded batches) against the references; for MoE models the expert load (per-layer load
+CV, router entropy, dead-expert share, load histogram; docs/router.md). Results go to
+runs/<name>/eval/results.json.
 """
 
 from __future__ import annotations
@@ -34,80 +39,173 @@ class EvalConfig:
     max_sequences: int = 0
     """Evaluate at most this many sequences (0 = all)."""
     overlap_k: list[int] = field(default_factory=lambda: [8, 32])
-    """k of overlap@k with the teacher's top-k (capped at the cached k; the cached k is always reported)."""
+    """k of overlap@k with the teacher's top-k (from the cache only: capped at the cached k; the cached k is always reported)."""
     rouge_samples: int = 16
     """Prompt/response data: generations scored with Rouge-L (0 = off)."""
     max_new_tokens: int = 48
     """Tokens generated per prompt for Rouge-L."""
     before: bool = True
     """Also evaluate the student's starting weights."""
+    run_teacher: bool = True
+    """Run the teacher (teacher.path) on the split for the full-vocabulary KL; false: the cache's lower bound only."""
+
+
+BOUND = "kl_topk_bucket_lower_bound"  # KL over the cached top-k + one tail bucket: ≤ the full KL
+
+
+def eval_device(setting: str) -> torch.device:
+    """run.device: 'auto' = CUDA when available (the local rank's GPU under a launcher)."""
+    from pipeline.config import ConfigError
+
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device='cuda' but torch sees no CUDA device; use run.device=auto or cpu")
+    if setting == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: to_device(v, device) if isinstance(v, dict) else v.to(device) for k, v in batch.items()}
+
+
+def valid_logits(model, batch: dict, vocab_limit: int) -> torch.Tensor:
+    """fp32 logits [T, vocab_limit] at the batch's valid positions (ids ≥ vocab_limit are padding)."""
+    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    return model.get_output_embeddings()(hidden[batch["valid"]]).float()[:, :vocab_limit]
 
 
 @torch.no_grad()
-def token_metrics(model, batch: dict, vocab_limit: int, ks: list[int]) -> dict[str, float]:
-    """Sums over the batch's loss-masked positions (divide by 'tokens')."""
-    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    logits_TV = model.get_output_embeddings()(hidden[batch["valid"]]).float()[:, :vocab_limit]
-    mask = batch["loss_mask"]
-    logp_TV = torch.log_softmax(logits_TV, -1)
+def token_metrics(model, batch: dict, vocab_limit: int, ks: list[int], teacher=None) -> dict[str, float]:
+    """Sums over the batch's loss-masked positions (divide by 'tokens'). With ``teacher`` (a model)
+    the teacher metrics are over its whole distribution; without, over the cached top-k."""
+    logp_TV = torch.log_softmax(valid_logits(model, batch, vocab_limit), -1)
+    mask = batch["loss_mask"].float()
     labels = batch["labels"].clamp(min=0)
     out = {"tokens": float(mask.sum()), "nll": float(-(logp_TV.gather(1, labels[:, None])[:, 0] * mask).sum())}
     t = batch["teacher"]
-    if "topk_ids" in t:
-        out.update(teacher_metrics(logp_TV, t, mask, ks))
+    cached_k = t["topk_ids"].shape[1] if "topk_ids" in t else 0
+    if cached_k:
+        out["kl_bound"] = float((bucket_kl(logp_TV, t["topk_ids"], t["topk_logprobs"]) * mask).sum())
+    if teacher is not None:
+        lq_TV = torch.log_softmax(valid_logits(teacher, batch, vocab_limit), -1)
+        out["kl"] = float((full_kl(lq_TV, logp_TV) * mask).sum())
+        out["teacher_nll"] = float(-(lq_TV.gather(1, labels[:, None])[:, 0] * mask).sum())
+        ks = overlap_ks(ks, cached_k, live=True)
+        out.update(agreement(logp_TV, lq_TV.topk(max(ks), -1).indices, mask, ks))
+    elif cached_k:
+        if "target_logprob" in t:
+            out["teacher_nll"] = float(-(t["target_logprob"] * mask).sum())
+        out.update(agreement(logp_TV, t["topk_ids"], mask, overlap_ks(ks, cached_k, live=False)))
     return out
 
 
-def teacher_metrics(logp_TV, t: dict, mask, ks: list[int]) -> dict[str, float]:
-    ids_TK, lq_TK = t["topk_ids"], t["topk_logprobs"]
+def full_kl(lq_TV: torch.Tensor, lp_TV: torch.Tensor) -> torch.Tensor:
+    """KL(q ‖ p) per position over the whole vocabulary, from both log-softmaxes."""
+    return (lq_TV.exp() * (lq_TV - lp_TV)).sum(-1)
+
+
+def bucket_kl(logp_TV: torch.Tensor, ids_TK: torch.Tensor, lq_TK: torch.Tensor) -> torch.Tensor:
+    """KL per position between the K+1-bucket coarsenings (cached top-k, one tail bucket) of q and p:
+    a lower bound of the full KL, and the tail-bucket forward-KL training loss."""
     q_TK = lq_TK.exp()
     q_tail = (1 - q_TK.sum(-1)).clamp(min=1e-12)
     lp_TK = logp_TV.gather(1, ids_TK)
     p_tail = (1 - lp_TK.exp().sum(-1)).clamp(min=1e-12)
-    kl_T = (q_TK * (lq_TK - lp_TK)).sum(-1) + q_tail * (q_tail.log() - p_tail.log())
-    out = {"kl": float((kl_T * mask).sum()),
-           "top1": float(((logp_TV.argmax(-1) == ids_TK[:, 0]) * mask).sum()),
-           "teacher_nll": float(-(t["target_logprob"] * mask).sum()) if "target_logprob" in t else 0.0}
-    for k in sorted({min(k, ids_TK.shape[1]) for k in ks} | {ids_TK.shape[1]}):  # always overlap@(cached k)
+    return (q_TK * (lq_TK - lp_TK)).sum(-1) + q_tail * (q_tail.log() - p_tail.log())
+
+
+def overlap_ks(ks: list[int], cached_k: int, live: bool) -> list[int]:
+    """The overlap@k reported: the cached k always; from the cache alone k is capped at it."""
+    chosen = set(ks) if live else {min(k, cached_k) for k in ks}
+    return sorted(chosen | ({cached_k} if cached_k else set()))
+
+
+def agreement(logp_TV: torch.Tensor, teacher_ids_TK: torch.Tensor, mask: torch.Tensor, ks: list[int]) -> dict:
+    """Top-1 agreement and overlap@k (share of the teacher's top-k among the student's top-k), summed."""
+    out = {"top1": float(((logp_TV.argmax(-1) == teacher_ids_TK[:, 0]) * mask).sum())}
+    for k in ks:
         student_TK = logp_TV.topk(k, -1).indices
-        hits = (student_TK[:, :, None] == ids_TK[:, None, :k]).any(-1).float().sum(-1) / k
+        hits = (student_TK[:, :, None] == teacher_ids_TK[:, None, :k]).any(-1).float().sum(-1) / k
         out[f"overlap@{k}"] = float((hits * mask).sum())
     return out
 
 
-def rouge_l(model, tokenizer, ds, n: int, max_new_tokens: int) -> float:
+def prompt_end(loss_mask: np.ndarray) -> int:
+    """Length of the prompt: the positions up to the first whose next token is a target."""
+    return int(np.argmax(loss_mask)) + 1 if loss_mask.any() else len(loss_mask)
+
+
+def cut_after_eos(ids: list[int], eos: set[int]) -> list[int]:
+    """What one-at-a-time generate returns: up to the first EOS, included (a batch pads after it)."""
+    end = next((i + 1 for i, token in enumerate(ids) if token in eos), len(ids))
+    return ids[:end]
+
+
+@torch.no_grad()
+def greedy_continuations(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int,
+                         batch_size: int) -> list[list[int]]:
+    """Greedy continuation of each prompt, ``batch_size`` prompts per left-padded ``generate``:
+    equal to one prompt at a time up to ties (the padding is masked out of attention)."""
+    eos_id = model.generation_config.eos_token_id
+    eos = set(eos_id if isinstance(eos_id, list) else [] if eos_id is None else [eos_id])
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        width = max(len(p) for p in chunk)
+        ids_BL = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask_BL = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, prompt in enumerate(chunk):
+            ids_BL[row, width - len(prompt):] = torch.as_tensor(prompt)
+            mask_BL[row, width - len(prompt):] = 1
+        gen = model.generate(ids_BL.to(model.device), attention_mask=mask_BL.to(model.device),
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+        out.extend(cut_after_eos(row, eos) for row in gen[:, width:].tolist())
+    return out
+
+
+def rouge_l(model, tokenizer, ds, n: int, max_new_tokens: int, batch_size: int = 8) -> float:
     """Mean Rouge-L F1 of greedy generations from the prompt part against the reference response."""
     from rouge_score import rouge_scorer
 
+    rows = list(ds.select(range(min(n, len(ds)))))
+    if not rows:
+        return float("nan")
+    ends = [prompt_end(np.asarray(row["loss_mask"])) for row in rows]
+    prompts = [np.asarray(row["input_ids"])[:end].tolist() for row, end in zip(rows, ends)]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    generated = greedy_continuations(model, prompts, max_new_tokens, pad_id, batch_size)
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     scores = []
-    for row in ds.select(range(min(n, len(ds)))):
-        mask, ids = np.asarray(row["loss_mask"]), np.asarray(row["input_ids"])
-        start = int(np.argmax(mask)) + 1 if mask.any() else len(ids)
-        prompt = torch.as_tensor(ids[:start])[None].to(model.device)
-        gen = model.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id or 0)
-        hyp = tokenizer.decode(gen[0, start:], skip_special_tokens=True)
-        ref = tokenizer.decode(ids[start:], skip_special_tokens=True)
-        scores.append(scorer.score(ref, hyp)["rougeL"].fmeasure)
-    return float(np.mean(scores)) if scores else float("nan")
+    for row, end, gen in zip(rows, ends, generated):
+        ref = tokenizer.decode(np.asarray(row["input_ids"])[end:], skip_special_tokens=True)
+        scores.append(scorer.score(ref, tokenizer.decode(gen, skip_special_tokens=True))["rougeL"].fmeasure)
+    return float(np.mean(scores))
 
 
-def evaluate_model(model, batches: list[dict], vocab_limit: int, ks: list[int]) -> dict[str, float]:
+def evaluate_model(model, batches: list[dict], vocab_limit: int, ks: list[int], teacher=None) -> dict[str, float]:
+    """Token metrics of ``model`` on the (CPU) batches, run on the model's device; with ``teacher``
+    (a model on the same device) the full-vocabulary KL and agreement against it."""
     model.eval()
     sums: dict[str, float] = {}
     capture, loads = router_capture(model), []
     with capture or contextlib.nullcontext():
         for batch in batches:
-            for key, value in token_metrics(model, batch, vocab_limit, ks).items():
+            batch = to_device(batch, model.device)
+            for key, value in token_metrics(model, batch, vocab_limit, ks, teacher).items():
                 sums[key] = sums.get(key, 0.0) + value
             if capture is not None:
                 loads.append(batch_load(capture.pop(), batch, int(getattr(model.config, "num_experts_per_tok", 1))))
     n = max(sums.pop("tokens", 0.0), 1.0)
     out = {"perplexity": math.exp(sums.pop("nll") / n)}
-    if "kl" in sums:
+    if "teacher_nll" in sums:
         out["teacher_perplexity"] = math.exp(sums.pop("teacher_nll") / n)
+    if "kl" in sums:
         out["kl_to_teacher"] = sums.pop("kl") / n
+    if "kl_bound" in sums:
+        out[BOUND] = sums.pop("kl_bound") / n
+    if "top1" in sums:
         out["top1_agreement"] = sums.pop("top1") / n
     out.update({k: v / n for k, v in sums.items()})
     return out | (expert_load_results(loads) if loads else {}) | {"tokens": int(n)}
@@ -131,7 +229,7 @@ def batch_load(logits_LNE: list[torch.Tensor], batch: dict, top_k: int) -> tuple
 
     valid_N = batch["attention_mask"].reshape(-1).bool()
     pairs = [expert_counts(g, valid_N, top_k) for g in logits_LNE]
-    return torch.stack([c for c, _ in pairs]), torch.stack([h for _, h in pairs]), float(valid_N.sum())
+    return torch.stack([c for c, _ in pairs]).cpu(), torch.stack([h for _, h in pairs]).cpu(), float(valid_N.sum())
 
 
 def expert_load_results(loads: list) -> dict:
@@ -163,26 +261,61 @@ def eval_batches(cfg) -> tuple[list[dict], int]:
     return [collate(stream.load(step)) for step in steps], vocab
 
 
+def eval_teacher(cfg, device: torch.device, vocab_limit: int, tokenizer):
+    """(the teacher model, '') for the full-vocabulary metrics, or (None, why it is not run)."""
+    from pipeline.config import ConfigError
+    from pipeline.data import tokenizer_fingerprint
+    from pipeline.models import load_causal_lm, own_tokenizer_fingerprint
+    from pipeline.teachers.base import resolve_dtype
+
+    if not cfg.eval.run_teacher:
+        return None, "eval.run_teacher=false"
+    if not cfg.teacher.path:
+        return None, "teacher.path is empty"
+    t = cfg.teacher
+    try:
+        teacher = load_causal_lm(t.path, resolve_dtype(t.dtype, device), device, t.attn_implementation,
+                                 t.trust_remote_code)
+    except ConfigError as err:
+        raise ConfigError(f"{err} (eval runs the teacher for the full-vocabulary KL; "
+                          "eval.run_teacher=false reports only the cache's lower bound)") from None
+    if teacher.get_output_embeddings().weight.shape[0] < vocab_limit:
+        raise ConfigError(f"the teacher's vocabulary ({teacher.get_output_embeddings().weight.shape[0]}) is smaller "
+                          f"than the evaluated vocabulary ({vocab_limit})")
+    own = own_tokenizer_fingerprint(t.path)
+    if own is not None and own != tokenizer_fingerprint(tokenizer):
+        raise ConfigError(f"teacher.path={t.path!r} has another tokenizer than the student's: a KL over token ids "
+                          "would compare different tokens")
+    return teacher, ""
+
+
 def run(cfg, force: bool = False) -> dict:
     from stages.prepare import load_split
     from stages.train_setup import student_tokenizer
     from pipeline.models import load_causal_lm
 
     out_dir = cfg.run_dir / "eval"
-    inputs = fingerprint(cfg.eval, cfg.student, cfg.train, cfg.cache, cfg.data)
+    inputs = fingerprint(cfg.eval, cfg.student, cfg.train, cfg.cache, cfg.data, cfg.teacher)
     if not state.begin(cfg.run_dir, "evaluate", inputs, [out_dir], force):
         return json.loads((out_dir / "results.json").read_text())
+    device = eval_device(cfg.run.device)
     batches, vocab = eval_batches(cfg)
     tokenizer = student_tokenizer(cfg)
+    vocab_limit = vocab or len(tokenizer)
+    teacher, missing = eval_teacher(cfg, device, vocab_limit, tokenizer)
     ds, manifest = load_split(cfg.run_dir, cfg.eval.split)
     models = {"before": cfg.student.path} if cfg.eval.before else {}
     models["after"] = str(cfg.run_dir / "train" / "final")
     results = {}
     for label, path in models.items():
-        model = load_causal_lm(path, torch.float32, torch.device("cpu"), "sdpa", False)
-        results[label] = evaluate_model(model, batches, vocab or len(tokenizer), list(cfg.eval.overlap_k))
+        model = load_causal_lm(path, torch.float32, device, "sdpa", False)
+        results[label] = evaluate_model(model, batches, vocab_limit, list(cfg.eval.overlap_k), teacher)
+        if missing:
+            results[label]["kl_to_teacher_missing"] = missing
         if manifest["mode"] == "prompt_response" and cfg.eval.rouge_samples:
-            results[label]["rouge_l"] = rouge_l(model, tokenizer, ds, cfg.eval.rouge_samples, cfg.eval.max_new_tokens)
+            results[label]["rouge_l"] = rouge_l(model, tokenizer, ds, cfg.eval.rouge_samples, cfg.eval.max_new_tokens,
+                                                cfg.eval.batch_size)
+        del model
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
     write_json_atomic(out_dir / "results.json", json.dumps(results, indent=1))
@@ -194,12 +327,16 @@ def run(cfg, force: bool = False) -> dict:
 def format_results(results: dict) -> str:
     keys = sorted({k for r in results.values() for k, v in r.items() if k != "tokens" and isinstance(v, float)},
                   key=_metric_order)
-    lines = [f"{'metric':<22}" + "".join(f"{label:>12}" for label in results)]
+    lines = [f"{'metric':<28}" + "".join(f"{label:>12}" for label in results)]
     for key in keys:
-        lines.append(f"{key:<22}" + "".join(f"{r.get(key, float('nan')):>12.4f}" for r in results.values()))
+        lines.append(f"{key:<28}" + "".join(f"{r.get(key, float('nan')):>12.4f}" for r in results.values()))
+    missing = next((r["kl_to_teacher_missing"] for r in results.values() if "kl_to_teacher_missing" in r), "")
+    if missing:
+        lines.append(f"kl_to_teacher (full vocabulary) not measured: {missing}, so the teacher was not run"
+                     + (f"; {BOUND} is only a lower bound of it" if any(BOUND in r for r in results.values()) else ""))
     return "\n".join(lines)
 
 
 def _metric_order(key: str) -> tuple:
-    order = ["perplexity", "teacher_perplexity", "kl_to_teacher", "top1_agreement", "rouge_l"]
+    order = ["perplexity", "teacher_perplexity", "kl_to_teacher", BOUND, "top1_agreement", "rouge_l"]
     return (order.index(key) if key in order else len(order), key)
