@@ -4,19 +4,22 @@ Each component owns its dataclass (``DataConfig`` in pipeline/data.py, ``CacheCo
 stages/cache_teacher.py, ...). This module only loads, validates and saves them:
 ``load_config(PipelineConfig, ["configs/x.yaml"], ["cache.k=32"])``.
 
-A field with a closed set of values is declared with ``choice(default, allowed)``; an
-unknown key or a bad value is a one-line ``ConfigError`` naming the key and what is allowed.
+A field with a closed set of values is declared with ``choice(default, allowed)``, a number
+(or a list/dict of numbers) with a range with ``ranged(default, min=..., above=..., ...)``;
+an unknown key or a bad value is a one-line ``ConfigError`` naming the key and what is allowed.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
 from pathlib import Path
 from typing import Any, TypeVar
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 T = TypeVar("T")
@@ -29,6 +32,41 @@ class ConfigError(ValueError):
 def choice(default: Any, allowed: tuple) -> Any:
     """A dataclass field whose value must be one of ``allowed``."""
     return dataclasses.field(default=default, metadata={"choices": tuple(allowed)})
+
+
+def ranged(default: Any, *, min: float | None = None, max: float | None = None,
+           above: float | None = None, below: float | None = None) -> Any:
+    """A numeric field (or list/dict of numbers: every element) in [min, max], or (above, below) for open ends."""
+    bounds = {"range": (min if above is None else above, above is not None,
+                        max if below is None else below, below is not None)}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=bounds)
+    return dataclasses.field(default=default, metadata=bounds)
+
+
+def describe_range(bounds: tuple) -> str:
+    """(lo, lo_open, hi, hi_open) → '>= 1', '> 0', 'in [0, 1)'."""
+    lo, lo_open, hi, hi_open = bounds
+    if lo is not None and hi is not None:
+        return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f"{'>' if lo_open else '>='} {lo}"
+    return f"{'<' if hi_open else '<='} {hi}"
+
+
+def in_range(value: float, bounds: tuple) -> bool:
+    lo, lo_open, hi, hi_open = bounds
+    return ((lo is None or value > lo or (value == lo and not lo_open))
+            and (hi is None or value < hi or (value == hi and not hi_open)))
+
+
+def check_range(key: str, value: Any, bounds: tuple) -> None:
+    """Every number in ``value`` (a number, a list or a dict's values) must lie in ``bounds``."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else [(None, value)]
+    for sub, number in items:
+        if not in_range(number, bounds):
+            name = key if sub is None else f"{key}[{sub!r}]" if isinstance(value, dict) else f"{key}[{sub}]"
+            raise ConfigError(f"{name}={number!r} is out of range; allowed: {describe_range(bounds)}")
 
 
 def _allowed_keys(schema_cls: type, dotted: str) -> list[str]:
@@ -72,9 +110,7 @@ def load_config(schema_cls: type[T], yaml_paths: list[str | Path] = (), override
     try:
         merged = OmegaConf.structured(schema_cls)
         for path in yaml_paths:
-            if not Path(path).exists():
-                raise ConfigError(f"config file {path} does not exist; pass a YAML file from configs/")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, load_yaml(path))
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(parse_overrides(list(overrides))))
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
@@ -83,16 +119,39 @@ def load_config(schema_cls: type[T], yaml_paths: list[str | Path] = (), override
     return cfg
 
 
+def load_yaml(path: str | Path) -> DictConfig:
+    """One YAML override file; a missing file, a syntax error or a non-mapping is a one-line ConfigError."""
+    if not Path(path).is_file():
+        raise ConfigError(f"config file {path} does not exist; pass a YAML file from configs/")
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {getattr(err, 'problem', None) or err}; "
+                          f"fix the syntax") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {path} holds a {type(loaded).__name__.replace('Config', '').lower()} at the "
+                          f"top level; it must map sections to keys, e.g. 'train:' then '  lr: 1.0e-4'")
+    return loaded
+
+
 def validate(cfg: Any, prefix: str = "") -> None:
-    """Check every ``choice`` field recursively, then the dataclass's own ``validate()``."""
+    """Check every ``choice`` and ``ranged`` field recursively, then the dataclass's own ``validate()``."""
     for fld in dataclasses.fields(cfg):
         value = getattr(cfg, fld.name)
         key = f"{prefix}{fld.name}"
         allowed = fld.metadata.get("choices")
         if allowed is not None and value not in allowed:
             raise ConfigError(f"{key}={value!r} is not allowed; allowed: {', '.join(map(str, allowed))}")
+        if "range" in fld.metadata:
+            check_range(key, value, fld.metadata["range"])
         if dataclasses.is_dataclass(value):
             validate(value, prefix=f"{key}.")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    validate(item, prefix=f"{key}[{i}].")
     if hasattr(cfg, "validate"):
         cfg.validate()
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import ConfigError, choice
+from pipeline.config import ConfigError, choice, ranged
 
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
 
@@ -42,22 +42,16 @@ class DataConfig:
     """Render prompt/response pairs with the tokenizer's chat template."""
     tokenizer: str = ""
     """Tokenizer path or hub id ('' = the teacher's)."""
-    max_length: int = 512
+    max_length: int = ranged(512, min=2)
     """Tokens per sequence; longer ones are truncated (or split, with packing)."""
     packing: bool = False
     """Concatenate documents (each ending in EOS) and cut the stream into max_length sequences."""
     add_eos: bool = True
     """Append the tokenizer's EOS token to every document."""
-    eval_fraction: float = 0.05
+    eval_fraction: float = ranged(0.05, min=0.0, below=1.0)
     """Share of sequences held out for evaluate, chosen by a hash of the sample id."""
-    max_samples: int = 0
+    max_samples: int = ranged(0, min=0)
     """Read at most this many records (0 = all)."""
-
-    def validate(self) -> None:
-        if self.max_length < 2:
-            raise ConfigError(f"data.max_length={self.max_length} is too small; use at least 2")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -94,7 +88,13 @@ def load_records(cfg: DataConfig):
         fmt = cfg.format if cfg.format != "auto" else FORMATS.get(Path(files[0]).suffix)
         if fmt is None:
             raise ConfigError(f"cannot tell the format of {files[0]}; set data.format=json|parquet|text")
-        ds = datasets.load_dataset(fmt, data_files=files, split="train")
+        if all(os.stat(f).st_size == 0 for f in files):
+            raise ConfigError(f"data.source={path} is empty (0 bytes); point it at a file with records")
+        try:
+            ds = datasets.load_dataset(fmt, data_files=files, split="train")
+        except Exception as err:  # datasets raises StopIteration, ValueError, DatasetGenerationError...: one line
+            raise ConfigError(f"cannot read data.source={path} as {fmt} ({type(err).__name__}: "
+                              f"{(str(err).splitlines() or [''])[0][:200]}); check the file or set data.format") from None
     else:
         try:
             ds = datasets.load_dataset(cfg.source, cfg.subset or None, split=cfg.split)
@@ -103,6 +103,8 @@ def load_records(cfg: DataConfig):
                 f"data.source={cfg.source!r} is not a local file and could not be loaded as a dataset "
                 f"hub id ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
             ) from None
+    if len(ds) == 0:
+        raise ConfigError(f"data.source={cfg.source!r} holds no records; point it at a dataset with records")
     return ds.select(range(min(cfg.max_samples, len(ds)))) if cfg.max_samples else ds
 
 

@@ -28,15 +28,23 @@ def config_fingerprint(config) -> str:
     return fingerprint({k: v for k, v in config.to_dict().items() if k not in _VOLATILE})
 
 
+def check_model_dir(path: str) -> None:
+    """A local directory must hold a saved model (config.json), not just anything."""
+    if Path(path).is_dir() and not (Path(path) / "config.json").exists():
+        raise ConfigError(f"model path {path!r} is a directory without config.json; pass a directory written "
+                          f"by save_pretrained (or a hub id)")
+
+
 def load_causal_lm(path: str, dtype: torch.dtype, device: torch.device, attn: str, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM
 
     if not Path(path).exists() and ("/" not in path or path.startswith((".", "/"))):
         raise ConfigError(f"model path {path!r} does not exist; pass a model directory or a hub id")
+    check_model_dir(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn,
                                                      trust_remote_code=trust_remote_code)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: e.g. an unknown model_type or attention kernel
         raise ConfigError(f"cannot load model {path!r}: {str(err).splitlines()[0]}") from None
     return model.to(device).eval()
 

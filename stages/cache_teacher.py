@@ -25,7 +25,7 @@ from cache.schema import Manifest, read_manifest
 from cache.shards import STORES, resolve_compression
 from cache.writer import CacheWriter, check_identity, committed_sample_ids, finalize
 from pipeline import state
-from pipeline.config import ConfigError, choice, fingerprint, save_config
+from pipeline.config import ConfigError, choice, fingerprint, ranged, save_config
 from pipeline.distributed import Dist
 from pipeline.teachers.base import TeacherBatch, build_teacher
 from pipeline.teachers.extract import TARGETS, ExtractSpec
@@ -34,15 +34,15 @@ from pipeline.teachers.native import KERNELS
 
 @dataclass
 class CacheConfig:
-    k: int = 64
+    k: int = ranged(64, min=0)
     """Top-k teacher log-probs stored per position."""
     targets: str = choice("topk", TARGETS)
     """'topk', 'sampled' (N draws per position, unbiased) or both."""
-    num_draws: int = 64
+    num_draws: int = ranged(64, min=1, max=65535)
     """Draws per position for sampled targets."""
-    draw_temperature: float = 1.0
+    draw_temperature: float = ranged(1.0, above=0.0)
     """Temperature of the distribution the draws come from."""
-    temperatures: list[float] = field(default_factory=lambda: [1.0])
+    temperatures: list[float] = ranged([1.0], above=0.0)
     """Temperatures whose log-partition is cached (tail buckets are exact at these)."""
     router_topk: str = "all"
     """Router entries per MoE layer: 'all', 'none' or an integer k_r."""
@@ -51,39 +51,42 @@ class CacheConfig:
     compression: str = "auto"
     """'auto' (zstd for zarr, gzip for hdf5), zstd, gzip, lzf (hdf5) or none."""
     compression_level: int = 3
-    """Compressor level."""
+    """Compressor level: 1..22 for zstd, 0..9 for gzip (unused by lzf and none)."""
     id_codec: str = choice("sorted_delta", ID_CODECS)
     """How top-k ids are stored."""
     value_dtype: str = choice("float16", VALUE_DTYPES)
     """How log-probs and router probabilities are stored."""
-    shard_tokens: int = 262144
+    shard_tokens: int = ranged(262144, min=1)
     """Tokens per shard (the unit of resume)."""
-    chunk_tokens: int = 4096
+    chunk_tokens: int = ranged(4096, min=1)
     """Rows per compressed chunk inside a shard."""
-    batch_size: int = 8
+    batch_size: int = ranged(8, min=1)
     """Sequences per teacher forward."""
-    extract_chunk_tokens: int = 1024
+    extract_chunk_tokens: int = ranged(1024, min=1)
     """Positions per extraction step (bounds the fp32 vocab-sized temporary)."""
     extract_kernel: str = choice("auto", KERNELS)
     """Top-k + log-partition on CPU: 'native' (one-pass C++ kernel, built on first use), 'torch', or 'auto' (native when it builds)."""
-    seed: int = 0
+    seed: int = ranged(0, min=0)
     """Seed of the sampled targets (with each sample id)."""
     splits: list[str] = field(default_factory=lambda: ["train", "eval"])
     """Prepared splits to cache: train → cache/, others → cache_<split>/."""
 
     def validate(self) -> None:
-        if self.k < 0 or (self.k == 0 and "topk" in self.targets):
+        if self.k == 0 and "topk" in self.targets:
             raise ConfigError(f"cache.k={self.k} must be positive for cache.targets={self.targets}")
-        if self.num_draws < 1 or self.num_draws > 65535:
-            raise ConfigError(f"cache.num_draws={self.num_draws} must be in 1..65535")
-        if any(t <= 0 for t in self.temperatures) or self.draw_temperature <= 0:
-            raise ConfigError("cache.temperatures and cache.draw_temperature must be positive")
+        unknown = [s for s in self.splits if s not in ("train", "eval")]
+        if unknown or not self.splits:
+            raise ConfigError(f"cache.splits={self.splits} is not allowed; allowed: a non-empty list of train, eval")
         if self.router_topk not in ("all", "none") and not (str(self.router_topk).isdigit() and int(self.router_topk) > 0):
             raise ConfigError(f"cache.router_topk={self.router_topk!r} is not allowed; allowed: all, none or an integer >= 1")
         try:
-            resolve_compression(self.store, self.compression)
+            compression = resolve_compression(self.store, self.compression)
         except ValueError as err:  # cache/ raises plain ValueError; users get a ConfigError like every key
             raise ConfigError(str(err)) from None
+        levels = {"zstd": (1, 22), "gzip": (0, 9)}.get(compression)
+        if levels and not levels[0] <= self.compression_level <= levels[1]:
+            raise ConfigError(f"cache.compression_level={self.compression_level} is out of range for {compression}; "
+                              f"allowed: in [{levels[0]}, {levels[1]}]")
 
 
 def cache_dir(run_dir: Path, split: str) -> Path:

@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import ConfigError, choice
+from pipeline.config import ConfigError, choice, ranged
 from pipeline.data import DataConfig
 from pipeline.teachers.base import TeacherConfig
 from stages.cache_teacher import CacheConfig
@@ -24,7 +24,7 @@ class RunConfig:
     """Run name: outputs go to <root>/<name>."""
     root: str = "runs"
     """Directory that holds the runs."""
-    seed: int = 0
+    seed: int = ranged(0, min=0)
     """Seed of everything random in the run."""
     device: str = choice("auto", ("auto", "cpu", "cuda"))
     """'auto' = CUDA when available."""

@@ -27,22 +27,22 @@ import torch
 from cache.stream import CacheSource, ShardStream, StreamPlan
 from cache.schema import write_json_atomic
 from pipeline import state
-from pipeline.config import fingerprint, save_config
+from pipeline.config import choice, fingerprint, ranged, save_config
 
 
 @dataclass
 class EvalConfig:
-    split: str = "eval"
+    split: str = choice("eval", ("train", "eval"))
     """Prepared split to evaluate on (its cache is cache_<split>/)."""
-    batch_size: int = 8
+    batch_size: int = ranged(8, min=1)
     """Sequences per forward."""
-    max_sequences: int = 0
+    max_sequences: int = ranged(0, min=0)
     """Evaluate at most this many sequences (0 = all)."""
-    overlap_k: list[int] = field(default_factory=lambda: [8, 32])
+    overlap_k: list[int] = ranged([8, 32], min=1)
     """k of overlap@k with the teacher's top-k (from the cache only: capped at the cached k; the cached k is always reported)."""
-    rouge_samples: int = 16
+    rouge_samples: int = ranged(16, min=0)
     """Prompt/response data: generations scored with Rouge-L (0 = off)."""
-    max_new_tokens: int = 48
+    max_new_tokens: int = ranged(48, min=1)
     """Tokens generated per prompt for Rouge-L."""
     before: bool = True
     """Also evaluate the student's starting weights."""

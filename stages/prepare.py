@@ -43,16 +43,43 @@ def documents(records, tokenizer, cfg, mode: str):
             yield start + offset, doc
 
 
-def sequences(records, tokenizer, cfg, mode: str):
-    """(sample id, ids, position loss mask); the id is the record index, or the piece index when packing."""
+def truncated(docs, max_length: int, counts: dict):
+    """Each document cut to max_length tokens, counting the ones that lost tokens."""
+    for i, (ids, mask) in docs:
+        counts["truncated"] += len(ids) > max_length
+        yield i, (ids[:max_length], mask[:max_length])
+
+
+def sequences(records, tokenizer, cfg, mode: str, counts: dict):
+    """(sample id, ids, position loss mask); the id is the record index, or the piece index when packing.
+
+    ``counts`` gets 'truncated' (documents cut at max_length) and 'dropped' (under 2 tokens).
+    """
     docs = documents(records, tokenizer, cfg, mode)
     if cfg.packing:
         pieces = enumerate(pack((doc for _, doc in docs), cfg.max_length))
     else:
-        pieces = ((i, (ids[: cfg.max_length], mask[: cfg.max_length])) for i, (ids, mask) in docs)
+        pieces = truncated(docs, cfg.max_length, counts)
     for sample_id, (ids, mask) in pieces:
-        if len(ids) >= 2:
-            yield sample_id, np.asarray(ids, np.int32), to_position_mask(np.asarray(mask, np.uint8))
+        if len(ids) < 2:
+            counts["dropped"] += 1
+            continue
+        yield sample_id, np.asarray(ids, np.int32), to_position_mask(np.asarray(mask, np.uint8))
+
+
+def check_counts(data_cfg, rows: dict, counts: dict) -> str:
+    """Refuse data with nothing to train on; else the one line that says what prepare kept and cut."""
+    if not rows["train"]["sample_id"]:
+        raise ConfigError(f"data.source={data_cfg.source!r} gave no sequence of at least 2 tokens")
+    untrained = {s: sum(int(m.sum()) == 0 for m in rows[s]["loss_mask"]) for s in SPLITS}
+    counts["no_trained_position"] = sum(untrained.values())
+    n_train, n_eval = (len(rows[s]["sample_id"]) for s in SPLITS)
+    cut = f"{counts['truncated']} truncated to data.max_length={data_cfg.max_length}"
+    if untrained["train"] == n_train:
+        raise ConfigError(f"no train sequence keeps a trained position ({cut}; the trained part lies beyond it); "
+                          f"raise data.max_length or set data.packing=true")
+    return (f"prepare: {n_train + n_eval} sequences (train {n_train}, eval {n_eval}); {cut}; "
+            f"{counts['no_trained_position']} with no trained position; {counts['dropped']} dropped (under 2 tokens)")
 
 
 def save_split(out_dir: Path, rows: dict[str, list]) -> dict:
@@ -84,19 +111,20 @@ def run(cfg, force: bool = False) -> dict:
     mode = resolve_mode(data_cfg, list(records.column_names))
 
     rows = {split: {"sample_id": [], "input_ids": [], "loss_mask": []} for split in SPLITS}
-    for sample_id, ids, mask in sequences(records, tokenizer, data_cfg, mode):
+    counts = {"truncated": 0, "dropped": 0}
+    for sample_id, ids, mask in sequences(records, tokenizer, data_cfg, mode, counts):
         split = "eval" if is_eval(sample_id, data_cfg.eval_fraction) else "train"
         for key, value in zip(("sample_id", "input_ids", "loss_mask"), (sample_id, ids, mask)):
             rows[split][key].append(value)
-    if not rows["train"]["sample_id"]:
-        raise ConfigError(f"data.source={data_cfg.source!r} gave no sequence of at least 2 tokens")
+    report = check_counts(data_cfg, rows, counts)
     state.write_state(run_dir, "prepare", "running", inputs)  # only now: a failed check leaves no state
 
     manifest = {"mode": mode, "tokenizer": tokenizer_fingerprint(tokenizer), "tokenizer_path": tok_path,
-                "vocab_size": len(tokenizer), "splits": {s: save_split(out_dir / s, rows[s]) for s in SPLITS}}
+                "vocab_size": len(tokenizer), "sequences_cut": counts, "splits": {s: save_split(out_dir / s, rows[s]) for s in SPLITS}}
     save_config(cfg, out_dir / "config.yaml")
     write_json_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=1))
     state.write_state(run_dir, "prepare", "done", inputs, **{s: manifest["splits"][s]["sequences"] for s in SPLITS})
+    print(report, flush=True)
     return manifest
 
 

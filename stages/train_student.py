@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from pipeline import checkpoint, state
-from pipeline.config import ConfigError, choice, fingerprint, save_config
+from pipeline.config import ConfigError, choice, fingerprint, ranged, save_config
 from pipeline.metrics import MetricsLogger
 from pipeline.router_losses import MC_TARGETS
 
@@ -44,91 +44,91 @@ class StudentConfig:
 
 @dataclass
 class TrainPhase:
-    steps: int = 0
+    steps: int = ranged(0, min=1)
     """Optimizer steps in this phase."""
-    param_groups: dict[str, float] = field(default_factory=dict)
+    param_groups: dict[str, float] = ranged({}, min=0.0)
     """Regex (searched in parameter names) → learning-rate multiplier; 0 freezes. First match wins."""
-    default_lr_multiplier: float = 1.0
+    default_lr_multiplier: float = ranged(1.0, min=0.0)
     """Multiplier of parameters no pattern matches."""
 
 
 @dataclass
 class TrainConfig:
-    alpha: float = 0.5
+    alpha: float = ranged(0.5, min=0.0, max=1.0)
     """Weight of the KD term; 1 − alpha weighs cross-entropy."""
     kd_loss: str = "forward_kl"
     """KD divergence (see docs/losses.md)."""
-    temperature: float = 1.0
+    temperature: float = ranged(1.0, above=0.0)
     """KD temperature tau; the KD term is scaled by tau²."""
     missing_mass: str = choice("tail_bucket", ("tail_bucket", "renormalize"))
     """How the teacher mass outside the cached top-k is treated."""
     allow_uncached_temperature: bool = False
     """Accept the one-token tail approximation of a tau the cache lacks (tail_bucket; else refused)."""
-    prompt_kl_weight: float = 0.0
+    prompt_kl_weight: float = ranged(0.0, min=0.0)
     """Weight of forward KL at tau = 1 on the untrained (prompt) positions: BiLD's semantics with alpha = 1."""
-    router_weight: float = 0.0
+    router_weight: float = ranged(0.0, min=0.0)
     """beta: weight of the router KL (MoE teacher and student, cache with router data)."""
-    router_layer_map: list[int] = field(default_factory=list)
+    router_layer_map: list[int] = ranged([], min=0)
     """Teacher MoE layer (position among MoE layers) per student MoE layer; [] = uniform map."""
-    router_expert_map: list[int] = field(default_factory=list)
+    router_expert_map: list[int] = ranged([], min=0)
     """Student expert per teacher expert (E_T entries); [] = contiguous blocks of E_T/E_S (docs/router.md)."""
-    router_erd_weight: float = 0.0
+    router_erd_weight: float = ranged(0.0, min=0.0)
     """lambda_ERD: entropy-aware router distillation KL(p_T ‖ softmax(g_S/τ_r)) − β_H·H."""
-    router_entropy_weight: float = 0.1
+    router_entropy_weight: float = ranged(0.1, min=0.0)
     """beta_H: weight of the student router entropy bonus inside ERD."""
-    router_temperature: float = 1.0
+    router_temperature: float = ranged(1.0, min=0.5, max=1.5)
     """Initial router temperature τ_r (one per student MoE layer), kept in [0.5, 1.5]."""
     router_learn_temperature: bool = True
     """Train τ_r with the optimizer (false: fixed at router_temperature)."""
-    router_mc_weight: float = 0.0
+    router_mc_weight: float = ranged(0.0, min=0.0)
     """lambda_MC: Monte Carlo expert exploration −Σ_k w_k·log p_S(e_k) (+ coverage)."""
-    router_mc_draws: int = 3
+    router_mc_draws: int = ranged(3, min=1)
     """K: draws per token from the teacher's mapped router distribution."""
-    router_mc_suppress: float = 0.5
+    router_mc_suppress: float = ranged(0.5, above=0.0, max=1.0)
     """Suppression: a drawn expert's probability is multiplied by this before the next draw."""
     router_mc_target: str = choice("suppressed", tuple(MC_TARGETS))
     """'suppressed' = each draw weighs 1/K (target: the teacher after suppression); 'bdistill' = w_k/Σw as B-Distill's code (sharper)."""
-    router_coverage_weight: float = 0.5
+    router_coverage_weight: float = ranged(0.5, min=0.0)
     """lambda_cov: weight of the coverage KL(c_T ‖ c_S) inside the MC term."""
-    router_aux_weight: float = 0.0
+    router_aux_weight: float = ranged(0.0, min=0.0)
     """lambda_aux: the student family's own load-balancing loss (no teacher data needed)."""
-    steps: int = 100
+    steps: int = ranged(100, min=1)
     """Optimizer steps (when phases is empty)."""
     phases: list[TrainPhase] = field(default_factory=list)
     """Multi-stage schedule: each phase its own length and parameter groups."""
-    param_groups: dict[str, float] = field(default_factory=dict)
+    param_groups: dict[str, float] = ranged({}, min=0.0)
     """Single-phase parameter groups: regex → learning-rate multiplier."""
-    batch_size: int = 8
+    batch_size: int = ranged(8, min=1)
     """Sequences per optimizer step, all ranks together (unless batch_tokens > 0)."""
-    batch_tokens: int = 0
+    batch_tokens: int = ranged(0, min=0)
     """Tokens per optimizer step instead of a sequence count (0 = off)."""
-    grad_accum: int = 1
+    grad_accum: int = ranged(1, min=1)
     """Micro-batches per rank and optimizer step."""
-    lr: float = 3e-4
+    lr: float = ranged(3e-4, above=0.0)
     """Peak learning rate."""
-    weight_decay: float = 0.01
+    weight_decay: float = ranged(0.01, min=0.0)
     """AdamW weight decay (never on norms and biases)."""
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    betas: list[float] = ranged([0.9, 0.95], min=0.0, below=1.0)
     """AdamW betas."""
-    warmup_steps: int = 10
+    warmup_steps: int = ranged(10, min=0)
     """Linear warmup steps."""
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = ranged(0.1, min=0.0, max=1.0)
     """Cosine decay floor as a share of lr."""
-    grad_clip: float = 1.0
+    grad_clip: float = ranged(1.0, min=0.0)
     """Gradient norm clip (0 = off)."""
     precision: str = choice("auto", PRECISIONS)
     """'auto' = bf16 autocast on GPU, fp32 on CPU."""
-    checkpoint_every: int = 50
+    checkpoint_every: int = ranged(50, min=1)
     """Steps between checkpoints."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = ranged(2, min=1)
     """Complete checkpoints kept."""
-    log_every: int = 10
+    log_every: int = ranged(10, min=1)
     """Steps between progress lines."""
-    num_workers: int = 0
+    num_workers: int = ranged(0, min=0)
     """DataLoader worker processes reading shards."""
-    shuffle_window: int = 4096
+    shuffle_window: int = ranged(4096, min=0)
     """Sequences shuffled together."""
-    loss_chunk_tokens: int = 1024
+    loss_chunk_tokens: int = ranged(1024, min=1)
     """Tokens per chunk of the lm_head + loss (memory bound)."""
     tracker: str = choice("none", ("none", "tensorboard"))
     """Experiment tracker through accelerate."""
@@ -136,29 +136,12 @@ class TrainConfig:
     """'auto': the cache unless alpha = 0 and router_weight = 0."""
 
     def validate(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"train.alpha={self.alpha} must be in [0, 1]")
-        if self.temperature <= 0:
-            raise ConfigError(f"train.temperature={self.temperature} must be positive")
-        if self.prompt_kl_weight < 0:
-            raise ConfigError(f"train.prompt_kl_weight={self.prompt_kl_weight} must be >= 0")
+        if len(self.betas) != 2:
+            raise ConfigError(f"train.betas={self.betas} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
         from pipeline.losses import KD_LOSSES
 
         if self.kd_loss not in KD_LOSSES:
             raise ConfigError(f"train.kd_loss={self.kd_loss!r} is unknown; allowed: {', '.join(KD_LOSSES)}")
-        self.validate_router()
-
-    def validate_router(self) -> None:
-        for key in ("router_weight", "router_erd_weight", "router_entropy_weight", "router_mc_weight",
-                    "router_coverage_weight", "router_aux_weight"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 0")
-        if not 0.5 <= self.router_temperature <= 1.5:
-            raise ConfigError(f"train.router_temperature={self.router_temperature} must be in [0.5, 1.5]")
-        if self.router_mc_draws < 1:
-            raise ConfigError(f"train.router_mc_draws={self.router_mc_draws} must be >= 1")
-        if not 0.0 < self.router_mc_suppress <= 1.0:
-            raise ConfigError(f"train.router_mc_suppress={self.router_mc_suppress} must be in (0, 1]")
 
     def loss_weights(self) -> dict[str, float]:
         """Weight of each part the student returns in the total loss (others are statistics)."""

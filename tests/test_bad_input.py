@@ -33,6 +33,7 @@ def cli(tmp_path, text_jsonl, tokenizer_dir, make_model, capsys):
         return code, line
 
     run.run_dir = tmp_path / "runs" / "demo"
+    run.tokenizer_dir = tokenizer_dir
     return run
 
 
@@ -170,3 +171,108 @@ def test_failed_prepare_leaves_no_state(cli, tmp_path):
     code, line = cli("prepare", f"data.source={tiny}", "data.add_eos=false")
     assert code != 0 and "at least 2 tokens" in line
     assert cli("prepare")[0] == 0, "the fixed run is not refused"
+
+
+# --- issue 16 item 13: every value out of its range is one line, before anything is written -------
+
+OUT_OF_RANGE = [
+    ("train.steps=-1", "train.steps=-1", ">= 1"), ("train.lr=-0.001", "train.lr=-0.001", "> 0"),
+    ("train.checkpoint_every=0", "train.checkpoint_every=0", ">= 1"), ("train.log_every=0", "train.log_every=0", ">= 1"),
+    ("train.grad_accum=0", "train.grad_accum=0", ">= 1"), ("train.batch_size=0", "train.batch_size=0", ">= 1"),
+    ("cache.batch_size=0", "cache.batch_size=0", ">= 1"), ("eval.batch_size=0", "eval.batch_size=0", ">= 1"),
+    ("train.alpha=1.5", "train.alpha=1.5", "in [0.0, 1.0]"), ("train.betas=[0.9,1.0]", "train.betas[1]=1.0", "in [0.0, 1.0)"),
+    ("cache.temperatures=[1.0,-2.0]", "cache.temperatures[1]=-2.0", "> 0"),
+    ("data.eval_fraction=1.0", "data.eval_fraction=1.0", "in [0.0, 1.0)"), ("data.max_length=1", "data.max_length=1", ">= 2"),
+    ("cache.shard_tokens=0", "cache.shard_tokens=0", ">= 1"), ("cache.compression_level=30", "cache.compression_level=30", "[1, 22]"),
+    ("teacher.gpu_memory_utilization=0", "teacher.gpu_memory_utilization=0.0", "in (0.0, 1.0]"),
+    ("eval.overlap_k=[8,0]", "eval.overlap_k[1]=0", ">= 1"), ("run.seed=-1", "run.seed=-1", ">= 0"),
+    ("train.warmup_steps=-1", "train.warmup_steps=-1", ">= 0"), ("eval.split=test", "eval.split='test'", "train, eval"),
+]
+
+
+@pytest.mark.parametrize("override, key, allowed", OUT_OF_RANGE, ids=[o for o, _, _ in OUT_OF_RANGE])
+def test_value_out_of_range_is_one_line_before_anything_is_written(cli, override, key, allowed):
+    code, line = cli("run", override)
+    assert code != 0 and line.startswith(key) and allowed in line, line
+    assert not cli.run_dir.exists(), "a refused config writes nothing"
+
+
+def test_every_ranged_default_is_in_range():
+    """The defaults pass their own declared ranges (a default outside would refuse every run)."""
+    from pipeline.config import validate
+    from stages.config import PipelineConfig
+
+    validate(PipelineConfig())
+
+
+def test_phase_steps_checked_in_yaml(cli, tmp_path):
+    phases = tmp_path / "phases.yaml"
+    phases.write_text("train:\n  phases:\n    - steps: 2\n    - steps: 0\n")
+    code, line = cli("run", "--config", str(phases))
+    assert code != 0 and line.startswith("train.phases[1].steps=0") and ">= 1" in line
+
+
+@pytest.mark.parametrize("text, words", [("train: [1\n", ("not valid YAML", "line")),
+                                         ("- 1\n- 2\n", ("list at the top level", "map sections"))])
+def test_bad_yaml_file_is_one_line(cli, tmp_path, text, words):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    code, line = cli("run", "--config", str(path))
+    assert code != 0 and str(path) in line and all(w in line for w in words), line
+    assert not cli.run_dir.exists()
+
+
+def test_teacher_directory_without_model(cli, tmp_path):
+    assert cli("prepare")[0] == 0
+    empty = tmp_path / "not_a_model"
+    empty.mkdir()
+    code, line = cli("cache", f"teacher.path={empty}")
+    assert code != 0 and str(empty) in line and "config.json" in line
+    assert not (cli.run_dir / "cache").exists() and not (cli.run_dir / "state" / "cache.json").exists()
+
+
+@pytest.mark.parametrize("content, words", [("", "is empty"), ("\n\n", "cannot read")])
+def test_empty_dataset_file(cli, tmp_path, content, words):
+    source = tmp_path / "empty.jsonl"
+    source.write_text(content)
+    code, line = cli("prepare", f"data.source={source}")
+    assert code != 0 and str(source) in line and words in line, line
+    assert not cli.run_dir.exists()
+
+
+def test_truncation_is_reported(cli, capsys, text_jsonl):
+    """Every sequence of the demo text is longer than 8 tokens: prepare says so."""
+    capsys.readouterr()
+    code = run_pipeline.main(["prepare", f"run.root={cli.run_dir.parent}", f"data.source={text_jsonl}",
+                              f"data.tokenizer={cli.tokenizer_dir}", "data.max_samples=16", "data.max_length=8"])
+    out = capsys.readouterr().out
+    assert code == 0 and "16 sequences" in out and "16 truncated to data.max_length=8" in out, out
+    manifest = json.loads((cli.run_dir / "data" / "manifest.json").read_text())
+    assert manifest["sequences_cut"]["truncated"] == 16
+
+
+def test_no_trained_position_within_max_length_is_refused(cli, tmp_path):
+    source = tmp_path / "long_prompts.jsonl"
+    source.write_text("".join(json.dumps({"prompt": "word " * 60, "response": "short answer"}) + "\n" for _ in range(6)))
+    code, line = cli("prepare", f"data.source={source}")
+    assert code != 0 and "no train sequence keeps a trained position" in line and "data.max_length" in line
+    assert not cli.run_dir.exists()
+    assert cli("prepare", f"data.source={source}", "data.max_length=200")[0] == 0, "the fixed run is not refused"
+
+
+def _cli_subprocess(args: list[str], timeout: float = 120) -> "subprocess.CompletedProcess":
+    import subprocess
+    import sys
+
+    root = Path(run_pipeline.__file__).parent
+    return subprocess.run([sys.executable, str(root / "run_pipeline.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=root)
+
+
+@pytest.mark.parametrize("override", ["train.batch_size=0", "train.steps=-1", "train.lr=-1"])
+def test_cli_subprocess_bad_value_one_line_no_hang(tmp_path, override):
+    """The real CLI: exit code 2, one line on stderr, no traceback, no hang (batch_size=0 used to)."""
+    proc = _cli_subprocess(["train", f"run.root={tmp_path}", override])
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {override.split('=')[0]}=")
+    assert "Traceback" not in proc.stderr and not any(tmp_path.iterdir())

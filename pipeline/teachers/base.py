@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 
 from cache.schema import TeacherOutput
-from pipeline.config import ConfigError, choice
+from pipeline.config import ConfigError, choice, ranged
 
 TEACHERS = {"hf": "pipeline.teachers.hf:HFTeacher", "vllm": "pipeline.teachers.vllm:VLLMTeacher"}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -31,13 +31,13 @@ class TeacherConfig:
     """Attention kernel passed to from_pretrained ('sdpa', 'eager', 'flash_attention_2')."""
     trust_remote_code: bool = False
     """Allow model code from the model directory."""
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = ranged(1, min=1)
     """vLLM: GPUs per engine."""
-    gpu_memory_utilization: float = 0.85
+    gpu_memory_utilization: float = ranged(0.85, above=0.0, max=1.0)
     """vLLM: share of GPU memory the engine may take."""
-    max_num_batched_tokens: int = 16384
+    max_num_batched_tokens: int = ranged(16384, min=1)
     """vLLM: tokens per engine step."""
-    max_model_len: int = 0
+    max_model_len: int = ranged(0, min=0)
     """vLLM: longest sequence (0 = data.max_length)."""
     engine_kwargs: dict = field(default_factory=dict)
     """vLLM: further keyword arguments for vllm.LLM."""

@@ -34,7 +34,7 @@ from vllm.platforms import current_platform
 
 from cache.schema import TeacherOutput
 from pipeline.config import ConfigError
-from pipeline.models import own_tokenizer_fingerprint, teacher_identity
+from pipeline.models import check_model_dir, own_tokenizer_fingerprint, teacher_identity
 from pipeline.router import num_experts as count_experts
 from pipeline.teachers.base import TeacherBatch, TeacherConfig, resolve_dtype
 from pipeline.teachers.extract import ExtractSpec
@@ -124,6 +124,7 @@ class VLLMTeacher:
         check_spec(spec)
         if not Path(cfg.path).exists() and ("/" not in cfg.path or cfg.path.startswith((".", "/"))):
             raise ConfigError(f"model path {cfg.path!r} does not exist; pass a model directory or a hub id")
+        check_model_dir(cfg.path)
         self.cfg, self.spec = cfg, spec
         self.config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
         text = self.config.get_text_config()
