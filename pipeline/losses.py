@@ -10,7 +10,7 @@ Shape legend (suffixes on tensor names):
   D  stored draws per token (padded)
 
 Every KD loss maps (student_logits_CV, teacher chunk, spec) to a per-token loss [C] in fp32
-(fp64 stays fp64, for gradcheck), NOT multiplied by tau^2: the trainer does that, and
+(fp64 stays fp64, for gradcheck), NOT multiplied by tau^2: the trainer does that (kd_weight), and
 normalises the sums returned by chunked_lm_losses by its global count of valid tokens.
 """
 
@@ -295,6 +295,14 @@ KD_LOSSES: dict[str, Callable[[torch.Tensor, TeacherTargets, KDSpec], torch.Tens
     "normkd": normkd,
     "bild": bild,
 }
+
+
+NO_TAU_SQUARED = frozenset({"bild"})  # BiLD's paper applies no tau^2 to its loss
+
+
+def kd_weight(name: str, tau: float) -> float:
+    """The trainer's factor on the KD term besides alpha: tau^2 (Hinton's gradient scale), 1 for bild."""
+    return 1.0 if name in NO_TAU_SQUARED else tau**2
 
 
 EXACT_AT_ANY_TAU = frozenset({"sampled", "top_kl", "bild"})  # never temper the tail bucket at tau != 1

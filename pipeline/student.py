@@ -17,6 +17,11 @@ from pipeline.router_losses import TAU_RANGE, RouterLossSpec, router_parts
 PROMPT_KL = KDSpec("forward_kl", 1.0)  # BiLD's prompt term: forward KL at tau = 1, tail bucket
 
 
+def prompt_positions(batch: dict) -> torch.Tensor:
+    """Bool [T]: positions with a next token that are not trained on (the prompt of prompt/response data)."""
+    return (batch["labels"] >= 0) & ~batch["loss_mask"].bool()
+
+
 def teacher_targets(t: dict, temperatures: tuple[float, ...]) -> TeacherTargets | None:
     if "log_partition" not in t:
         return None
@@ -62,11 +67,12 @@ class DistillStudent(nn.Module):
 
     def _prompt_kl(self, hidden_TH: torch.Tensor, batch: dict, teacher: TeacherTargets | None) -> torch.Tensor:
         """Sum of forward KL at tau = 1 (tail bucket) over the positions with a next token that are
-        not trained on: the prompt of prompt/response data (BiLD's training semantics). The lm_head
-        runs on those rows only, so response tokens are not projected twice."""
+        not trained on: the prompt of prompt/response data (BiLD's training semantics; the trainer
+        divides it by the global count of those positions). The lm_head runs on those rows only, so
+        response tokens are not projected twice."""
         if teacher is None or teacher.topk_ids_TK is None:
             raise ValueError("train.prompt_kl_weight > 0 needs a cache with top-k targets (cache.targets=topk...)")
-        rows_R = ((batch["labels"] >= 0) & ~batch["loss_mask"].bool()).nonzero()[:, 0]
+        rows_R = prompt_positions(batch).nonzero()[:, 0]
         kd_R = torch.ones_like(rows_R, dtype=torch.bool)
         return chunked_lm_losses(hidden_TH.index_select(0, rows_R), self.model.get_output_embeddings().weight,
                                  batch["labels"].index_select(0, rows_R), ~kd_R, kd_R, teacher.index(rows_R),

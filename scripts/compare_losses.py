@@ -10,9 +10,10 @@ teacher and caches are reused. Each variant is a run ``demo_loss_<name>`` beside
 whose data/, cache/ and cache_eval/ are symbolic links to the demo run's (nothing is copied,
 re-prepared or re-cached), trained from configs/demo.yaml with ``train.kd_loss=<name>``; the
 CE-only baseline (``ce_only``: alpha = 0) reads the same cache so that it sees the same batches;
-``bild_semantics`` is BiLD's recipe (bild on response tokens, alpha = 1, forward KL at tau = 1
-on prompt tokens: train.prompt_kl_weight = 1). Every variant has the router KL off
-(train.router_weight=0), so the rows differ only in the token-level loss.
+``bild_semantics`` is BiLD's recipe (bild at tau = 3 on response tokens, no tau², alpha = 1,
+forward KL at tau = 1 on prompt tokens, a mean over them: train.prompt_kl_weight = 1). Every
+variant has the router KL off (train.router_weight=0), so the rows differ only in the
+token-level loss.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from stages import demo  # noqa: E402  (after the path set-up: scripts run from 
 
 COMMON = ["train.router_weight=0", "eval.before=false", "eval.rouge_samples=0"]
 BASELINE = "ce_only"  # alpha = 0: the student on the data alone
-EXTRA = {"bild_semantics": ["train.kd_loss=bild", "train.alpha=1", "train.prompt_kl_weight=1"]}  # BiLD's recipe
+EXTRA = {"bild_semantics": ["train.kd_loss=bild", "train.alpha=1", "train.prompt_kl_weight=1",
+                            "train.temperature=3"]}  # BiLD's recipe, at its tau (bild gets no tau²)
 # NormKD's per-token temperatures are never cached: its tail bucket is the one-token approximation
 # (docs/losses.md), which the trainer refuses unless asked.
 OPT_IN = {"normkd": ["train.allow_uncached_temperature=true"]}

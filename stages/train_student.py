@@ -5,7 +5,8 @@
 
 L = (1 − α)·CE + α·τ²·KD + w_p·prompt KL + β·router KL + λ_ERD·ERD + λ_MC·(MC + λ_cov·coverage)
   + λ_aux·aux (docs/losses.md, docs/router.md), each a sum over valid (loss-masked) tokens divided by the global count of
-valid tokens of the optimizer step (all ranks, all micro-batches). Without KD and teacher
+valid tokens of the optimizer step (all ranks, all micro-batches); the prompt KL is divided by the
+global count of prompt tokens instead, and bild gets no τ² (both as BiLD). Without KD and teacher
 router terms it reads the prepared data directly (SFT / CE-only baseline).
 """
 
@@ -59,7 +60,7 @@ class TrainConfig:
     kd_loss: str = "forward_kl"
     """KD divergence (see docs/losses.md)."""
     temperature: float = ranged(1.0, above=0.0)
-    """KD temperature tau; the KD term is scaled by tau²."""
+    """KD temperature tau; the KD term is scaled by tau² (bild: not, as in BiLD)."""
     missing_mass: str = choice("tail_bucket", ("tail_bucket", "renormalize"))
     """How the teacher mass outside the cached top-k is treated."""
     allow_uncached_temperature: bool = False
@@ -145,7 +146,10 @@ class TrainConfig:
 
     def loss_weights(self) -> dict[str, float]:
         """Weight of each part the student returns in the total loss (others are statistics)."""
-        return {"ce": 1 - self.alpha, "kd": self.alpha * self.temperature**2, "prompt_kl": self.prompt_kl_weight,
+        from pipeline.losses import kd_weight
+
+        return {"ce": 1 - self.alpha, "kd": self.alpha * kd_weight(self.kd_loss, self.temperature),
+                "prompt_kl": self.prompt_kl_weight,
                 "router": self.router_weight,
                 "erd": self.router_erd_weight, "mc": self.router_mc_weight,
                 "coverage": self.router_mc_weight * self.router_coverage_weight, "aux": self.router_aux_weight}
@@ -257,7 +261,8 @@ def train_step(model, micro: list[dict], cfg: TrainConfig, accelerator, step: in
     """
     n_valid = global_sum(accelerator, float(sum(int(mb["loss_mask"].sum()) for mb in micro)))
     scale = accelerator.num_processes / max(n_valid, 1.0)  # DDP averages gradients over ranks
-    weights = cfg.loss_weights()
+    weights, counts = cfg.loss_weights(), prompt_counts(accelerator, micro, cfg)
+    weights |= {k: weights[k] * max(n_valid, 1.0) / max(n, 1.0) for k, n in counts.items()}
     sums: dict[str, float] = {}
     for i, mb in enumerate(micro):
         sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
@@ -267,7 +272,18 @@ def train_step(model, micro: list[dict], cfg: TrainConfig, accelerator, step: in
             accelerator.backward(loss * scale)
         for key, value in {**out, "loss": loss}.items():
             sums[key] = sums.get(key, 0.0) + float(value.detach())
-    return {k: global_sum(accelerator, v) / max(n_valid, 1.0) for k, v in sums.items()} | {"tokens": n_valid}
+    per_token = {k: global_sum(accelerator, v) / max(counts.get(k, n_valid), 1.0) for k, v in sums.items()}
+    return per_token | {"tokens": n_valid}
+
+
+def prompt_counts(accelerator, micro: list[dict], cfg: TrainConfig) -> dict[str, float]:
+    """{"prompt_kl": global count of prompt tokens} when that part is on: BiLD's prompt KL is a mean
+    over prompt tokens, not over the trained ones that normalise every other part."""
+    from pipeline.student import prompt_positions
+
+    if cfg.prompt_kl_weight == 0:
+        return {}
+    return {"prompt_kl": global_sum(accelerator, float(sum(int(prompt_positions(mb).sum()) for mb in micro)))}
 
 
 def run(cfg, force: bool = False) -> Path:
