@@ -9,10 +9,13 @@ fix CE was off by ~2e-2 nats/token and the KD losses by ~1e-3.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from pipeline.losses import KDSpec, TeacherTargets, chunked_lm_losses
+from pipeline.student import DistillStudent
 
 T, H, V, VOCAB, K = 24, 64, 1000, 990, 8
 TEMPS = (1.0, 2.0)
@@ -89,3 +92,39 @@ def test_autocast_stays_on_outside_the_loss(case):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         chunked_lm_losses(hidden_TH, weight_VH, labels_T, mask_T, mask_T, teacher, KDSpec(), chunk_tokens=10)
         assert (hidden_TH @ weight_VH.T).dtype == torch.bfloat16
+
+
+class FixedHiddenLM(torch.nn.Module):
+    """The two things DistillStudent asks of a causal LM, with fixed final hidden states."""
+
+    def __init__(self, hidden_TH: torch.Tensor, weight_VH: torch.Tensor):
+        super().__init__()
+        self.hidden_1TH = hidden_TH[None]
+        self.head = torch.nn.Linear(H, V, bias=False)
+        self.head.weight = torch.nn.Parameter(weight_VH.clone())
+
+    def base_model(self, input_ids, attention_mask, use_cache):
+        return SimpleNamespace(last_hidden_state=self.hidden_1TH)
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+def test_student_forward_under_bf16_autocast_matches_float64(case):
+    """Through DistillStudent.forward: CE and KD on the trained half, the prompt KL on the other."""
+    hidden_TH, weight_VH, labels_T, teacher, z_TV = case
+    trained_T = torch.arange(T) >= T // 2
+    batch = {"input_ids": torch.zeros(1, T, dtype=torch.long), "attention_mask": torch.ones(1, T, dtype=torch.long),
+             "valid": torch.ones(1, T, dtype=torch.bool), "labels": labels_T, "loss_mask": trained_T,
+             "teacher": {"topk_ids": teacher.topk_ids_TK, "topk_logprobs": teacher.topk_logprobs_TK,
+                         "log_partition": teacher.log_partition_TP}}
+    student = DistillStudent(FixedHiddenLM(hidden_TH, weight_VH), KDSpec(), TEMPS, VOCAB, 10, prompt_kl=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = student(batch)
+    spec = KDSpec()
+    rows = {"trained": trained_T, "prompt": ~trained_T}
+    ref = {part: dense_reference(hidden_TH[r].double(), weight_VH.double(), labels_T[r], teacher.index(r.nonzero()[:, 0]),
+                                 z_TV[r], spec) for part, r in rows.items()}
+    torch.testing.assert_close(out["ce"].double(), ref["trained"][0], rtol=2e-6, atol=1e-5)
+    torch.testing.assert_close(out["kd"].double(), ref["trained"][1], rtol=2e-5, atol=1e-5)
+    torch.testing.assert_close(out["prompt_kl"].double(), ref["prompt"][1], rtol=2e-5, atol=1e-5)
