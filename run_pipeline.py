@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pipeline.openmp import short_spin
@@ -39,24 +40,32 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def stage_command(args) -> None:
     from pipeline.config import ConfigError, load_config
+    from pipeline.state import stage_lock
     from stages import cache_teacher, evaluate, init_student, prepare, train_student
     from stages.config import PipelineConfig
 
     cfg = load_config(PipelineConfig, args.config, args.overrides)
+    if args.command == "run" and cfg.student.init == "svd" and cfg.init.mode != "full":
+        raise ConfigError("student.init=svd inside `run` needs init.mode=full (a LoRA adapter is not trained here)")
+    # one process per stage of a run: global rank 0 holds the stage's lock (the other ranks wait on it)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
     if args.command in ("prepare", "run"):
-        prepare.run(cfg, force=args.force)
+        with stage_lock(cfg.run_dir, "prepare", main_rank):
+            prepare.run(cfg, force=args.force)
     if args.command == "init" or (args.command == "run" and cfg.student.init == "svd"):
-        if args.command == "run" and cfg.init.mode != "full":
-            raise ConfigError("student.init=svd inside `run` needs init.mode=full (a LoRA adapter is not trained here)")
-        initialised = init_student.run_stage(cfg, force=args.force)
+        with stage_lock(cfg.run_dir, "init", main_rank):
+            initialised = init_student.run_stage(cfg, force=args.force)
         if args.command == "run":
             cfg.student.path = str(initialised)
     if args.command in ("cache", "run") and cfg.teacher.path:
-        cache_teacher.run(cfg, force=args.force)
+        with stage_lock(cfg.run_dir, "cache", main_rank):
+            cache_teacher.run(cfg, force=args.force)
     if args.command in ("train", "run"):
-        train_student.run(cfg, force=args.force)
+        with stage_lock(cfg.run_dir, "train", main_rank):
+            train_student.run(cfg, force=args.force)
     if args.command in ("eval", "run"):
-        evaluate.run(cfg, force=args.force)
+        with stage_lock(cfg.run_dir, "evaluate", main_rank):
+            evaluate.run(cfg, force=args.force)
 
 
 def main(argv: list[str] | None = None) -> int:

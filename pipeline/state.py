@@ -3,11 +3,20 @@
 ``runs/<name>/state/<stage>.json`` records status (running | done), the stage's input
 fingerprint and its progress. Re-running skips a done stage with unchanged inputs,
 resumes a running one, and refuses (unless ``--force``) when inputs changed under it.
+
+``runs/<name>/state/<stage>.lock`` keeps two processes out of one stage of one run: the
+process that runs the stage (rank 0 under a launcher) holds an ``flock`` on it and writes
+its pid and host into it. The kernel drops the flock when the process dies, so a lock left
+by a killed run is taken over (with one line saying so); a live holder is a one-line refusal.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -68,3 +77,71 @@ def begin_on_all_ranks(run_dir: Path, stage: str, inputs: str, outputs: list[Pat
     must_run = begin(run_dir, stage, inputs, outputs, force) if is_main else False
     barrier()
     return must_run if is_main else begin(run_dir, stage, inputs, [], False)
+
+
+def lock_path(run_dir: Path, stage: str) -> Path:
+    return Path(run_dir) / "state" / f"{stage}.lock"
+
+
+def _owner(fd: int) -> dict:
+    os.lseek(fd, 0, os.SEEK_SET)
+    text = os.read(fd, 4096).decode(errors="replace")
+    try:
+        return json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError:
+        return {"pid": "?", "host": "?"}
+
+
+@contextlib.contextmanager
+def stage_lock(run_dir: Path, stage: str, is_main: bool = True):
+    """Hold the stage's lock while the body runs (only the main rank takes it: one lock per stage).
+
+    The lock file is never deleted (an unlink would let a third process lock a fresh inode
+    while a second still holds the old one); a clean release empties it instead.
+    """
+    if not is_main:
+        yield
+        return
+    path = lock_path(run_dir, stage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _owner(fd)
+            raise ConfigError(
+                f"stage '{stage}' of {run_dir} is running in another process (pid {owner.get('pid', '?')} on "
+                f"{owner.get('host', '?')}, lock {path}); wait for it to finish or stop it") from None
+        previous = _owner(fd)
+        if previous:
+            print(f"{stage}: taking over the lock {path} of pid {previous.get('pid', '?')} on "
+                  f"{previous.get('host', '?')}, which stopped without releasing it", flush=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        os.fsync(fd)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # released cleanly: the next holder has nothing to take over
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def lock_holder(run_dir: Path, stage: str) -> dict | None:
+    """The live process holding a stage's lock ({pid, host, since}), or None when nobody holds it."""
+    path = lock_path(run_dir, stage)
+    if not path.exists():
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _owner(fd) or {"pid": "?", "host": "?"}
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

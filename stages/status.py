@@ -16,7 +16,7 @@ from pathlib import Path
 from cache.schema import MANIFEST_NAME
 from cache.writer import committed_shards
 from pipeline.config import ConfigError
-from pipeline.state import STAGES, read_state
+from pipeline.state import STAGES, lock_holder, read_state
 
 RECORD_KEYS = ("stage", "status", "inputs", "updated")
 
@@ -61,12 +61,20 @@ def status(run_dir: str | Path) -> dict:
         raise ConfigError(f"{run_dir} holds no state/ folder: not a kdcache run directory (runs/<run.name>)")
     tokens = prepared_tokens(run_dir)
     return {"stages": {stage: read_state(run_dir, stage) for stage in STAGES},
+            "locks": {stage: holder for stage in STAGES if (holder := lock_holder(run_dir, stage))},
             "caches": {p.name: cache_progress(p, tokens.get(split_of(p))) for p in cache_dirs(run_dir)},
             "checkpoint_step": latest_checkpoint_step(run_dir)}
 
 
 def progress_text(state: dict) -> str:
     return ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(state.items()) if k not in RECORD_KEYS)
+
+
+def status_text(status: str, holder: dict | None) -> str:
+    """'running' says whether a process still holds the stage's lock (pipeline/state.py)."""
+    if status != "running":
+        return status
+    return f"running (pid {holder['pid']} on {holder['host']})" if holder else "running (no process: interrupted)"
 
 
 def stage_rows(report: dict) -> list[tuple[str, str, str, str]]:
@@ -79,7 +87,7 @@ def stage_rows(report: dict) -> list[tuple[str, str, str, str]]:
         step = report["checkpoint_step"]
         if stage == "train" and step is not None:
             progress = ", ".join(filter(None, [progress, f"last complete checkpoint: step {step}"]))
-        rows.append((stage, state["status"], state["updated"], progress))
+        rows.append((stage, status_text(state["status"], report["locks"].get(stage)), state["updated"], progress))
     return rows
 
 
@@ -99,8 +107,8 @@ def format_status(run_dir, report: dict) -> str:
     if report["caches"]:
         lines += ["", "caches (from the shard journals)"]
         lines += [cache_line(name, c) for name, c in report["caches"].items()]
-    if any(s and s["status"] == "running" for s in report["stages"].values()):
-        lines += ["", "a stage shown as running whose process has ended was interrupted; re-running it resumes"]
+    if any(s and s["status"] == "running" and stage not in report["locks"] for stage, s in report["stages"].items()):
+        lines += ["", "an interrupted stage resumes where it stopped when it is re-run"]
     return "\n".join(lines)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from pipeline import state
@@ -42,3 +45,95 @@ def test_force_sets_outputs_aside(tmp_path):
     assert state.begin(tmp_path, "cache", "B", [tmp_path / "cache"], force=True) is True
     assert not (tmp_path / "cache").exists()
     assert len(list(tmp_path.glob("cache.old-*"))) == 1
+
+
+# --- one process per stage of a run (issue 16 item 15) -------------------------------------------
+
+HOLD = """
+import sys, time
+from pipeline.state import stage_lock
+with stage_lock(sys.argv[1], sys.argv[2]):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def _python(*args: str, **kwargs):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.Popen([sys.executable, *args], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kwargs)
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """A live process holding the 'prepare' lock of tmp_path/runs/demo."""
+    run_dir = tmp_path / "runs" / "demo"
+    proc = _python("-c", HOLD, str(run_dir), "prepare")
+    assert proc.stdout.readline().strip() == "locked"
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_live_lock_refuses_the_second_process_with_one_line(tmp_path, holder):
+    run_dir = tmp_path / "runs" / "demo"
+    with pytest.raises(ConfigError, match=f"pid {holder.pid} on .*lock {run_dir / 'state' / 'prepare.lock'}"):
+        with state.stage_lock(run_dir, "prepare"):
+            raise AssertionError("the body must not run while another process holds the lock")
+    assert state.lock_holder(run_dir, "prepare")["pid"] == holder.pid
+    assert state.lock_holder(run_dir, "cache") is None
+
+
+def test_cli_refused_while_a_stage_runs(tmp_path, holder):
+    """The real CLI: exit 2, one line naming the pid and the lock file, no traceback, nothing written."""
+    proc = _python("run_pipeline.py", "prepare", f"run.root={tmp_path / 'runs'}")
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and f"pid {holder.pid}" in lines[0] and "prepare.lock" in lines[0]
+    assert sorted(p.name for p in (tmp_path / "runs" / "demo").rglob("*")) == ["prepare.lock", "state"]
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, capsys):
+    import json
+    import socket
+
+    dead = _python("-c", "pass")
+    dead.wait()
+    path = state.lock_path(tmp_path, "cache")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))  # killed: never released
+    with state.stage_lock(tmp_path, "cache"):
+        assert state.lock_holder(tmp_path, "cache") is not None
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and f"taking over the lock {path} of pid {dead.pid}" in out
+    assert path.read_text() == "" and state.lock_holder(tmp_path, "cache") is None, "released cleanly"
+    with state.stage_lock(tmp_path, "cache"):
+        pass
+    assert capsys.readouterr().out == "", "a cleanly released lock is no takeover"
+
+
+def test_only_the_main_rank_takes_the_lock(tmp_path):
+    with state.stage_lock(tmp_path, "train", is_main=True):
+        with state.stage_lock(tmp_path, "train", is_main=False):  # another rank of the same job
+            pass
+    assert not state.lock_path(tmp_path, "evaluate").exists()
+
+
+# --- a failed check leaves nothing that blocks the corrected command (issue 16 item 17) ----------
+
+@pytest.mark.parametrize("bad, words", [("student.path=/no/such/student", "/no/such/student"),
+                                        ("train.batch_size=100000", "lower train.batch_size")])
+def test_failed_train_check_then_corrected_run_needs_no_force(train_config, capsys, bad, words):
+    import run_pipeline
+
+    cfg, overrides = train_config(with_overrides=True)
+    capsys.readouterr()
+    assert run_pipeline.main(["train", *overrides, bad]) == 2
+    assert words in capsys.readouterr().err
+    assert state.read_state(cfg.run_dir, "train") is None and not (cfg.run_dir / "train").exists()
+    assert run_pipeline.main(["train", *overrides]) == 0, "the corrected command runs without --force"
+    assert state.read_state(cfg.run_dir, "train")["status"] == "done"
