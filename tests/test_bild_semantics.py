@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from cache.stream import CacheSource, ShardStream
@@ -72,6 +73,25 @@ def test_prompt_kl_equals_a_dense_reference_on_prompt_response_data(train_config
     assert row["prompt_kl"] > 0.01
     assert row["prompt_kl"] == pytest.approx(reference, rel=1e-4, abs=1e-6)
     assert row["loss"] == pytest.approx(0.5 * row["ce"] + 0.5 * row["kd"] + 0.5 * row["prompt_kl"], rel=1e-4)
+
+
+def test_prompt_kl_normalised_over_the_whole_step_not_per_micro_batch(train_config, pairs_cache):
+    """grad_accum 1 and 2 give the same prompt KL and weights: it is divided by the step's count of
+    prompt tokens, which differs between micro-batches (a per-micro-batch mean would not match)."""
+    runs = {}
+    for accum in (1, 2):
+        cfg = train_config("train.steps=2", f"train.grad_accum={accum}", "train.alpha=1", "train.kd_loss=bild",
+                           "train.temperature=3", "train.prompt_kl_weight=1", "train.router_weight=0",
+                           cache=pairs_cache, name=f"accum{accum}")
+        train_student.run(cfg)
+        rows = [json.loads(line) for line in (cfg.run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
+        runs[accum] = rows, load_file(cfg.run_dir / "train" / "final" / "model.safetensors")
+    (m1, w1), (m2, w2) = runs[1], runs[2]
+    for a, b in zip(m1, m2):
+        for key in ("loss", "kd", "prompt_kl"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    for key in w1:  # atol: 1% of lr, as in tests/test_train.py
+        torch.testing.assert_close(w1[key], w2[key], rtol=1e-5, atol=1e-5, msg=key)
 
 
 def test_prompt_kl_is_absent_with_weight_zero(train_config, pairs_cache):
