@@ -14,9 +14,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 import run_pipeline
 from pipeline.config import ConfigError
+from pipeline.losses import KD_LOSSES, KDSpec, TeacherTargets, approximates_tail, kd_per_token
 from stages.train_setup import check_cached_temperature
 
 BASE = ("train.steps=1", "train.router_weight=0", "train.checkpoint_every=1")
@@ -102,3 +104,30 @@ def test_normkd_with_tail_bucket_is_refused_at_any_tau(capsys):
     check("normkd", temperature=1.0, missing_mass="renormalize")
     check("normkd", temperature=1.0, allow=True)
     assert capsys.readouterr().err.count("warning: ") == 1
+
+
+def cache_of(z_TV: torch.Tensor, k: int, temps: tuple[float, ...]) -> TeacherTargets:
+    lp_TV = torch.log_softmax(z_TV, -1)
+    ids_TK = lp_TV.argsort(-1, descending=True)[:, :k]
+    logz_TP = torch.stack([torch.logsumexp(z_TV / t, -1) for t in temps], -1)
+    return TeacherTargets(ids_TK, lp_TV.gather(-1, ids_TK), logz_TP, temps)
+
+
+@pytest.mark.parametrize("mode", ["tail_bucket", "renormalize"])
+@pytest.mark.parametrize("name", sorted(set(KD_LOSSES) - {"sampled", "normkd"}))
+def test_the_rule_flags_exactly_the_losses_that_change_when_tau_is_cached(name, mode):
+    """approximates_tail (what the trainer refuses) against the reference of a cache that holds tau:
+    where it says exact, the loss equals the one computed with tau cached; where it says
+    approximated, the two differ."""
+    torch.manual_seed(0)
+    z_TV, s_TV = 3.0 * torch.randn(5, 40, dtype=torch.float64), 3.0 * torch.randn(5, 40, dtype=torch.float64)
+    spec = KDSpec(name=name, temperature=3.0, missing_mass=mode, bild_top_k=4)
+    lacking, holding = cache_of(z_TV, 8, (1.0, 2.0)), cache_of(z_TV, 8, (1.0, 2.0, 3.0))
+    got, reference = kd_per_token(s_TV, lacking, spec), kd_per_token(s_TV, holding, spec)
+    expected_exact = mode == "renormalize" or name in ("bild", "top_kl")
+    assert approximates_tail(spec, lacking.temperatures, 8, 40) is not expected_exact
+    assert not approximates_tail(spec, holding.temperatures, 8, 40)
+    if expected_exact:
+        torch.testing.assert_close(got, reference)
+    else:
+        assert (got - reference).abs().max() > 1e-3
