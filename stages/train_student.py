@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -312,13 +313,22 @@ def run(cfg, force: bool = False) -> Path:
 
 
 def resume(out_dir: Path, accelerator, model, optimizer, job) -> int:
-    latest = checkpoint.latest(out_dir / "checkpoints")
-    if latest is None:
+    """Continue from the newest checkpoint that passes its checks (a damaged one is skipped, named)."""
+    def warn(line: str) -> None:
+        if accelerator.is_main_process:
+            print(line, file=sys.stderr, flush=True)
+
+    unwrapped = accelerator.unwrap_model(model)
+    loaded = checkpoint.read_latest(out_dir / "checkpoints", unwrapped, accelerator.process_index, warn)
+    if loaded is None:
         return 0
-    progress = checkpoint.load(latest, accelerator.unwrap_model(model), optimizer, job.scheduler)
+    progress = checkpoint.apply(loaded, unwrapped, optimizer, job.scheduler)
     job.stream.load_state_dict(progress["stream"])
+    if progress.get("world_size", 1) != accelerator.num_processes:
+        warn(f"warning: {loaded.path.name} was written by {progress.get('world_size', 1)} ranks, this run has "
+             f"{accelerator.num_processes}: ranks without a saved RNG state keep their fresh one")
     if accelerator.is_main_process:
-        print(f"resumed from {latest} (step {progress['step']})", flush=True)
+        print(f"resumed from {loaded.path} (step {progress['step']})", flush=True)
     return int(progress["step"])
 
 
@@ -349,11 +359,10 @@ def train_loop(cfg, accelerator, model, optimizer, job, step: int, logger, out_d
 
 
 def save_checkpoint(accelerator, out_dir: Path, step: int, model, optimizer, job, keep: int) -> None:
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        checkpoint.save(out_dir / "checkpoints", step, accelerator.unwrap_model(model), optimizer, job.scheduler,
-                        job.stream.state_dict(), keep)
-    accelerator.wait_for_everyone()
+    accelerator.wait_for_everyone()  # every rank saves its own RNG state; rank 0 the rest
+    checkpoint.save(out_dir / "checkpoints", step, accelerator.unwrap_model(model), optimizer, job.scheduler,
+                    job.stream.state_dict(), keep, rank=accelerator.process_index,
+                    world_size=accelerator.num_processes, barrier=accelerator.wait_for_everyone)
 
 
 def finish(cfg, accelerator, model, job, out_dir: Path, inputs: str) -> Path:

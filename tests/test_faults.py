@@ -162,3 +162,163 @@ def test_a_corrupt_manifest_stops_inspect_and_train(train_config, capsys):
     path.write_text(json.dumps(data, indent=1, sort_keys=True))
     assert str(path) in one_line_error(capsys, ["inspect", str(path.parent)])
     assert "no longer matches its checksum" in one_line_error(capsys, ["train", *overrides])
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+
+class Payload:
+    """Unpickling this runs code: it writes a marker file (a harmless stand-in for an exploit)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "executed"))
+
+
+def tiny_trainer(seed: int = 0):
+    import torch
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+    return model, optimizer, scheduler
+
+
+def train_steps(model, optimizer, scheduler, n: int) -> None:
+    import torch
+
+    for _ in range(n):
+        model(torch.randn(3, 4)).square().mean().backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+
+
+def checkpoints_at(root: Path, steps=(1, 2)) -> dict[int, dict]:
+    """Checkpoints of a tiny trainer at ``steps``; returns each step's weights."""
+    from pipeline import checkpoint
+
+    model, optimizer, scheduler = tiny_trainer()
+    weights, done = {}, 0
+    for step in steps:
+        train_steps(model, optimizer, scheduler, step - done)
+        done = step
+        checkpoint.save(root, step, model, optimizer, scheduler, {"epoch": 0, "position": step}, keep=5)
+        weights[step] = {k: v.clone() for k, v in model.state_dict().items()}
+    return weights
+
+
+def rewrite_checksums(path: Path) -> None:
+    """What an attacker who edits a checkpoint also does: make COMPLETE agree with the new bytes."""
+    from pipeline import checkpoint
+
+    sums = {p.name: checkpoint.sha256(p) for p in sorted(path.iterdir()) if p.name != checkpoint.COMPLETE}
+    (path / checkpoint.COMPLETE).write_text(json.dumps(sums))
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", "trainer.pt", "progress.json", "rng-rank000.pt"])
+def test_a_flipped_byte_in_the_newest_checkpoint_falls_back_to_the_previous(tmp_path, victim):
+    import torch
+
+    from pipeline import checkpoint
+
+    weights = checkpoints_at(tmp_path)
+    target = tmp_path / "step-000002" / victim
+    flip_byte(target, target.stat().st_size // 2)
+    model, _, _ = tiny_trainer(seed=1)
+    warnings = []
+    loaded = checkpoint.read_latest(tmp_path, model, warn=warnings.append)
+    assert loaded.path.name == "step-000001" and len(warnings) == 1
+    assert "step-000002" in warnings[0] and victim in warnings[0] and "\n" not in warnings[0]
+    model.load_state_dict(loaded.model)
+    assert all(torch.equal(model.state_dict()[k], weights[1][k]) for k in weights[1])
+
+
+def test_no_good_checkpoint_is_one_line_and_changes_nothing(tmp_path):
+    import torch
+
+    from pipeline import checkpoint
+
+    checkpoints_at(tmp_path)
+    for path in checkpoint.complete_checkpoints(tmp_path):
+        flip_byte(path / "model.safetensors", 100)
+    model, optimizer, scheduler = tiny_trainer(seed=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    warnings = []
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        checkpoint.read_latest(tmp_path, model, warn=warnings.append)
+    assert "no usable checkpoint" in str(err.value) and "\n" not in str(err.value) and len(warnings) == 1
+    assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
+
+
+def test_a_planted_pickle_payload_is_refused_not_executed(tmp_path):
+    import torch
+
+    from pipeline import checkpoint
+
+    checkpoints_at(tmp_path)
+    newest, marker = tmp_path / "step-000002", tmp_path / "pwned"
+    trainer = torch.load(newest / "trainer.pt", weights_only=True)
+    torch.save({**trainer, "extra": Payload(marker)}, newest / "trainer.pt")
+    rewrite_checksums(newest)
+    warnings = []
+    loaded = checkpoint.read_latest(tmp_path, tiny_trainer()[0], warn=warnings.append)
+    assert not marker.exists(), "the checkpoint ran code"
+    assert loaded.path.name == "step-000001"
+    assert "trainer.pt" in warnings[0] and "refused" in warnings[0]
+
+
+def test_missing_or_unexpected_model_keys_are_named(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from pipeline import checkpoint
+
+    checkpoints_at(tmp_path, steps=(1,))
+    path = tmp_path / "step-000001"
+    state = load_file(path / "model.safetensors")
+    state["2.weight"] = state.pop("1.weight")
+    save_file(state, path / "model.safetensors")
+    rewrite_checksums(path)
+    model, optimizer, scheduler = tiny_trainer(seed=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(checkpoint.CheckpointError, match=r"missing keys 1\.weight; unexpected keys 2\.weight"):
+        checkpoint.load(path, model, optimizer, scheduler)
+    assert all(torch.equal(model.state_dict()[k], before[k]) for k in before), "a refused checkpoint was applied"
+
+
+def _rank_process(rank: int, root: str, barrier, results) -> None:
+    import random
+
+    import torch
+
+    from pipeline import checkpoint
+
+    model, optimizer, scheduler = tiny_trainer()
+    random.seed(100 + rank), np.random.seed(100 + rank), torch.manual_seed(100 + rank)  # ranks differ
+    checkpoint.save(Path(root), 1, model, optimizer, scheduler, {}, keep=2, rank=rank, world_size=2,
+                    barrier=barrier.wait)
+    after_save = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    checkpoint.load(Path(root) / "step-000001", model, optimizer, scheduler, rank=rank)
+    results[rank] = (after_save, (random.random(), float(np.random.rand()), float(torch.rand(1))))
+
+
+def test_each_rank_resumes_its_own_rng_state(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(2), ctx.Manager().dict()
+    procs = [ctx.Process(target=_rank_process, args=(r, str(tmp_path), barrier, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    for rank in range(2):
+        want, got = results[rank]
+        assert want == got, f"rank {rank} resumed another rank's RNG"
+    assert results[0][0] != results[1][0]

@@ -93,3 +93,57 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(train_config):
     tokenizer = AutoTokenizer.from_pretrained(cfg.run_dir / "train" / "final")
     ids = tokenizer("Return the sum of a and b.", return_tensors="pt").input_ids
     assert torch.isfinite(model(ids).logits).all()
+
+
+def reopen(run_dir: Path) -> Path:
+    """Undo the end of a finished run: no final/, the stage recorded as running (as if killed after the last checkpoint)."""
+    import shutil
+
+    from pipeline.state import read_state, write_state
+
+    shutil.rmtree(run_dir / "train" / "final")
+    write_state(run_dir, "train", "running", read_state(run_dir, "train")["inputs"])
+    return run_dir / "train" / "checkpoints"
+
+
+@pytest.mark.slow
+def test_a_damaged_or_planted_newest_checkpoint_resumes_bit_identically_from_the_previous(train_config, capsys):
+    from tests.test_faults import Payload, flip_byte, one_line_error, rewrite_checksums
+
+    from stages import train_student
+
+    cfg, overrides = train_config("train.steps=6", "train.checkpoint_every=3", "train.keep_checkpoints=2",
+                                  "train.router_weight=0.1", "train.warmup_steps=2", with_overrides=True)
+    train_student.run(cfg)
+    final = cfg.run_dir / "train" / "final" / "model.safetensors"
+    want = load_file(final)
+
+    def resumed_weights() -> dict:
+        capsys.readouterr()
+        train_student.run(cfg)
+        captured = capsys.readouterr()
+        assert f"resumed from {ckpts / 'step-000003'} (step 3)" in captured.out
+        skipped = [line for line in captured.err.splitlines() if "skipping checkpoint" in line]
+        assert len(skipped) == 1 and "step-000006" in skipped[0], captured.err[-2000:]
+        return load_file(final)
+
+    ckpts = reopen(cfg.run_dir)  # 1. a flipped byte in the newest checkpoint's weights
+    flip_byte(ckpts / "step-000006" / "model.safetensors", (ckpts / "step-000006" / "model.safetensors").stat().st_size // 2)
+    got = resumed_weights()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+    ckpts = reopen(cfg.run_dir)  # 2. code planted in the newest trainer state, its checksums made to agree
+    marker = cfg.run_dir / "pwned"
+    trainer = torch.load(ckpts / "step-000006" / "trainer.pt", weights_only=True)
+    torch.save({**trainer, "extra": Payload(marker)}, ckpts / "step-000006" / "trainer.pt")
+    rewrite_checksums(ckpts / "step-000006")
+    got = resumed_weights()
+    assert not marker.exists(), "resume ran code from a checkpoint"
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+    ckpts = reopen(cfg.run_dir)  # 3. every checkpoint damaged: one line, exit 2, nothing trained
+    for path in ckpts.glob("step-*"):
+        flip_byte(path / "model.safetensors", 200)
+    err = one_line_error(capsys, ["train", *overrides])
+    assert "no usable checkpoint" in err and str(ckpts) in err
+    assert not final.exists()
