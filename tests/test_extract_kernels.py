@@ -179,4 +179,41 @@ def test_build_is_cached_per_source_and_flags(monkeypatch, tmp_path):
     first = native.build()
     stamp = first.stat().st_mtime_ns
     assert native.build() == first and first.stat().st_mtime_ns == stamp
-    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.name, f"{first.name}.sha256"]  # no temporary left
+
+
+PLANTED = r"""
+#include <stdio.h>
+__attribute__((constructor)) static void planted(void) {
+    FILE *f = fopen(getenv("KDCACHE_PLANTED_MARKER"), "w"); if (f) { fputs("loaded", f); fclose(f); }
+}
+int kd_topk_lse(void) { return 0; }
+"""
+
+
+def test_a_tampered_library_is_rebuilt_not_loaded(monkeypatch, tmp_path, caplog):
+    import subprocess
+
+    build_dir, marker = tmp_path / "build", tmp_path / "loaded"
+    monkeypatch.setenv("KDCACHE_BUILD_DIR", str(build_dir))
+    monkeypatch.setenv("KDCACHE_PLANTED_MARKER", str(marker))
+    lib = native.build()
+    built = lib.read_bytes()
+    (tmp_path / "planted.c").write_text("#include <stdlib.h>\n" + PLANTED)
+    # a library that runs code as soon as it is loaded, put where the real one was built
+    subprocess.run(["cc", "-shared", "-fPIC", str(tmp_path / "planted.c"), "-o", str(lib)], check=True)
+    native._function.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert native.available() is None
+        assert not marker.exists(), "the tampered library was loaded"
+        assert lib.read_bytes() == built and native.changed_since_built(lib) is None
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "sha256 differs" in warnings[0].getMessage() and str(lib) in warnings[0].getMessage()
+        lp, _, _ = native.topk_lse(logits(2, 100), 4, (1.0,))  # the rebuilt kernel computes
+        assert torch.isfinite(lp).all()
+        native.hash_record(lib).unlink()  # no record (a library from before records, or copied in): rebuilt too
+        assert native.build() == lib and native.changed_since_built(lib) is None
+    finally:
+        monkeypatch.undo()
+        native._function.cache_clear()

@@ -7,6 +7,10 @@ a second (``torch.utils.cpp_extension`` compiles against torch's headers: about 
 two cores, on every fresh machine). Calls run on row ranges in a thread pool: ctypes drops
 the GIL for the call, so the ranges run in parallel.
 
+The library's sha256 is recorded beside it when it is built (``topk_lse-<key>.so.sha256``) and
+checked before it is loaded: a library whose bytes changed since, or that has no record, is
+never loaded but rebuilt, with one warning line.
+
 ``cache.extract_kernel``: ``auto`` uses it on CPU when it builds and falls back to torch
 (with one warning naming why) when it does not; ``native`` insists; ``torch`` never uses it.
 """
@@ -61,7 +65,10 @@ def build() -> Path:
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
     lib = build_dir() / f"topk_lse-{key}.so"
     if lib.exists():
-        return lib
+        why = changed_since_built(lib)
+        if why is None:
+            return lib
+        log.warning("not loading %s: %s; rebuilding it", lib, why)
     lib.parent.mkdir(parents=True, exist_ok=True)
     tmp = lib.with_name(f".{lib.name}.{os.getpid()}.tmp")  # ranks building at once: last rename wins
     proc = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
@@ -69,8 +76,31 @@ def build() -> Path:
         tmp.unlink(missing_ok=True)
         first = next((line for line in proc.stderr.splitlines() if "error" in line), proc.stderr.strip()[:200])
         raise KernelUnavailable(f"{compiler} could not build {SOURCE.name}: {first}")
+    record = hash_record(lib)  # the hash of what this process built, written before the library is in place
+    record_tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
+    record_tmp.write_text(file_sha256(tmp) + "\n")
+    os.replace(record_tmp, record)
     os.replace(tmp, lib)
     return lib
+
+
+def hash_record(lib: Path) -> Path:
+    """The side file holding the sha256 of the library as built (keyed, like the library, by source + flags)."""
+    return lib.with_name(lib.name + ".sha256")
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def changed_since_built(lib: Path) -> str | None:
+    """None when the library's bytes are the ones recorded at build time, else why not."""
+    record = hash_record(lib)
+    if not record.exists():
+        return f"no build record {record.name} beside it"
+    if file_sha256(lib) != record.read_text().strip():
+        return f"its sha256 differs from the one recorded when it was built ({record.name})"
+    return None
 
 
 @lru_cache(maxsize=1)
