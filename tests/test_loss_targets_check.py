@@ -39,7 +39,8 @@ def train_cli(train_config, capsys):
 
 
 def files_under(folder: Path) -> set[str]:
-    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+    """Every path under folder but the stage locks, which the CLI takes first and keeps by design."""
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix != ".lock"}
 
 
 def said(err: list[str]) -> list[str]:
