@@ -67,9 +67,14 @@ def check_kd_targets(cfg, is_main: bool = True) -> None:
     draws made at another temperature, a loss without its targets, or (unless
     train.allow_uncached_temperature) the one-token tail approximation of an uncached tau."""
     t = cfg.train
-    if t.alpha == 0 or not t.uses_cache():
+    if not t.uses_cache() or (t.alpha == 0 and t.prompt_kl_weight == 0):
         return
     identity = read_manifest(cache_dir(cfg.run_dir, "train")).identity
+    if t.prompt_kl_weight > 0 and "topk" not in identity["targets"]:
+        raise ConfigError(f"train.prompt_kl_weight > 0 needs the teacher's top-k but the cache holds "
+                          f"cache.targets={identity['targets']}; re-cache with cache.targets=topk+sampled")
+    if t.alpha == 0:
+        return
     if t.kd_loss == "sampled":
         check_draw_temperature(t, identity.get("draws"))
     elif "topk" not in identity["targets"]:

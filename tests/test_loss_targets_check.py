@@ -76,6 +76,16 @@ def test_uncached_temperature_is_refused_unless_allowed(train_cli):
     assert (train_cli.run_dir / "train" / "final").is_dir()
 
 
+@pytest.mark.parametrize("overrides", [("train.kd_loss=forward_kl",), ("train.alpha=0", "train.prompt_kl_weight=1")])
+def test_a_loss_needing_the_top_k_on_a_cache_of_draws_only_is_refused(train_config, capsys, overrides):
+    cfg, everything = train_config(*BASE, *overrides, cache=("cache.targets=sampled",), with_overrides=True)
+    capsys.readouterr()
+    assert run_pipeline.main(["train", *everything]) != 0
+    (line,) = said(capsys.readouterr().err.splitlines())
+    assert "needs the teacher's top-k" in line and "cache.targets=sampled" in line
+    assert not (cfg.run_dir / "train").exists() and not (cfg.run_dir / "state" / "train.json").exists()
+
+
 def check(kd_loss="forward_kl", temperature=3.0, missing_mass="tail_bucket", allow=False, k=8, vocab=512):
     t = SimpleNamespace(kd_loss=kd_loss, temperature=temperature, missing_mass=missing_mass,
                         allow_uncached_temperature=allow)
