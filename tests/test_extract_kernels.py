@@ -3,7 +3,8 @@
 Reference: log-partitions by float64 logsumexp; top-k by a full sort of each row by
 (value descending, column ascending) — the native kernel breaks ties the same way, the
 torch path returns tied entries in any order (compared as value lists there).
-Tolerance: fp32 sums over up to 50k terms, 2e-6 absolute on log-partitions and log-probs.
+Tolerance: fp32 sums over up to V terms, 2e-6 · ln V absolute on log-partitions and log-probs
+(measured at V = 151,936: 1.6e-5, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def kernel_builds():
 
 
 @pytest.mark.parametrize("rows,vocab,k", [(37, 8192, 64), (5, 1003, 16), (9, 100, 64), (3, 50_000, 1),
-                                          (40, 2048, 128), (2, 64, 64)])
+                                          (40, 2048, 128), (2, 64, 64), (8, 151_936, 64)])
 @pytest.mark.parametrize("temps", [(1.0,), (1.0, 0.5, 2.0)])
 def test_native_matches_dense_reference(rows, vocab, k, temps):
     z = logits(rows, vocab)
