@@ -19,11 +19,15 @@ class Dist:
     _state: object = None
 
     @classmethod
-    def from_env(cls, cpu: bool | None = None) -> "Dist":
+    def from_env(cls, cpu: bool | None = None, timeout_s: float | None = None) -> "Dist":
+        """``timeout_s``: how long a collective (a barrier) waits for the other ranks; it applies
+        when this call creates the process group (the first in a process), else torch's default."""
+        from datetime import timedelta
+
         from accelerate import PartialState
 
         cpu = not torch.cuda.is_available() if cpu is None else cpu
-        st = PartialState(cpu=cpu)
+        st = PartialState(cpu=cpu, **({"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}))
         return cls(rank=st.process_index, world_size=st.num_processes, device=st.device, _state=st)
 
     @property

@@ -1,4 +1,4 @@
-"""Weight-space student init, dense part: layer map, blending, SVD projection of one tensor.
+"""Weight-space student init, dense part: blending and projection (slice or SVD) of one tensor.
 
 No data and no forward pass: every student tensor is computed from the teacher's tensors.
 
@@ -6,9 +6,10 @@ No data and no forward pass: every student tensor is computed from the teacher's
   teacher position p = s·(L_T−1)/(L_S−1) (evenly spaced, both ends pinned to the teacher's
   ends; L_S = 1 sits in the middle), and its tensors are the blend of teacher layers floor(p)
   and floor(p)+1 with weight p − floor(p).
-* Projection: a teacher matrix W [out_T, in_T] becomes the student's [out_S, in_S] as
-  ``U[idx_out, :r] · diag(S[:r]) · V[idx_in, :r]ᵀ`` with r = min(out_S, in_S): the rows
-  ``idx_out`` and columns ``idx_in`` of W's best rank-r approximation. The index maps pick
+* Projection: a teacher matrix W [out_T, in_T] becomes the student's [out_S, in_S] as its
+  rows ``idx_out`` and columns ``idx_in`` ('slice', the default), or as
+  ``U[idx_out, :r] · diag(S[:r]) · V[idx_in, :r]ᵀ`` with r = min(out_S, in_S), the same rows
+  and columns of W's best rank-r approximation ('svd'). The index maps pick
   the *same* teacher coordinates for an axis in every tensor (see ``axis_index``), so the
   student's hidden unit j, head h or MLP unit i is the teacher's unit j, h or i everywhere.
 
@@ -33,7 +34,7 @@ LOWRANK_OVERSAMPLE = 8
 LOWRANK_NITER = 4
 """Subspace iterations of ``svd_lowrank``."""
 BLENDS = ("linear", "slerp")
-PROJECTIONS = ("svd", "slice")
+PROJECTIONS = ("slice", "svd")
 # The attention tensors whose axis is laid out as [heads × head_dim]: module name → that axis.
 HEAD_AXES = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "o_proj": 1, "q_norm": 0, "k_norm": 0}
 
@@ -117,8 +118,15 @@ def _svd(w_OI: torch.Tensor, r: int, key: str) -> tuple[torch.Tensor, torch.Tens
 
 
 def project_matrix(w_OI: torch.Tensor, idx_out: torch.Tensor, idx_in: torch.Tensor, key: str,
-                   method: str = "svd") -> torch.Tensor:
-    """Rows ``idx_out`` × columns ``idx_in`` of W's best rank-r approximation, r = min(len(idx_out), len(idx_in))."""
+                   method: str) -> torch.Tensor:
+    """Rows ``idx_out`` × columns ``idx_in`` of W ('slice'), or of W's best rank-r approximation ('svd'),
+    r = min(len(idx_out), len(idx_in)).
+
+    The slice is the teacher's own block on the kept coordinates, and it has rank ≤ r already,
+    so truncating first is never needed to fit the student and can only move the kept values
+    away from the teacher's (docs/init.md, docs/init_study.md)."""
+    if method not in PROJECTIONS:
+        raise ValueError(f"projection {method!r} is not allowed; allowed: {', '.join(PROJECTIONS)}")
     w_OI = w_OI.float()
     r = min(len(idx_out), len(idx_in))
     sliced = w_OI[idx_out][:, idx_in]
@@ -137,7 +145,7 @@ def project_matrix(w_OI: torch.Tensor, idx_out: torch.Tensor, idx_in: torch.Tens
 
 
 def project_tensor(name: str, w_T: torch.Tensor, shape_student: tuple[int, ...], head_dims: tuple[int, int],
-                   method: str = "svd") -> torch.Tensor:
+                   method: str) -> torch.Tensor:
     """A teacher tensor of any rank (1-D, 2-D, or a stack of 2-D along axis 0) in the student's shape."""
     idx = [axis_index(name, a, w_T.shape[a], shape_student[a], head_dims) for a in range(w_T.dim())]
     if w_T.dim() == 1:

@@ -1,12 +1,13 @@
 """Stage: initialise a student from its teacher in weight space (no data, no forward pass).
 
-    python run_pipeline.py init --config configs/init.yaml
-    torchrun --nproc_per_node 4 run_pipeline.py init --config configs/init.yaml
+    python run_pipeline.py init --config configs/init.yaml teacher.path=<teacher> student.path=<student>
+    torchrun --nproc_per_node 4 run_pipeline.py init --config configs/init.yaml teacher.path=... student.path=...
 
 Load the teacher's tensors → map student layers to teacher positions → project every
-student tensor (dense: blend + truncated SVD; MoE: pool, cluster, assign, average) → save a
-full checkpoint or a PEFT LoRA adapter on the student. Work is split round-robin over ranks
-by tensor group; each rank writes its share as a safetensors shard and rank 0 merges them,
+student tensor (dense: blend + slice or SVD projection; MoE: pool, cluster, assign, align,
+average) → save a full checkpoint or a PEFT LoRA adapter on the student. Under torchrun the
+work is split round-robin over ranks by tensor group; each rank writes its share as a
+safetensors shard, and after a barrier rank 0 merges and saves them while the others wait,
 so any world size gives the same bits. See docs/init.md.
 """
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import ConfigError, choice, fingerprint, ranged, save_config
+from pipeline.distributed import Dist
 from pipeline.expert_init import MOE_NAMES, init_moe_layer, moe_names
 from pipeline.lora_extract import save_adapter
 from pipeline.router import num_experts
@@ -51,8 +52,8 @@ class InitConfig:
     """'full' = save_pretrained checkpoint; 'lora' = PEFT adapter on the student turning it into the init."""
     layer_blend: str = choice("linear", BLENDS)
     """How the two neighbouring teacher layers of a student layer are blended."""
-    projection: str = choice("svd", PROJECTIONS)
-    """'svd' = rows/columns of the rank-r truncated SVD; 'slice' = the teacher's sub-matrix."""
+    projection: str = choice("slice", PROJECTIONS)
+    """'slice' = the teacher's sub-matrix on the kept coordinates; 'svd' = the same rows/columns of its rank-r truncated SVD."""
     lora_rank: int = 16
     """Default LoRA rank (mode=lora)."""
     lora_rank_map: dict[str, int] = field(default_factory=dict)
@@ -64,7 +65,7 @@ class InitConfig:
     dtype: str = choice("float32", tuple(DTYPES))
     """dtype of the saved student checkpoint (the maths runs in float32; LoRA factors stay float32)."""
     shard_wait_s: float = ranged(3600.0, above=0.0)
-    """How long rank 0 waits for the other ranks' shards."""
+    """How long a rank waits at a barrier for the others (their shards, rank 0's save); the process group's timeout."""
 
     def validate(self) -> None:
         for fld in fields(self):
@@ -244,15 +245,14 @@ def compute_shard(cfg: InitConfig, rank: int, world_size: int) -> Path:
 
 
 def merge_shards(cfg: InitConfig, world_size: int) -> dict[str, torch.Tensor]:
-    """Wait for every rank's shard and merge them (each tensor comes from exactly one rank)."""
+    """Every rank's shard merged (each tensor comes from exactly one rank); called after the barrier
+    that follows compute_shard, so every shard is complete."""
     merged: dict[str, torch.Tensor] = {}
     for rank in range(world_size):
         path = shard_dir(cfg) / f"rank{rank:04d}-of-{world_size:04d}.safetensors"
-        deadline = time.monotonic() + cfg.shard_wait_s
-        while not path.exists():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"init: no shard from rank {rank} after {cfg.shard_wait_s:.0f} s ({path})")
-            time.sleep(1.0)
+        if not path.exists():
+            raise FileNotFoundError(f"init: rank {rank} wrote no shard ({path}); is {shard_dir(cfg)} on a "
+                                    "filesystem every rank shares?")
         part = load_file(str(path))
         assert not merged.keys() & part.keys(), "two ranks computed the same tensor"
         merged.update(part)
@@ -290,13 +290,6 @@ def write_map(cfg: InitConfig, out: Path) -> None:
     (out / "init_map.json").write_text(json.dumps({"layers": rows}, indent=1))
 
 
-def rank_and_world() -> tuple[int, int]:
-    """From torch.distributed when a launcher initialised it, else one process."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def finish(cfg: InitConfig, synthetic: dict[str, torch.Tensor]) -> Path:
     """Rank 0: save the merged student (checkpoint or adapter), the map and the resolved config."""
     out = Path(cfg.output_dir)
@@ -309,29 +302,42 @@ def finish(cfg: InitConfig, synthetic: dict[str, torch.Tensor]) -> Path:
     return out
 
 
-def run(cfg: InitConfig) -> Path:
-    """Load teacher and student → map → project (this rank's share) → merge on rank 0 → save."""
+def run(cfg: InitConfig, dist: Dist | None = None) -> Path:
+    """Load teacher and student → map → project (this rank's share) → merge on rank 0 → save.
+
+    Under torchrun every rank computes its share of the work groups and writes it as a shard;
+    after a barrier rank 0 merges and saves, and the other ranks wait at a second barrier, so
+    every rank returns once the student is complete. One process: the same with no barriers.
+    """
     cfg.validate()
     cfg.check_paths()
-    rank, world_size = rank_and_world()
-    compute_shard(cfg, rank, world_size)
-    if rank != 0:
-        return Path(cfg.output_dir)
-    return finish(cfg, merge_shards(cfg, world_size))
+    dist = dist or Dist.from_env(timeout_s=cfg.shard_wait_s)
+    compute_shard(cfg, dist.rank, dist.world_size)
+    dist.barrier()  # every rank's shard is on disk
+    if dist.is_main:
+        finish(cfg, merge_shards(cfg, dist.world_size))
+    dist.barrier()  # rank 0 has saved the student
+    return Path(cfg.output_dir)
 
 
 def run_stage(pipeline_cfg, force: bool = False) -> Path:
-    """The init stage inside a pipeline run: paths from the teacher/student sections, state recorded.
+    """The init stage inside a pipeline run: paths from the teacher/student sections, state recorded
+    by rank 0 (after the checks, so a corrected re-run is never refused).
 
         python run_pipeline.py init --config configs/my.yaml init.mode=lora
     """
     from pipeline import state
 
     cfg = pipeline_cfg.init_config()
+    cfg.validate()
+    cfg.check_paths()
+    dist = Dist.from_env(timeout_s=cfg.shard_wait_s)
     inputs = fingerprint(cfg)
     out = Path(cfg.output_dir)
-    if state.begin(pipeline_cfg.run_dir, "init", inputs, [out], force):
-        state.write_state(pipeline_cfg.run_dir, "init", "running", inputs)
-        run(cfg)
-        state.write_state(pipeline_cfg.run_dir, "init", "done", inputs, mode=cfg.mode)
+    if state.begin_on_all_ranks(pipeline_cfg.run_dir, "init", inputs, [out], force, dist.is_main, dist.barrier):
+        if dist.is_main:
+            state.write_state(pipeline_cfg.run_dir, "init", "running", inputs)
+        run(cfg, dist)
+        if dist.is_main:
+            state.write_state(pipeline_cfg.run_dir, "init", "done", inputs, mode=cfg.mode)
     return out

@@ -116,17 +116,29 @@ def _numpy_rank_r_block(w: np.ndarray, rows: int, cols: int) -> np.ndarray:
 
 def test_project_matrix_matches_numpy_truncated_svd():
     w = torch.randn(12, 10)
-    got = weight_init.project_matrix(w, torch.arange(6), torch.arange(4), "w")
+    got = weight_init.project_matrix(w, torch.arange(6), torch.arange(4), "w", "svd")
     assert np.allclose(got.numpy(), _numpy_rank_r_block(w.numpy(), 6, 4), atol=1e-5)
     assert torch.equal(weight_init.project_matrix(w, torch.arange(6), torch.arange(4), "w", "slice"), w[:6, :4])
+
+
+@pytest.mark.parametrize("shape, keep", [((12, 10), (6, 4)), ((64, 32), (32, 16)), ((40, 40), (20, 30))])
+def test_slice_is_the_teachers_block_and_svd_only_moves_away_from_it(shape, keep):
+    """The kept block W[:O_S, :I_S] already has rank ≤ r = min(O_S, I_S), so the rank-r truncation
+    is not needed to fit the student; it can only change the teacher's values on the kept coordinates."""
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+    block = w[:keep[0], :keep[1]]
+    assert torch.linalg.matrix_rank(block) <= min(keep)
+    rows, cols = torch.arange(keep[0]), torch.arange(keep[1])
+    err = {m: float((weight_init.project_matrix(w, rows, cols, "w", m) - block).norm()) for m in ("svd", "slice")}
+    assert err["slice"] == 0.0 and err["svd"] > 0.1 * float(block.norm())
 
 
 def test_lowrank_svd_path_and_fallback(monkeypatch, caplog):
     w = torch.randn(40, 3) @ torch.randn(3, 30)  # rank 3 ≤ r, so truncation to r = 5 keeps W
     monkeypatch.setattr(weight_init, "FULL_SVD_MAX", 4)
-    got = weight_init.project_matrix(w, torch.arange(8), torch.arange(5), "big")
+    got = weight_init.project_matrix(w, torch.arange(8), torch.arange(5), "big", "svd")
     assert torch.allclose(got, w[:8, :5], atol=1e-4)
-    again = weight_init.project_matrix(w, torch.arange(8), torch.arange(5), "big")
+    again = weight_init.project_matrix(w, torch.arange(8), torch.arange(5), "big", "svd")
     assert torch.equal(got, again)  # svd_lowrank is seeded by the tensor's name
 
     def broken(*args, **kwargs):
@@ -134,7 +146,7 @@ def test_lowrank_svd_path_and_fallback(monkeypatch, caplog):
 
     monkeypatch.setattr(torch, "svd_lowrank", broken)
     with caplog.at_level(logging.WARNING):
-        assert torch.equal(weight_init.project_matrix(w, torch.arange(8), torch.arange(5), "big"), w[:8, :5])
+        assert torch.equal(weight_init.project_matrix(w, torch.arange(8), torch.arange(5), "big", "svd"), w[:8, :5])
     assert "falling back to slicing" in caplog.text
 
 
@@ -271,21 +283,25 @@ def test_smaller_student_loads_and_runs(family, tiny, tmp_path):
     assert [row["teacher"] for row in layers] == [[[0, 1.0]], [[1, 0.5], [2, 0.5]], [[3, 1.0]]]
 
 
-def test_dense_tensors_match_an_independent_projection(tiny, tmp_path):
+@pytest.mark.parametrize("projection", ["svd", "slice"])
+def test_dense_tensors_match_an_independent_projection(projection, tiny, tmp_path):
     teacher = dict(load(tiny("qwen3", "teacher")).named_parameters())
     cfg = InitConfig(teacher_path=str(tiny("qwen3", "teacher")), student_path=str(tiny("qwen3", "student")),
-                     output_dir=str(tmp_path / "out"))
+                     output_dir=str(tmp_path / "out"), projection=projection)
     got = synthetic(cfg)
     mid = lambda n: (0.5 * teacher[n.format(1)] + 0.5 * teacher[n.format(2)]).detach().numpy()  # noqa: E731
-    up = _numpy_rank_r_block(mid("model.layers.{}.mlp.up_proj.weight"), 64, 32)
+    block = _numpy_rank_r_block if projection == "svd" else lambda w, rows, cols: w[:rows, :cols]
+    up = block(mid("model.layers.{}.mlp.up_proj.weight"), 64, 32)
     assert np.allclose(got["model.layers.1.mlp.up_proj.weight"].numpy(), up, atol=1e-5)
     heads = [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27]  # heads 0-1 of 4, dims kept by rope pairs
-    q = np.linalg.svd(mid("model.layers.{}.self_attn.q_proj.weight").astype(np.float64), full_matrices=False)
-    q_ref = ((q[0][:, :16] * q[1][:16]) @ q[2][:16])[heads][:, :32]
-    assert np.allclose(got["model.layers.1.self_attn.q_proj.weight"].numpy(), q_ref, atol=1e-5)
+    q_mid = mid("model.layers.{}.self_attn.q_proj.weight").astype(np.float64)
+    if projection == "svd":
+        q = np.linalg.svd(q_mid, full_matrices=False)
+        q_mid = (q[0][:, :16] * q[1][:16]) @ q[2][:16]
+    assert np.allclose(got["model.layers.1.self_attn.q_proj.weight"].numpy(), q_mid[heads][:, :32], atol=1e-5)
     assert torch.allclose(got["model.layers.1.self_attn.q_norm.weight"],
                           torch.tensor(mid("model.layers.{}.self_attn.q_norm.weight"))[[0, 1, 2, 3, 8, 9, 10, 11]])
-    emb = _numpy_rank_r_block(teacher["model.embed_tokens.weight"].detach().numpy(), VOCAB, 32)
+    emb = block(teacher["model.embed_tokens.weight"].detach().numpy(), VOCAB, 32)
     assert np.allclose(got["model.embed_tokens.weight"].numpy(), emb, atol=1e-5)
 
 
