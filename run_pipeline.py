@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -90,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
             demo.main()
     except (ConfigError, CacheError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: no space left on device writing {err.filename or 'a file'}; free some space and re-run "
+              f"the same command (finished work is kept)", file=sys.stderr)
         return 2
     return 0
 

@@ -5,6 +5,7 @@ HDF5 handles do not survive ``fork``: readers open shards lazily, inside each wo
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import h5py
@@ -23,13 +24,21 @@ def _filters(compression: str, level: int) -> dict:
 
 
 def write_shard(path: Path, arrays: dict[str, np.ndarray], chunk_rows: int, compression: str, level: int) -> None:
-    with h5py.File(path, "w") as f:
+    """Build the file in memory (HDF5's core driver), then write its image with plain file I/O: a full
+    disk is then an OSError (ENOSPC) the writer turns into one line, never a crash inside libhdf5."""
+    with h5py.File(Path(path).name, "w", driver="core", backing_store=False) as f:
         for name, data in arrays.items():
             if len(data) == 0:
                 f.create_dataset(name, data=data)
                 continue
             chunks = (max(1, min(chunk_rows, len(data))),) + data.shape[1:]
             f.create_dataset(name, data=data, chunks=chunks, **_filters(compression, level))
+        f.flush()
+        image = f.id.get_file_image()
+    with open(path, "wb") as out:
+        out.write(image)
+        out.flush()
+        os.fsync(out.fileno())
 
 
 class H5Shard:

@@ -4,11 +4,18 @@ The writer takes whole batches of sequences (flat arrays, see ``assemble_shard``
 a shard once it holds ``shard_tokens`` tokens, and after every commit rewrites its rank's
 journal atomically. A resumed run skips the sample ids the journals list. The last act of
 a cache is ``finalize``: it merges every journal into ``manifest.json``.
+
+A full disk is one ``CacheError`` naming the directory and the space a shard needs: checked
+before each shard is written (h5py can crash outright when a write hits ENOSPC), and caught
+if a write still hits it; the partial shard is removed and the committed ones are kept, so
+the same command resumes once space is freed.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -18,6 +25,8 @@ import numpy as np
 from cache.codec import Codec, encode_topk, encode_values, router_id_dtype
 from cache.schema import CacheError, Manifest, ShardInfo, identity_mismatch, write_json_atomic, write_manifest
 from cache.shards import commit_shard, open_shard, remove, shard_name
+
+SPACE_MARGIN = 1.25  # expected encoded size × this + 1 MiB must be free before a shard is written
 
 JOURNAL_DIR = "journal"
 PER_SEQ = ("sample_ids", "seq_lens")
@@ -119,11 +128,37 @@ class CacheWriter:
     def _commit(self, batches: list[dict]) -> None:
         arrays = assemble_shard(batches, self.codec, self.num_experts)
         name = shard_name(self.store, self.rank, len(self._shards))
-        info = commit_shard(self.cache_dir, self.store, name, self.rank, arrays,
-                            self.chunk_rows, self.compression, self.level)
+        needed = self._expected_bytes(arrays)
+        free = shutil.disk_usage(self.cache_dir).free
+        if free < needed:
+            raise disk_full(self.cache_dir, name, needed, free)
+        try:
+            info = commit_shard(self.cache_dir, self.store, name, self.rank, arrays,
+                                self.chunk_rows, self.compression, self.level)
+            journal = {"identity": self.identity, "shards": [asdict(s) for s in self._shards + [info]]}
+            write_json_atomic(journal_path(self.cache_dir, self.rank), json.dumps(journal, indent=1))
+        except Exception as err:  # zarr's async store may wrap the OSError
+            if not is_disk_full(err):
+                raise
+            self._remove_uncommitted(name)
+            raise disk_full(self.cache_dir, name, needed, shutil.disk_usage(self.cache_dir).free, writing=True) from None
         self._shards.append(info)
-        journal = {"identity": self.identity, "shards": [asdict(s) for s in self._shards]}
-        write_json_atomic(journal_path(self.cache_dir, self.rank), json.dumps(journal, indent=1))
+
+    def _expected_bytes(self, arrays: dict[str, np.ndarray]) -> int:
+        """Encoded size of a shard: tokens × the largest bytes/token of the committed shards (raw size for
+        the first), × SPACE_MARGIN + 1 MiB."""
+        n_tokens = len(arrays["input_ids"])
+        if self._shards:
+            expected = n_tokens * max(s.nbytes / max(s.n_tokens, 1) for s in self._shards)
+        else:
+            expected = sum(a.nbytes for a in arrays.values())
+        return int(expected * SPACE_MARGIN) + (1 << 20)
+
+    def _remove_uncommitted(self, name: str) -> None:
+        """A shard the journal does not list, its temporary form and a half-written journal: bytes, not data."""
+        for path in [self.cache_dir / name, *self.cache_dir.glob(f".{name}.tmp*"),
+                     *journal_path(self.cache_dir, self.rank).parent.glob(f".rank{self.rank:03d}.json.tmp*")]:
+            remove(path)
 
     def _wait(self) -> None:
         if self._pending is not None:
@@ -137,6 +172,22 @@ class CacheWriter:
             self._wait()
         finally:
             self._pool.shutdown(wait=True)
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """ENOSPC (or EDQUOT), also when a library wrapped it (zarr's async store, h5py)."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def disk_full(cache_dir: Path, name: str, needed: int, free: int, writing: bool = False) -> CacheError:
+    what = "the disk filled up while writing" if writing else "no space left for the cache in"
+    return CacheError(f"{what} {cache_dir}: shard {name} needs about {needed / 2**20:,.1f} MiB, "
+                      f"{free / 2**20:,.1f} MiB {'free now' if writing else 'free'}; free some space and re-run "
+                      f"the same command (the committed shards are kept and the cache resumes)")
 
 
 def finalize(cache_dir: Path, identity: dict, store: str, fields: list[str]) -> Manifest:
