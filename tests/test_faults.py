@@ -138,18 +138,18 @@ def manifest_faults(text: str) -> dict[str, str]:
     return out
 
 
-def test_every_manifest_fault_is_one_line_naming_the_file(cache_copy):
+def test_every_manifest_fault_is_one_line_naming_the_file(cache_copy, capsys):
     path = cache_copy / "manifest.json"
     text = path.read_text()
     read_manifest(cache_copy)  # the intact one reads
     for what, damaged in manifest_faults(text).items():
-        if damaged == text:
-            continue
+        assert damaged != text, what
         path.write_bytes(damaged.encode("latin-1"))
         with pytest.raises(CacheError) as err:
             read_manifest(cache_copy)
         message = str(err.value)
         assert "\n" not in message and str(path) in message and "--force" in message, (what, message)
+        assert str(path) in one_line_error(capsys, ["inspect", str(cache_copy)]), what  # exit 2, one line
     path.write_text(text)
     read_manifest(cache_copy)
 
