@@ -219,7 +219,7 @@ def rewrite_checksums(path: Path) -> None:
     (path / checkpoint.COMPLETE).write_text(json.dumps(sums))
 
 
-@pytest.mark.parametrize("victim", ["model.safetensors", "trainer.pt", "progress.json", "rng-rank000.pt"])
+@pytest.mark.parametrize("victim", ["model.safetensors", "trainer.pt", "progress.json", "rng-rank000.pt", "COMPLETE"])
 def test_a_flipped_byte_in_the_newest_checkpoint_falls_back_to_the_previous(tmp_path, victim):
     import torch
 
@@ -232,7 +232,8 @@ def test_a_flipped_byte_in_the_newest_checkpoint_falls_back_to_the_previous(tmp_
     warnings = []
     loaded = checkpoint.read_latest(tmp_path, model, warn=warnings.append)
     assert loaded.path.name == "step-000001" and len(warnings) == 1
-    assert "step-000002" in warnings[0] and victim in warnings[0] and "\n" not in warnings[0]
+    assert "step-000002" in warnings[0] and "\n" not in warnings[0]
+    assert victim in warnings[0] or victim == "COMPLETE"  # a flipped recorded hash names the file it guards
     model.load_state_dict(loaded.model)
     assert all(torch.equal(model.state_dict()[k], weights[1][k]) for k in weights[1])
 
@@ -322,3 +323,20 @@ def test_each_rank_resumes_its_own_rng_state(tmp_path):
         want, got = results[rank]
         assert want == got, f"rank {rank} resumed another rank's RNG"
     assert results[0][0] != results[1][0]
+
+
+def test_twelve_random_flips_of_model_safetensors_are_all_caught(tmp_path):
+    """The review's trial: 12 single-byte flips (header and data) of the newest checkpoint's weights."""
+    from pipeline import checkpoint
+
+    checkpoints_at(tmp_path, steps=(1,))
+    target = tmp_path / "step-000001" / "model.safetensors"
+    intact = target.read_bytes()
+    rng = np.random.default_rng(0)
+    offsets = [*rng.integers(0, 64, 4), *rng.integers(64, len(intact), 8)]  # 4 in the JSON header
+    for offset in offsets:
+        flip_byte(target, int(offset))
+        with pytest.raises(checkpoint.CheckpointError, match="model.safetensors does not match its checksum"):
+            checkpoint.read_latest(tmp_path, tiny_trainer()[0])
+        target.write_bytes(intact)
+    assert checkpoint.read_latest(tmp_path, tiny_trainer()[0]).path.name == "step-000001"
