@@ -2,7 +2,9 @@
 
 A cache is a directory holding ``manifest.json`` plus shards (one Zarr group or one HDF5
 file each). Arrays use a flat token axis: sequences are concatenated and ``seq_offsets``
-marks their bounds. A shard that the manifest does not list does not exist.
+marks their bounds. A shard that the manifest does not list does not exist. The manifest
+records each shard's sha256 and a sha256 of its own content (``checksum``), so a damaged or
+edited manifest is refused rather than half-read.
 
 Shapes: T tokens in the shard, S sequences, K top-k entries, L MoE layers, R router
 entries per layer (k_r), D stored draw entries, P cached temperatures.

@@ -100,7 +100,6 @@ def test_a_clean_cache_is_hashed_once_per_shard(cache_copy, monkeypatch):
     assert sorted(calls) == sorted(s.name for s in source.reader.shards)
 
 
-@pytest.mark.slow
 def test_train_on_a_corrupt_shard_exits_with_one_line(train_config, capsys):
     cfg, overrides = train_config("train.router_weight=0.1", with_overrides=True)
     cache = cache_dir(cfg.run_dir, "train")
