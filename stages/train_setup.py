@@ -145,8 +145,9 @@ def router_setup(cfg, model, identity: dict):
     try:
         family = router_family(model.config)
     except ConfigError:
-        if parts:
-            raise
+        if parts:  # the teacher-side fix (cache.router_topk=none) does not apply to a student
+            raise ConfigError(f"router capture does not support the student's model_type '{model.config.model_type}'; "
+                              f"set {fix} to train it without router terms") from None
         return None, None, None  # an unsupported MoE family still trains, without load statistics
     capture = RouterCapture(model, family)
     layer_map = []

@@ -276,3 +276,17 @@ def test_cli_subprocess_bad_value_one_line_no_hang(tmp_path, override):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {override.split('=')[0]}=")
     assert "Traceback" not in proc.stderr and not any(tmp_path.iterdir())
+
+
+def test_unsupported_moe_student_names_the_student_side_fix(train_config, monkeypatch, capsys):
+    """The teacher-side fix (cache.router_topk=none) means nothing for a student: name the router weights."""
+    from pipeline import router
+
+    cfg, overrides = train_config(with_overrides=True)
+    monkeypatch.delitem(router.ROUTER_FAMILIES, "qwen3_moe")  # as if the student's family had no router capture
+    capsys.readouterr()
+    assert run_pipeline.main(["train", *overrides, "train.router_weight=0.1"]) == 2
+    line = capsys.readouterr().err.rsplit("error: ", 1)[1].strip()
+    assert "student's model_type 'qwen3_moe'" in line and "train.router_weight=0" in line
+    assert "cache.router_topk" not in line and "\n" not in line
+    assert not (cfg.run_dir / "train").exists()
