@@ -206,8 +206,15 @@ def prepared_fingerprints(run_dir: Path) -> dict | None:
     return {s: v["fingerprint"] for s, v in json.loads(path.read_text())["splits"].items()} if path.exists() else None
 
 
+def stage_dist(device: str) -> Dist:
+    """Ranks and the device the teacher runs on, from run.device ('auto' = CUDA when available)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device=cuda but no CUDA device is visible; use run.device=auto or run.device=cpu")
+    return Dist.from_env(cpu=device == "cpu" or not torch.cuda.is_available())
+
+
 def run(cfg, force: bool = False) -> dict[str, Manifest]:
-    dist = Dist.from_env()
+    dist = stage_dist(cfg.run.device)
     inputs = fingerprint(cfg.teacher, cfg.cache, cfg.data, cfg.tokenizer_path(), prepared_fingerprints(cfg.run_dir))
     outputs = [cache_dir(cfg.run_dir, s) for s in cfg.cache.splits]
     if not state.begin_on_all_ranks(cfg.run_dir, "cache", inputs, outputs, force, dist.is_main, dist.barrier):

@@ -123,3 +123,39 @@ def test_padded_vocabulary_is_ignored(make_config, dense_reference, tokenizer, t
         assert seq["topk_ids"].max() < real
         np.testing.assert_allclose(seq["log_partition"][:, 0], torch.logsumexp(z[:, :real], -1).numpy(),
                                    rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("setting, cuda, want_cpu", [("cpu", True, True), ("auto", True, False),
+                                                     ("auto", False, True), ("cuda", True, False)])
+def test_cache_stage_runs_the_teacher_on_run_device(make_config, monkeypatch, setting, cuda, want_cpu):
+    """run.device reaches the teacher: 'cpu' keeps it off a visible GPU (it used to be ignored)."""
+    from pipeline.config import ConfigError
+    from pipeline.distributed import Dist
+
+    cfg = make_config("data.max_samples=4", "data.eval_fraction=0", f"run.device={setting}")
+    prepare.run(cfg)
+    asked = {}
+
+    def from_env(cpu=None, timeout_s=None):
+        asked["cpu"] = cpu
+        return Dist(rank=0, world_size=1, device=torch.device("cpu" if cpu else "cuda", 0 if not cpu else None))
+
+    def build_teacher(teacher_cfg, spec, device):
+        asked["device"] = device
+        raise ConfigError("stop here: the device is what this test checks")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(cache_teacher.Dist, "from_env", staticmethod(from_env))
+    monkeypatch.setattr(cache_teacher, "build_teacher", build_teacher)
+    with pytest.raises(ConfigError, match="stop here"):
+        cache_teacher.run(cfg)
+    assert asked["cpu"] is want_cpu and asked["device"].type == ("cpu" if want_cpu else "cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_run_device_cuda_without_cuda_is_one_line(make_config):
+    from pipeline.config import ConfigError
+
+    cfg = make_config("run.device=cuda")
+    with pytest.raises(ConfigError, match="run.device=cuda but no CUDA device"):
+        cache_teacher.run(cfg)

@@ -176,3 +176,126 @@ def test_ids_only_router_shard_has_no_probs():
              "log_partition": np.zeros((2, 1)), "router_ids": np.zeros((2, 2, 2), dtype=np.int64)}
     out = assemble_shard([batch], Codec(), num_experts=8)
     assert out["router_ids"].dtype == np.uint8 and "router_probs" not in out
+
+
+# --- how many log-probs the teacher asks vLLM for (issue 16 item 9): numpy side, no vllm needed --------
+
+def test_logprobs_asked_is_k_not_k_plus_padding():
+    """Qwen: 151,936 embedding rows for 151,669 tokens. Every position used to ask for k + 267 = 331."""
+    from pipeline.teachers.vllm_rows import logprobs_asked
+
+    assert logprobs_asked(64, 151936, 151669) == (64, 331)
+    assert logprobs_asked(64, 151669, 151669) == (64, 64)
+    assert logprobs_asked(8, 600, 0) == (8, 8)  # no tokenizer limit known: nothing is padding
+
+
+V, LIMIT, KK = 20, 16, 4  # ids 16..19 are vocabulary padding
+
+
+def position_logprobs(prefix: tuple) -> np.ndarray:
+    """A fixed next-token distribution per prefix; padding rows outrank real ones after token 3."""
+    rng = np.random.default_rng(abs(hash(prefix)) % 2**32)
+    logits = rng.normal(size=V)
+    logits[LIMIT:] += 10.0 if prefix[-1] == 3 else -10.0
+    return logits - np.log(np.exp(logits).sum())
+
+
+def flat(rows: list[tuple[int, np.ndarray]], n: int) -> SimpleNamespace:
+    """FlatLogprobs look-alike: per position the actual token, then the top-n by probability."""
+    ids, lps = [], []
+    for actual, lp in rows:
+        top = np.argsort(-lp, kind="stable")[:n]
+        ids += [actual, *top.tolist()]
+        lps += [float(lp[actual]), *lp[top].tolist()]
+    return SimpleNamespace(token_ids=ids, logprobs=lps)
+
+
+class FakeLLM:
+    """Answers generate() from ``position_logprobs`` like vLLM does, and records the n asked per prompt."""
+
+    def __init__(self):
+        self.asked: list[tuple[int, int]] = []  # (prompt length, n)
+
+    def generate(self, prompts, params, use_tqdm=False):
+        out = []
+        for prompt in prompts:
+            ids = list(prompt["prompt_token_ids"])
+            n = params.prompt_logprobs
+            assert params.logprobs == n
+            self.asked.append((len(ids), n))
+            rows = [(ids[i], position_logprobs(tuple(ids[:i]))) for i in range(1, len(ids))]
+            last = position_logprobs(tuple(ids))
+            out.append(SimpleNamespace(prompt_token_ids=ids, prompt_logprobs=flat(rows, n),
+                                       outputs=[SimpleNamespace(logprobs=flat([(int(last.argmax()), last)], n))]))
+        return out
+
+
+@pytest.fixture
+def vllm_teacher_module(monkeypatch):
+    """pipeline.teachers.vllm, importable without vllm (stand-in modules for what it imports)."""
+    import importlib
+    import sys
+    import types
+
+    if not HAS_VLLM:
+        stand_ins = {"vllm": {"LLM": object, "SamplingParams": lambda **kw: SimpleNamespace(**kw)},
+                     "vllm.inputs": {"TokensPrompt": lambda prompt_token_ids: {"prompt_token_ids": prompt_token_ids}},
+                     "vllm.platforms": {"current_platform": SimpleNamespace(is_cuda_alike=lambda: False)}}
+        for name, attrs in stand_ins.items():
+            module = types.ModuleType(name)
+            module.__dict__.update(attrs)
+            monkeypatch.setitem(sys.modules, name, module)
+        monkeypatch.delitem(sys.modules, "pipeline.teachers.vllm", raising=False)
+    yield importlib.import_module("pipeline.teachers.vllm")
+    if not HAS_VLLM:  # no later import may find the module built on stand-ins
+        import pipeline.teachers
+
+        sys.modules.pop("pipeline.teachers.vllm", None)
+        vars(pipeline.teachers).pop("vllm", None)
+
+
+def test_teacher_asks_k_and_rescores_only_sequences_cut_short(vllm_teacher_module):
+    """Every sequence is asked for k; only those where padding ids took top-k places are asked again
+    for k + padding; the cached top-k equals the real-token top-k of the full distribution."""
+    import torch
+
+    from pipeline.teachers.base import TeacherBatch
+    from pipeline.teachers.vllm_rows import logprobs_asked
+
+    teacher = object.__new__(vllm_teacher_module.VLLMTeacher)
+    teacher.spec = ExtractSpec(k=KK, temperatures=(1.0,), vocab_limit=LIMIT)
+    teacher.n_logprobs, teacher.n_logprobs_wide = logprobs_asked(KK, V, LIMIT)
+    teacher.params, teacher.params_wide = (SimpleNamespace(prompt_logprobs=n, logprobs=n)
+                                           for n in (teacher.n_logprobs, teacher.n_logprobs_wide))
+    teacher.llm, teacher.router_topk = FakeLLM(), 0
+    seqs = [[5, 6, 7, 8], [1, 3, 2], [9, 10], [4, 3]]  # token 3 makes padding outrank: sequences 1 and 3
+    lengths = torch.tensor([len(s) for s in seqs])
+    ids = torch.zeros(len(seqs), 4, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, :len(s)] = torch.tensor(s)
+    out = teacher.score(TeacherBatch(torch.arange(4), ids, lengths, torch.ones_like(ids, dtype=torch.uint8)))
+
+    assert teacher.llm.asked == [(4, KK), (3, KK), (2, KK), (2, KK), (3, KK + V - LIMIT), (2, KK + V - LIMIT)]
+    want_ids, want_lps = [], []
+    for s in seqs:
+        for i in range(1, len(s) + 1):
+            lp = position_logprobs(tuple(s[:i]))
+            top = [t for t in np.argsort(-lp, kind="stable") if t < LIMIT][:KK]
+            want_ids.append(top)
+            want_lps.append(lp[top])
+    np.testing.assert_array_equal(out.topk_ids, want_ids)
+    np.testing.assert_allclose(out.topk_logprobs, np.array(want_lps, dtype=np.float32), rtol=1e-6)
+
+
+def test_cache_fields_mixed_widths_equal_one_width():
+    from pipeline.teachers.vllm_rows import cache_fields, sequences_short_of_k
+
+    llm = FakeLLM()
+    prompts = [{"prompt_token_ids": s} for s in ([5, 6, 7], [1, 2])]
+    narrow = llm.generate(prompts, SimpleNamespace(prompt_logprobs=KK + 4, logprobs=KK + 4))
+    wide = llm.generate(prompts, SimpleNamespace(prompt_logprobs=KK + 2, logprobs=KK + 2))
+    mixed = cache_fields([narrow[0], wide[1]], KK, [KK + 4, KK + 2], LIMIT)
+    for key, value in cache_fields(narrow, KK, KK + 4, LIMIT).items():
+        np.testing.assert_array_equal(mixed[key], value, err_msg=key)
+    assert sequences_short_of_k(llm.generate([{"prompt_token_ids": [4, 3]}, {"prompt_token_ids": [5, 6]}],
+                                             SimpleNamespace(prompt_logprobs=KK, logprobs=KK)), KK, KK, LIMIT) == [0]

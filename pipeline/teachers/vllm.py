@@ -11,7 +11,8 @@ comes from ``logprobs=k`` on the one generated token.
 With ``flat_logprobs=True`` every scored position holds exactly 1 + n entries: the actual
 (or sampled) token first, then the top-n by descending probability (the actual token again
 when it is in the top-n). That fixed width lets us reshape the flat lists into [T, 1 + n]
-arrays, with no per-token Python loop (see vllm/logprobs.py and vllm/v1/engine/logprobs.py).
+arrays, with no per-token Python loop (see vllm/logprobs.py and vllm/v1/engine/logprobs.py);
+the numpy side, and why k entries are asked (not k + the vocabulary padding), is vllm_rows.py.
 
 What vLLM cannot give (docs/vllm.md): the log-partition (we store the gauge logZ_1 = 0, so
 only temperature 1 can be cached), sampled targets, and router probabilities. Routed expert
@@ -20,7 +21,6 @@ ids (GPU only) become an ids-only router cache.
 
 from __future__ import annotations
 
-import itertools
 import os
 import weakref
 from pathlib import Path
@@ -38,6 +38,7 @@ from pipeline.models import check_model_dir, own_tokenizer_fingerprint, teacher_
 from pipeline.router import num_experts as count_experts
 from pipeline.teachers.base import TeacherBatch, TeacherConfig, resolve_dtype
 from pipeline.teachers.extract import ExtractSpec
+from pipeline.teachers.vllm_rows import cache_fields, logprobs_asked, sequences_short_of_k
 
 VLLM_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -80,39 +81,6 @@ def engine_kwargs(cfg: TeacherConfig, num_logprobs: int, dtype: str, routed: boo
     return {**kwargs, **cfg.engine_kwargs}
 
 
-def flat_rows(flats: list, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """FlatLogprobs of consecutive positions → (ids, log-probs), each [rows, width]."""
-    ids = np.fromiter(itertools.chain.from_iterable(f.token_ids for f in flats), dtype=np.int64)
-    lps = np.fromiter(itertools.chain.from_iterable(f.logprobs for f in flats), dtype=np.float32)
-    assert ids.size % width == 0, f"flat log-probs are not {width} entries per position"
-    return ids.reshape(-1, width), lps.reshape(-1, width)
-
-
-def top_k_real(ids_TN: np.ndarray, lps_TN: np.ndarray, k: int, vocab_limit: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first k entries whose id is a real token (ids >= vocab_limit are vocabulary padding)."""
-    if not vocab_limit or ids_TN.shape[1] == k:
-        return ids_TN[:, :k], lps_TN[:, :k]
-    order_TN = np.argsort(ids_TN >= vocab_limit, axis=1, kind="stable")[:, :k]  # real ids first, order kept
-    return np.take_along_axis(ids_TN, order_TN, 1), np.take_along_axis(lps_TN, order_TN, 1)
-
-
-def cache_fields(outputs: list, k: int, n_logprobs: int, vocab_limit: int) -> dict[str, np.ndarray]:
-    """RequestOutputs (one per sequence, in batch order) → flat cache fields over T positions.
-
-    Per sequence of n tokens the rows are its n-1 prompt entries (prompt entry 0 is empty)
-    then the generated token's entry: exactly n rows, position i in row i.
-    """
-    flats = [f for o in outputs for f in (o.prompt_logprobs, o.outputs[0].logprobs)]
-    ids_TW, lps_TW = flat_rows(flats, 1 + n_logprobs)
-    lengths = np.array([len(o.prompt_token_ids) for o in outputs])
-    target_T = lps_TW[:, 0].copy()
-    target_T[np.cumsum(lengths) - 1] = 0.0  # the last position has no next token (its column 0 is the sampled one)
-    topk_ids, topk_lps = top_k_real(ids_TW[:, 1:], lps_TW[:, 1:], k, vocab_limit)
-    return {"topk_ids": topk_ids.astype(np.int32), "topk_logprobs": topk_lps, "target_logprob": target_T,
-            # gauge z := log p, so logZ_1 = log sum exp(log p) = 0 exactly (see docs/vllm.md)
-            "log_partition": np.zeros((len(target_T), 1), dtype=np.float32)}
-
-
 def on_gpu() -> bool:
     return current_platform.is_cuda_alike()
 
@@ -134,9 +102,8 @@ class VLLMTeacher:
         self.router_topk = self._router_topk(text, spec)
         self.moe_layers = moe_layer_indices(text) if self.router_topk else []
         self.router_has_probs = False  # vLLM never returns router probabilities: an ids-only router cache
-        # ids >= vocab_limit are padding rows of the embedding: ask for enough extra entries to drop them
-        n_pad = max(0, self.vocab_size - spec.vocab_limit) if spec.vocab_limit else 0
-        self.n_logprobs = spec.k + n_pad
+        # k per position; a sequence where padding rows (ids >= vocab_limit) took top-k places is re-scored wider
+        self.n_logprobs, self.n_logprobs_wide = logprobs_asked(spec.k, self.vocab_size, spec.vocab_limit)
         self.llm = self._engine(device)
 
     def _router_topk(self, text_config, spec: ExtractSpec) -> int:
@@ -153,11 +120,12 @@ class VLLMTeacher:
         if device.type == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default is 4
         dtype = VLLM_DTYPES[resolve_dtype(self.cfg.dtype, device)]
-        llm = LLM(**engine_kwargs(self.cfg, self.n_logprobs, dtype, bool(self.router_topk)))
+        llm = LLM(**engine_kwargs(self.cfg, self.n_logprobs_wide, dtype, bool(self.router_topk)))  # the cap
         # stop the engine when the teacher goes at the latest (close() is the explicit way)
         self._shutdown = weakref.finalize(self, llm.llm_engine.engine_core.shutdown)
-        self.params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=self.n_logprobs,
-                                     logprobs=self.n_logprobs, detokenize=False, flat_logprobs=True)
+        self.params, self.params_wide = (
+            SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=n, logprobs=n, detokenize=False,
+                           flat_logprobs=True) for n in (self.n_logprobs, self.n_logprobs_wide))
         return llm
 
     def close(self) -> None:
@@ -179,12 +147,23 @@ class VLLMTeacher:
         ids_BL = batch.input_ids.numpy()
         prompts = [TokensPrompt(prompt_token_ids=ids_BL[b, :n].tolist()) for b, n in enumerate(lengths)]
         outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
-        fields = cache_fields(outputs, self.spec.k, self.n_logprobs, self.spec.vocab_limit)
+        outputs, widths = self._rescore_short(prompts, outputs)
+        fields = cache_fields(outputs, self.spec.k, widths, self.spec.vocab_limit)
         if self.router_topk:
             fields["router_ids"] = self._routed(outputs, lengths)
         valid = np.arange(ids_BL.shape[1])[None, :] < lengths[:, None]
         return TeacherOutput(sample_ids=batch.sample_ids.numpy(), seq_lens=lengths, input_ids=ids_BL[valid],
                              loss_mask=batch.loss_mask.numpy()[valid], **fields)
+
+    def _rescore_short(self, prompts: list, outputs: list) -> tuple[list, list[int]]:
+        """Sequences where padding ids took some of the k places, scored again with room for every padding id."""
+        short = sequences_short_of_k(outputs, self.spec.k, self.n_logprobs, self.spec.vocab_limit)
+        widths = [self.n_logprobs] * len(outputs)
+        if short:
+            wide = self.llm.generate([prompts[b] for b in short], self.params_wide, use_tqdm=False)
+            for b, out in zip(short, wide):
+                outputs[b], widths[b] = out, self.n_logprobs_wide
+        return outputs, widths
 
     def _routed(self, outputs: list, lengths: np.ndarray) -> np.ndarray:
         """[T, L_moe, k_r] routed expert ids; vLLM gives [tokens, all layers, k_r] per request."""
