@@ -92,3 +92,59 @@ def test_resolved_config_saved_beside_outputs(make_config):
         saved = yaml.safe_load(path.read_text())
         assert saved["cache"]["k"] == 5 and saved["cache"]["store"] == "hdf5" and saved["data"]["max_samples"] == 12
         assert load_config(PipelineConfig, [path], []) == cfg, "the saved file reproduces the resolved config"
+
+
+def _leaf_fields(cls, prefix=""):
+    import dataclasses
+
+    from stages.train_student import TrainPhase
+
+    for fld in dataclasses.fields(cls):
+        default = fld.default_factory() if fld.default_factory is not dataclasses.MISSING else fld.default
+        if dataclasses.is_dataclass(default):
+            yield from _leaf_fields(type(default), f"{prefix}{fld.name}.")
+        else:
+            yield f"{prefix}{fld.name}", fld
+    if not prefix:
+        yield from ((f"train.phases[i].{f.name}", f) for f in dataclasses.fields(TrainPhase))
+
+
+# numbers whose range depends on another field, checked by the section's validate() (docs/config.md)
+CROSS_FIELD = {"cache.compression_level", "init.lora_rank", "init.lora_rank_map"}
+
+
+def test_every_numeric_field_declares_its_range():
+    """A new int/float field (or list/dict of them) must come with ranged(...) — or be a documented cross-field check."""
+    from stages.config import PipelineConfig
+
+    missing = [key for key, fld in _leaf_fields(PipelineConfig)
+               if any(t in str(fld.type) for t in ("int", "float")) and "bool" not in str(fld.type)
+               and "range" not in fld.metadata and key not in CROSS_FIELD]
+    assert not missing, f"declare a range (pipeline.config.ranged) for: {missing}"
+
+
+def test_docs_list_every_range():
+    """docs/config.md's table holds every ranged key with the range the code checks."""
+    from pathlib import Path
+
+    from pipeline.config import describe_range
+    from stages.config import PipelineConfig
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    for key, fld in _leaf_fields(PipelineConfig):
+        if "range" in fld.metadata:
+            assert f"| `{key}` | {describe_range(fld.metadata['range'])}" in doc, f"docs/config.md lacks the range of {key}"
+    for key in CROSS_FIELD:
+        assert f"`{key}`" in doc
+
+
+@pytest.mark.parametrize("bounds, inside, outside", [
+    ((1, False, None, False), [1, 2, 10**9], [0, -1]),
+    ((0.0, True, None, False), [1e-12, 3.0], [0.0, -1e-9]),
+    ((0.0, False, 1.0, True), [0.0, 0.5], [1.0, -0.1]),
+    ((0.0, True, 1.0, False), [1.0, 0.3], [0.0, 1.01]),
+])
+def test_in_range_ends(bounds, inside, outside):
+    from pipeline.config import in_range
+
+    assert all(in_range(v, bounds) for v in inside) and not any(in_range(v, bounds) for v in outside)
