@@ -137,3 +137,52 @@ def test_failed_train_check_then_corrected_run_needs_no_force(train_config, caps
     assert state.read_state(cfg.run_dir, "train") is None and not (cfg.run_dir / "train").exists()
     assert run_pipeline.main(["train", *overrides]) == 0, "the corrected command runs without --force"
     assert state.read_state(cfg.run_dir, "train")["status"] == "done"
+
+
+def _cli_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1"}
+
+
+def _two_at_once(args: list[str]) -> list[tuple[int, str]]:
+    """Start two identical CLI processes together; (exit code, stderr) of each."""
+    procs = [_python("run_pipeline.py", *args, env=_cli_env()) for _ in range(2)]
+    return [(p.returncode, err) for p in procs for _, err in [p.communicate(timeout=300)]]
+
+
+def _assert_one_ran(results: list[tuple[int, str]]) -> None:
+    """Either the second was refused by the lock (one line), or it came after the first finished
+    and skipped the done stage: never a crash, never two at work."""
+    for code, err in results:
+        assert "Traceback" not in err, err[-3000:]
+        if code != 0:
+            line = err.rsplit("error: ", 1)[1].strip()
+            assert code == 2 and "is running in another process" in line and ".lock" in line, err[-2000:]
+    assert any(code == 0 for code, _ in results)
+
+
+@pytest.mark.slow
+def test_two_cache_processes_at_once(tmp_path, text_jsonl, tokenizer_dir, make_model):
+    from cache_helpers import assert_same_cache, by_sample
+
+    import run_pipeline
+
+    args = [f"run.root={tmp_path / 'runs'}", f"data.source={text_jsonl}", f"data.tokenizer={tokenizer_dir}",
+            f"teacher.path={make_model('qwen3_moe')}", "data.max_samples=200", "data.max_length=48",
+            "data.eval_fraction=0", "cache.splits=[train]", "cache.k=8", "cache.batch_size=2", "cache.shard_tokens=200"]
+    for name in ("reference", "demo"):
+        assert run_pipeline.main(["prepare", *args, f"run.name={name}"]) == 0
+    assert run_pipeline.main(["cache", *args, "run.name=reference"]) == 0
+    _assert_one_ran(_two_at_once(["cache", *args, "run.name=demo"]))
+    assert_same_cache(by_sample(tmp_path / "runs" / "demo" / "cache"), by_sample(tmp_path / "runs" / "reference" / "cache"))
+
+
+@pytest.mark.slow
+def test_two_trainers_at_once(train_config):
+    import json
+
+    cfg, overrides = train_config("train.steps=6", with_overrides=True)
+    _assert_one_ran(_two_at_once(["train", *overrides]))
+    steps = [json.loads(line)["step"] for line in (cfg.run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7)), "one trainer's metrics, each step once"
+    assert state.read_state(cfg.run_dir, "train")["status"] == "done"
