@@ -6,8 +6,9 @@ resumes a running one, and refuses (unless ``--force``) when inputs changed unde
 
 ``runs/<name>/state/<stage>.lock`` keeps two processes out of one stage of one run: the
 process that runs the stage (rank 0 under a launcher) holds an ``flock`` on it and writes
-its pid and host into it. The kernel drops the flock when the process dies, so a lock left
-by a killed run is taken over (with one line saying so); a live holder is a one-line refusal.
+its pid and host into it, and removes it when the stage ends. The kernel drops the flock
+when the process dies, so a lock file left by a killed run is taken over (with one line
+saying so); a live holder is a one-line refusal.
 """
 
 from __future__ import annotations
@@ -92,27 +93,42 @@ def _owner(fd: int) -> dict:
         return {"pid": "?", "host": "?"}
 
 
+def _open_locked(path: Path, stage: str, run_dir: Path) -> int:
+    """An fd holding the flock on the file now at ``path`` (a released lock file is unlinked, so
+    check that the inode locked is still the one the path names; else try again)."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _owner(fd)
+            os.close(fd)
+            raise ConfigError(
+                f"stage '{stage}' of {run_dir} is running in another process (pid {owner.get('pid', '?')} on "
+                f"{owner.get('host', '?')}, lock {path}); wait for it to finish or stop it") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder released (and unlinked) it between our open and our flock
+
+
 @contextlib.contextmanager
 def stage_lock(run_dir: Path, stage: str, is_main: bool = True):
     """Hold the stage's lock while the body runs (only the main rank takes it: one lock per stage).
 
-    The lock file is never deleted (an unlink would let a third process lock a fresh inode
-    while a second still holds the old one); a clean release empties it instead.
+    A clean release (the body returned or raised) removes the lock file, and the folders it
+    made, so a refused command leaves nothing behind; a killed holder leaves its pid in it.
     """
     if not is_main:
         yield
         return
     path = lock_path(run_dir, stage)
+    made = [d for d in (path.parent.parent, path.parent) if not d.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_locked(path, stage, run_dir)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = _owner(fd)
-            raise ConfigError(
-                f"stage '{stage}' of {run_dir} is running in another process (pid {owner.get('pid', '?')} on "
-                f"{owner.get('host', '?')}, lock {path}); wait for it to finish or stop it") from None
         previous = _owner(fd)
         if previous:
             print(f"{stage}: taking over the lock {path} of pid {previous.get('pid', '?')} on "
@@ -121,21 +137,24 @@ def stage_lock(run_dir: Path, stage: str, is_main: bool = True):
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)
         os.fsync(fd)
-        try:
-            yield
-        finally:
-            os.ftruncate(fd, 0)  # released cleanly: the next holder has nothing to take over
-            fcntl.flock(fd, fcntl.LOCK_UN)
+        yield
+        path.unlink()  # still holding the flock: a waiter that opened this inode sees it unlinked and retries
+    except BaseException:
+        path.unlink()
+        raise
     finally:
         os.close(fd)
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):  # not empty: the stage wrote something there
+                folder.rmdir()
 
 
 def lock_holder(run_dir: Path, stage: str) -> dict | None:
     """The live process holding a stage's lock ({pid, host, since}), or None when nobody holds it."""
-    path = lock_path(run_dir, stage)
-    if not path.exists():
+    try:
+        fd = os.open(lock_path(run_dir, stage), os.O_RDONLY)
+    except FileNotFoundError:
         return None
-    fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:

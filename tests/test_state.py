@@ -110,10 +110,22 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, capsys):
         assert json.loads(path.read_text())["pid"] == os.getpid()
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and f"taking over the lock {path} of pid {dead.pid}" in out
-    assert path.read_text() == "" and state.lock_holder(tmp_path, "cache") is None, "released cleanly"
+    assert not path.exists() and state.lock_holder(tmp_path, "cache") is None, "released cleanly"
     with state.stage_lock(tmp_path, "cache"):
         pass
     assert capsys.readouterr().out == "", "a cleanly released lock is no takeover"
+
+
+def test_released_lock_leaves_nothing_behind(tmp_path):
+    run_dir = tmp_path / "runs" / "new"
+    with pytest.raises(ConfigError):
+        with state.stage_lock(run_dir, "prepare"):
+            assert state.lock_path(run_dir, "prepare").exists()
+            raise ConfigError("a check failed")
+    assert not run_dir.exists(), "a refused stage leaves no folder and no lock file"
+    with state.stage_lock(tmp_path, "prepare"):
+        state.write_state(tmp_path, "prepare", "done", "A")
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["prepare.json"]
 
 
 def test_only_the_main_rank_takes_the_lock(tmp_path):
