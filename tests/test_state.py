@@ -198,3 +198,15 @@ def test_two_trainers_at_once(train_config):
     steps = [json.loads(line)["step"] for line in (cfg.run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 7)), "one trainer's metrics, each step once"
     assert state.read_state(cfg.run_dir, "train")["status"] == "done"
+
+
+def test_status_tells_a_running_stage_from_an_interrupted_one(tmp_path, holder):
+    from stages import status
+
+    run_dir = tmp_path / "runs" / "demo"
+    state.write_state(run_dir, "prepare", "running", "A")
+    state.write_state(run_dir, "cache", "running", "B")  # no process holds its lock: interrupted
+    text = status.format_status(run_dir, status.status(run_dir))
+    rows = {line.split()[0]: line for line in text.splitlines() if line.startswith("  ")}
+    assert f"running (pid {holder.pid} on" in rows["prepare"]
+    assert "interrupted" in rows["cache"] and "pid" not in rows["cache"]
