@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from stages import demo  # noqa: E402  (after the path set-up: scripts run from a checkout)
+from stages.evaluate import BOUND  # noqa: E402
 
 COMMON = ["train.router_weight=0", "eval.before=false", "eval.rouge_samples=0"]
 ROUTER_ON = {"router_erd_weight": 0.1, "router_mc_weight": 0.1, "router_aux_weight": 0.01}
@@ -34,16 +35,16 @@ VARIANTS = {
 }
 
 
-def variant_config(name: str, weights: dict, base: list[str]):
-
-    overrides = base + COMMON + [f"run.name=router_{name}"] + [f"train.{k}={v}" for k, v in weights.items()]
+def variant_config(name: str, weights: dict, base: list[str], steps: int = 0):
+    budget = [f"train.steps={steps}", f"train.checkpoint_every={steps}"] if steps else []
+    overrides = base + COMMON + budget + [f"run.name=router_{name}"] + [f"train.{k}={v}" for k, v in weights.items()]
     return demo.run_config("demo.yaml", overrides)
 
 
-def run_variant(name: str, weights: dict, base: list[str], demo_dir: Path) -> dict:
+def run_variant(name: str, weights: dict, base: list[str], demo_dir: Path, steps: int = 0) -> dict:
     from stages import evaluate, train_student
 
-    cfg = variant_config(name, weights, base)
+    cfg = variant_config(name, weights, base, steps)
     demo.link_inputs(demo_dir, cfg.run_dir)
     start = time.time()
     print(f"== variant {name}: {' '.join(f'{k}={v}' for k, v in weights.items())}", flush=True)
@@ -66,15 +67,25 @@ def demo_row(base: list[str], demo_dir: Path) -> dict:
 
 
 def table(rows: dict[str, dict]) -> str:
-    head = ("| variant | perplexity | KL to teacher | top-1 agreement | load CV | dead experts | router entropy "
-            "| τ_r (per layer) |")
-    lines = [head, "|" + "---|" * 8]
+    head = ("| variant | perplexity | KL to teacher (full vocabulary) | top-k+tail KL (lower bound) | top-1 agreement "
+            "| load CV | dead experts | router entropy | τ_r (per layer) |")
+    lines = [head, "|" + "---|" * 9]
     for name, r in rows.items():
         tau = ", ".join(f"{t:.3f}" for t in r["router_temperature"]) if r.get("router_temperature") else "–"
-        lines.append(f"| {name} | {r['perplexity']:.3f} | {r['kl_to_teacher']:.4f} | {r['top1_agreement']:.4f} "
-                     f"| {r.get('load_cv', float('nan')):.3f} | {r.get('dead_experts', float('nan')):.3f} "
-                     f"| {r.get('router_entropy', float('nan')):.3f} | {tau} |")
+        lines.append(f"| {name} | {r['perplexity']:.3f} | {r.get('kl_to_teacher', float('nan')):.4f} | {r[BOUND]:.4f} "
+                     f"| {r['top1_agreement']:.4f} | {r.get('load_cv', float('nan')):.3f} "
+                     f"| {r.get('dead_experts', float('nan')):.3f} | {r.get('router_entropy', float('nan')):.3f} "
+                     f"| {tau} |")
     return "\n".join(lines)
+
+
+def header(steps: int) -> str:
+    """What was run: date, commit, machine (the tables never carry numbers of another run)."""
+    import subprocess
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    return (f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; commit: {commit.strip() or '?'}; "
+            f"steps per variant: {steps or 'the demo train.steps'}; seed 0; machine: {demo.machine()}")
 
 
 def main() -> None:
@@ -82,6 +93,7 @@ def main() -> None:
     parser.add_argument("--root", default="runs", help="where the variants' runs go")
     parser.add_argument("--demo-root", default="", help="where the demo's runs are (default: --root)")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--steps", type=int, default=0, help="optimizer steps per variant (0 = the demo's train.steps)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (shared CPU: 1)")
     parser.add_argument("--out", default="", help="also write the table and per-variant JSON here (markdown)")
     args = parser.parse_args()
@@ -91,12 +103,12 @@ def main() -> None:
     root, demo_root = Path(args.root), Path(args.demo_root or args.root)
     base = [f"run.root={root}"] + demo.demo_overrides(demo_root)
     demo_dir = demo_root / "demo"
-    rows = {name: run_variant(name, VARIANTS[name], base, demo_dir) for name in args.variants}
+    rows = {name: run_variant(name, VARIANTS[name], base, demo_dir, args.steps) for name in args.variants}
     from pipeline.state import read_state
 
     if (read_state(demo_dir, "train") or {}).get("status") == "done":  # the demo's own student, if trained by now
         rows["demo: β·router KL 0.1"] = demo_row(base, demo_dir)
-    text = f"machine: {demo.machine()}\n\n{table(rows)}\n"
+    text = f"{header(args.steps)}\n\n{table(rows)}\n"
     print(text, flush=True)
     (root / "router_ablation.json").write_text(json.dumps(rows, indent=1))
     if args.out:

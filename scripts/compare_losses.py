@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from stages import demo  # noqa: E402  (after the path set-up: scripts run from a checkout)
+from stages.evaluate import BOUND  # noqa: E402
 
 COMMON = ["train.router_weight=0", "eval.before=false", "eval.rouge_samples=0"]
 BASELINE = "ce_only"  # alpha = 0: the student on the data alone
@@ -79,13 +80,22 @@ def run_variant(name: str, base: list[str], steps: int, demo_dir: Path) -> dict:
 
 
 def table(rows: dict[str, dict]) -> str:
-    lines = ["| loss | perplexity | KL to teacher | top-1 agreement | overlap@8 | overlap@32 | train tok/s |",
-             "|" + "---|" * 7]
+    lines = ["| loss | perplexity | KL to teacher (full vocabulary) | top-k+tail KL (lower bound) | top-1 agreement "
+             "| overlap@8 | overlap@32 | train tok/s |", "|" + "---|" * 8]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['perplexity']:.3f} | {r['kl_to_teacher']:.4f} | {r['top1_agreement']:.4f} "
-                     f"| {r.get('overlap@8', float('nan')):.4f} | {r.get('overlap@32', float('nan')):.4f} "
-                     f"| {r['tok_s']:,.0f} |")
+        lines.append(f"| {name} | {r['perplexity']:.3f} | {r.get('kl_to_teacher', float('nan')):.4f} | {r[BOUND]:.4f} "
+                     f"| {r['top1_agreement']:.4f} | {r.get('overlap@8', float('nan')):.4f} "
+                     f"| {r.get('overlap@32', float('nan')):.4f} | {r['tok_s']:,.0f} |")
     return "\n".join(lines)
+
+
+def header(steps: int) -> str:
+    """What was run: date, commit, budget, machine (the tables never carry numbers of another run)."""
+    import subprocess
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    return (f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; commit: {commit.strip() or '?'}; "
+            f"steps per variant: {steps or 'the demo train.steps'}; seed 0; machine: {demo.machine()}")
 
 
 def main() -> None:
@@ -109,7 +119,7 @@ def main() -> None:
         raise SystemExit(f"--losses: {', '.join(unknown)} not available with the demo cache; choose from {allowed}")
     names = [n for n in allowed if n in args.losses] if args.losses else allowed
     rows = {name: run_variant(name, base, args.steps, demo_dir) for name in names}
-    text = f"machine: {demo.machine()}\n\n{table(rows)}\n"
+    text = f"{header(args.steps)}\n\n{table(rows)}\n"
     print(text, flush=True)
     (root / "loss_study.json").write_text(json.dumps(rows, indent=1))
     if args.out:
