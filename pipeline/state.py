@@ -5,15 +5,19 @@ fingerprint and its progress. Re-running skips a done stage with unchanged input
 resumes a running one, and refuses (unless ``--force``) when inputs changed under it.
 
 ``runs/<name>/state/<stage>.lock`` keeps two processes out of one stage of one run: the
-process that runs the stage (rank 0 under a launcher) holds an ``flock`` on it and writes
-its pid and host into it, and removes it when the stage ends. The kernel drops the flock
-when the process dies, so a lock file left by a killed run is taken over (with one line
-saying so); a live holder is a one-line refusal.
+process that runs the stage (rank 0 under a launcher) holds a POSIX record lock on it
+(``lockf``) and writes its pid and host into it, and removes it when the stage ends. The
+kernel drops the lock the moment the process dies, and, unlike ``flock``, its forked children
+(DataLoader workers, which outlive a killed parent by seconds) never hold it; so a lock file
+left by a killed run is taken over at once (with one line saying so), and a live holder is
+a one-line refusal. A POSIX lock is also dropped when its process closes *any* descriptor of
+the file, so the holder never opens it again (``lock_holder`` answers from ``_HELD``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -25,6 +29,7 @@ from cache.schema import write_json_atomic
 from pipeline.config import ConfigError
 
 STAGES = ("prepare", "init", "cache", "train", "evaluate")
+_HELD: dict[str, dict] = {}  # lock files this process holds → their owner record
 
 
 def state_path(run_dir: Path, stage: str) -> Path:
@@ -94,13 +99,16 @@ def _owner(fd: int) -> dict:
 
 
 def _open_locked(path: Path, stage: str, run_dir: Path) -> int:
-    """An fd holding the flock on the file now at ``path`` (a released lock file is unlinked, so
+    """An fd holding the lock on the file now at ``path`` (a released lock file is unlinked, so
     check that the inode locked is still the one the path names; else try again)."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN):
+                os.close(fd)
+                raise
             owner = _owner(fd)
             os.close(fd)
             raise ConfigError(
@@ -111,7 +119,7 @@ def _open_locked(path: Path, stage: str, run_dir: Path) -> int:
                 return fd
         except FileNotFoundError:
             pass
-        os.close(fd)  # its holder released (and unlinked) it between our open and our flock
+        os.close(fd)  # its holder released (and unlinked) it between our open and our lock
 
 
 @contextlib.contextmanager
@@ -125,6 +133,8 @@ def stage_lock(run_dir: Path, stage: str, is_main: bool = True):
         yield
         return
     path = lock_path(run_dir, stage)
+    if str(path.resolve()) in _HELD:  # a POSIX lock never refuses its own process: check here
+        raise ConfigError(f"stage '{stage}' of {run_dir} is already running in this process (lock {path})")
     made = [d for d in (path.parent.parent, path.parent) if not d.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = _open_locked(path, stage, run_dir)
@@ -137,12 +147,14 @@ def stage_lock(run_dir: Path, stage: str, is_main: bool = True):
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)
         os.fsync(fd)
+        _HELD[str(path.resolve())] = me
         yield
-        path.unlink()  # still holding the flock: a waiter that opened this inode sees it unlinked and retries
+        path.unlink()  # still holding the lock: a waiter that opened this inode sees it unlinked and retries
     except BaseException:
         path.unlink()
         raise
     finally:
+        _HELD.pop(str(path.resolve()), None)
         os.close(fd)
         for folder in reversed(made):
             with contextlib.suppress(OSError):  # not empty: the stage wrote something there
@@ -151,16 +163,21 @@ def stage_lock(run_dir: Path, stage: str, is_main: bool = True):
 
 def lock_holder(run_dir: Path, stage: str) -> dict | None:
     """The live process holding a stage's lock ({pid, host, since}), or None when nobody holds it."""
+    path = lock_path(run_dir, stage)
+    if path.exists() and str(path.resolve()) in _HELD:
+        return _HELD[str(path.resolve())]  # opening (and closing) the file here would drop our own lock
     try:
-        fd = os.open(lock_path(run_dir, stage), os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
         return _owner(fd) or {"pid": "?", "host": "?"}
     else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
+        fcntl.lockf(fd, fcntl.LOCK_UN)
         return None
     finally:
         os.close(fd)

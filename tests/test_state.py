@@ -116,6 +116,36 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, capsys):
     assert capsys.readouterr().out == "", "a cleanly released lock is no takeover"
 
 
+FORK_AND_HOLD = """
+import os, sys, time
+from pipeline.state import stage_lock
+with stage_lock(sys.argv[1], "train"):
+    child = os.fork()
+    if child == 0:  # a DataLoader worker, say: it outlives its killed parent for a while
+        time.sleep(60)
+        os._exit(0)
+    print("locked", child, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_killed_holder_with_a_live_child_releases_the_lock(tmp_path, capsys):
+    """The lock is the process's, not its forked children's: killing the holder frees it at once."""
+    import signal
+
+    proc = _python("-c", FORK_AND_HOLD, str(tmp_path))
+    word, child = proc.stdout.readline().split()
+    assert word == "locked"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    try:
+        with state.stage_lock(tmp_path, "train"):
+            pass
+        assert f"taking over the lock {state.lock_path(tmp_path, 'train')} of pid {proc.pid}" in capsys.readouterr().out
+    finally:
+        os.kill(int(child), signal.SIGKILL)
+
+
 def test_released_lock_leaves_nothing_behind(tmp_path):
     run_dir = tmp_path / "runs" / "new"
     with pytest.raises(ConfigError):
