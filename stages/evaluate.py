@@ -39,7 +39,7 @@ class EvalConfig:
     max_sequences: int = ranged(0, min=0)
     """Evaluate at most this many sequences (0 = all)."""
     overlap_k: list[int] = ranged([8, 32], min=1)
-    """k of overlap@k with the teacher's top-k (from the cache only: capped at the cached k; the cached k is always reported)."""
+    """k of overlap@k with the teacher's top-k (the cached k is always reported; from the cache alone k ≤ it)."""
     rouge_samples: int = ranged(16, min=0)
     """Prompt/response data: generations scored with Rouge-L (0 = off)."""
     max_new_tokens: int = ranged(48, min=1)

@@ -73,7 +73,8 @@ def test_results_before_and_after_against_the_teacher(train_config, teacher_path
     train_student.run(cfg)
     results = evaluate.run(cfg)
     assert results == json.loads((cfg.run_dir / "eval" / "results.json").read_text())
-    assert AutoModelForCausalLM.from_pretrained(teacher_path).config.vocab_size == cfg_vocab(cfg)  # the whole vocabulary
+    vocab = AutoModelForCausalLM.from_pretrained(teacher_path).config.vocab_size
+    assert vocab == cfg_vocab(cfg)  # the evaluated vocabulary is the teacher's whole vocabulary
     for label, path in (("before", student_path), ("after", cfg.run_dir / "train" / "final")):
         r, ref = results[label], reference_teacher_metrics(teacher_path, path, cfg.run_dir, k=8)
         assert {"perplexity", "kl_to_teacher", evaluate.BOUND, "top1_agreement", "overlap@2", "overlap@8"} <= set(r)
