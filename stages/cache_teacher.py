@@ -147,7 +147,7 @@ def identity(cfg, teacher, spec: ExtractSpec, data_manifest: dict, split: str) -
 def cache_split(cfg, teacher, spec: ExtractSpec, split: str, dist: Dist) -> Manifest | None:
     from stages.prepare import load_split
 
-    ds, data_manifest = load_split(cfg.run_dir, split)
+    ds, data_manifest = load_split(cfg.run_dir, split, allow_empty=True)  # an empty split is not cached
     out_dir = cache_dir(cfg.run_dir, split)
     if len(ds) == 0:
         return None

@@ -128,13 +128,22 @@ def run(cfg, force: bool = False) -> dict:
     return manifest
 
 
-def load_split(run_dir: Path, split: str):
-    """A prepared split as a datasets.Dataset in numpy format, plus the data manifest."""
+def load_split(run_dir: Path, split: str, allow_empty: bool = False):
+    """A prepared split as a datasets.Dataset in numpy format, plus the data manifest.
+
+    An empty split (data.eval_fraction=0 leaves 'eval' empty) is an empty Dataset with
+    ``allow_empty``, else one line: ``datasets`` cannot load back the empty split it saved.
+    """
     import datasets
 
     manifest_path = Path(run_dir) / "data" / "manifest.json"
     if not manifest_path.exists():
         raise ConfigError(f"{run_dir} has no prepared data; run the 'prepare' stage first")
     manifest = json.loads(manifest_path.read_text())
+    if manifest["splits"][split]["sequences"] == 0:
+        if not allow_empty:
+            raise ConfigError(f"the prepared '{split}' split of {run_dir} holds no sequences; set data.eval_fraction "
+                              f"> 0 and re-run prepare with --force, or set eval.split=train")
+        return datasets.Dataset.from_dict({k: [] for k in ("sample_id", "input_ids", "loss_mask")}), manifest
     ds = datasets.load_from_disk(str(Path(run_dir) / "data" / split)).with_format("numpy")
     return ds, manifest

@@ -290,3 +290,17 @@ def test_unsupported_moe_student_names_the_student_side_fix(train_config, monkey
     assert "student's model_type 'qwen3_moe'" in line and "train.router_weight=0" in line
     assert "cache.router_topk" not in line and "\n" not in line
     assert not (cfg.run_dir / "train").exists()
+
+
+def test_empty_eval_split_is_one_line(cli):
+    """data.eval_fraction=0 leaves the eval split empty: the cache skips it, eval says so in one line."""
+    assert cli("prepare")[0] == 0
+    assert cli("cache", "cache.splits=[train,eval]")[0] == 0, "an empty split is not cached (it used to crash)"
+    assert not (cli.run_dir / "cache_eval").exists()
+    from pipeline.config import ConfigError
+    from stages.prepare import load_split
+
+    with pytest.raises(ConfigError, match="'eval' split .* holds no sequences"):
+        load_split(cli.run_dir, "eval")
+    code, line = cli("run", "cache.splits=[train,eval]")
+    assert code != 0 and "data.eval_fraction=0" in line and "eval.split=train" in line
