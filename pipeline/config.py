@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -55,8 +56,9 @@ def describe_range(bounds: tuple) -> str:
 
 
 def in_range(value: float, bounds: tuple) -> bool:
+    """Inside the bounds, and finite (an inf or nan learning rate, weight or length is never meant)."""
     lo, lo_open, hi, hi_open = bounds
-    return ((lo is None or value > lo or (value == lo and not lo_open))
+    return math.isfinite(value) and ((lo is None or value > lo or (value == lo and not lo_open))
             and (hi is None or value < hi or (value == hi and not hi_open)))
 
 
@@ -66,7 +68,8 @@ def check_range(key: str, value: Any, bounds: tuple) -> None:
     for sub, number in items:
         if not in_range(number, bounds):
             name = key if sub is None else f"{key}[{sub!r}]" if isinstance(value, dict) else f"{key}[{sub}]"
-            raise ConfigError(f"{name}={number!r} is out of range; allowed: {describe_range(bounds)}")
+            raise ConfigError(f"{name}={number!r} is out of range; allowed: {describe_range(bounds)}"
+                              + ("" if math.isfinite(number) else " (and finite)"))
 
 
 def _allowed_keys(schema_cls: type, dotted: str) -> list[str]:
@@ -110,13 +113,34 @@ def load_config(schema_cls: type[T], yaml_paths: list[str | Path] = (), override
     try:
         merged = OmegaConf.structured(schema_cls)
         for path in yaml_paths:
-            merged = OmegaConf.merge(merged, load_yaml(path))
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(parse_overrides(list(overrides))))
+            merged = OmegaConf.merge(merged, _sections(schema_cls, load_yaml(path), f"config file {path}"))
+        merged = OmegaConf.merge(merged, _sections(schema_cls, parse_dotlist(list(overrides)), "the overrides"))
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _one_line(schema_cls, err) from None
     validate(cfg)
     return cfg
+
+
+def parse_dotlist(overrides: list[str]) -> DictConfig:
+    parse_overrides(overrides)
+    for item in overrides:  # one at a time, to name the one that is not valid YAML
+        try:
+            OmegaConf.from_dotlist([item])
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r} is not valid YAML ({getattr(err, 'problem', None) or err}); "
+                              f"quote or fix its value") from None
+    return OmegaConf.from_dotlist(overrides)
+
+
+def _sections(schema_cls: type, node: DictConfig, source: str) -> DictConfig:
+    """A section given a plain value (``train: 5``) is one line naming it, not a merge error without a key."""
+    defaults = schema_cls()
+    for key, value in node.items():
+        if dataclasses.is_dataclass(getattr(defaults, str(key), None)) and not isinstance(value, DictConfig):
+            raise ConfigError(f"{source}: '{key}' is a section and needs keys (e.g. {key}.<key>=value), "
+                              f"not {value!r}")
+    return node
 
 
 def load_yaml(path: str | Path) -> DictConfig:

@@ -304,3 +304,22 @@ def test_empty_eval_split_is_one_line(cli):
         load_split(cli.run_dir, "eval")
     code, line = cli("run", "cache.splits=[train,eval]")
     assert code != 0 and "data.eval_fraction=0" in line and "eval.split=train" in line
+
+
+@pytest.mark.parametrize("args, words", [
+    (["train.lr=[1"], ("override 'train.lr=[1' is not valid YAML",)),
+    (["train=3"], ("'train' is a section",)),
+    (["train.lr=1e400"], ("train.lr=inf", "finite")),
+    (["train.alpha=nan"], ("train.alpha=nan", "finite")),
+])
+def test_malformed_override_is_one_line(cli, args, words):
+    code, line = cli("run", *args)
+    assert code != 0 and all(w in line for w in words), line
+    assert not cli.run_dir.exists()
+
+
+def test_section_given_a_value_in_yaml(cli, tmp_path):
+    path = tmp_path / "flat.yaml"
+    path.write_text("train: 5\n")
+    code, line = cli("run", "--config", str(path))
+    assert code != 0 and str(path) in line and "'train' is a section" in line
