@@ -42,19 +42,33 @@ def read_state(run_dir: Path, stage: str) -> dict | None:
 
 
 def write_state(run_dir: Path, stage: str, status: str, inputs: str, **progress) -> None:
+    """Record the stage's status; the first record after a deferred ``--force`` sets the old outputs aside."""
     path = state_path(run_dir, stage)
     path.parent.mkdir(parents=True, exist_ok=True)
+    old = read_state(run_dir, stage)
+    if old is not None and old.get("aside_for") == inputs:
+        set_aside([Path(p) for p in old["aside"]])
     state = {"stage": stage, "status": status, "inputs": inputs, "updated": time.strftime("%Y-%m-%d %H:%M:%S"),
              **progress}
     write_json_atomic(path, json.dumps(state, indent=1, sort_keys=True))
 
 
-def begin(run_dir: Path, stage: str, inputs: str, outputs: list[Path], force: bool) -> bool:
+def set_aside(outputs: list[Path]) -> None:
+    """Rename outputs to <name>.old-<time>: never deleted."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for path in outputs:
+        if path.exists():
+            path.rename(path.with_name(f"{path.name}.old-{stamp}"))
+
+
+def begin(run_dir: Path, stage: str, inputs: str, outputs: list[Path], force: bool, defer: bool = False) -> bool:
     """True if the stage must run; False if it is done with these inputs.
 
     With changed inputs: refuse, unless the stage stopped before writing any output. With
     ``force``: set the old outputs aside (renamed, never deleted) and start afresh, whatever
-    the inputs (e.g. to rebuild a damaged cache).
+    the inputs (e.g. to rebuild a damaged cache). With ``defer`` the setting aside waits for
+    the stage's first ``write_state`` (after its checks): a forced command that fails a check
+    (a typo in a path) leaves the old outputs and state where they were.
     """
     state = read_state(run_dir, stage)
     if state is None:
@@ -69,20 +83,30 @@ def begin(run_dir: Path, stage: str, inputs: str, outputs: list[Path], force: bo
             f"stage '{stage}' in {run_dir} was {state['status']} with other inputs; re-run with --force "
             f"to set its outputs aside and start again, or pick another run.name"
         )
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for path in outputs:
-        if path.exists():
-            path.rename(path.with_name(f"{path.name}.old-{stamp}"))
+    if defer:
+        pending = {k: v for k, v in state.items() if k not in ("aside_for", "aside")}
+        pending.update(aside_for=inputs, aside=[str(p) for p in outputs])
+        write_json_atomic(state_path(run_dir, stage), json.dumps(pending, indent=1, sort_keys=True))
+        return True
+    set_aside(outputs)
     state_path(run_dir, stage).unlink()
     return True
 
 
 def begin_on_all_ranks(run_dir: Path, stage: str, inputs: str, outputs: list[Path], force: bool,
-                       is_main: bool, barrier) -> bool:
-    """Rank 0 decides (and sets old outputs aside on --force) before the other ranks look."""
-    must_run = begin(run_dir, stage, inputs, outputs, force) if is_main else False
+                       is_main: bool, barrier, defer: bool = False) -> bool:
+    """Rank 0 decides (and sets old outputs aside on --force, or marks them to be) before the other ranks look.
+
+    With ``defer`` the caller must barrier after rank 0's first ``write_state``, before any
+    rank touches the outputs."""
+    must_run = begin(run_dir, stage, inputs, outputs, force, defer) if is_main else False
     barrier()
-    return must_run if is_main else begin(run_dir, stage, inputs, [], False)
+    if is_main:
+        return must_run
+    state = read_state(run_dir, stage)
+    if state is not None and state.get("aside_for") == inputs:
+        return True  # rank 0 forced a fresh start with these inputs
+    return begin(run_dir, stage, inputs, [], False)
 
 
 def lock_path(run_dir: Path, stage: str) -> Path:

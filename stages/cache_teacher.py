@@ -217,7 +217,7 @@ def run(cfg, force: bool = False) -> dict[str, Manifest]:
     dist = stage_dist(cfg.run.device)
     inputs = fingerprint(cfg.teacher, cfg.cache, cfg.data, cfg.tokenizer_path(), prepared_fingerprints(cfg.run_dir))
     outputs = [cache_dir(cfg.run_dir, s) for s in cfg.cache.splits]
-    if not state.begin_on_all_ranks(cfg.run_dir, "cache", inputs, outputs, force, dist.is_main, dist.barrier):
+    if not state.begin_on_all_ranks(cfg.run_dir, "cache", inputs, outputs, force, dist.is_main, dist.barrier, defer=True):
         return {s: read_manifest(cache_dir(cfg.run_dir, s)) for s in cfg.cache.splits
                 if (cache_dir(cfg.run_dir, s) / "manifest.json").exists()}
     from stages.prepare import load_split
@@ -229,7 +229,8 @@ def run(cfg, force: bool = False) -> dict[str, Manifest]:
     teacher = build_teacher(teacher_cfg, spec, dist.device)
     check_teacher_fits(teacher, data_manifest, spec)  # before the state records a run with these inputs
     if dist.is_main:
-        state.write_state(cfg.run_dir, "cache", "running", inputs)
+        state.write_state(cfg.run_dir, "cache", "running", inputs)  # sets old outputs aside if --force
+    dist.barrier()  # no rank looks at the cache directories before that
     start = time.time()
     manifests = {s: m for s in cfg.cache.splits if (m := cache_split(cfg, teacher, spec, s, dist)) is not None}
     if hasattr(teacher, "close"):

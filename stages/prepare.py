@@ -104,7 +104,7 @@ def run(cfg, force: bool = False) -> dict:
     tok_path = cfg.tokenizer_path()
     inputs = fingerprint(data_cfg, tok_path, source_stamp(data_cfg.source))
     out_dir = run_dir / "data"
-    if not state.begin(run_dir, "prepare", inputs, [out_dir], force):
+    if not state.begin(run_dir, "prepare", inputs, [out_dir], force, defer=True):
         return json.loads((out_dir / "manifest.json").read_text())
     tokenizer = load_tokenizer(tok_path)
     records = load_records(data_cfg)

@@ -18,7 +18,7 @@ from cache.writer import committed_shards
 from pipeline.config import ConfigError
 from pipeline.state import STAGES, lock_holder, read_state
 
-RECORD_KEYS = ("stage", "status", "inputs", "updated")
+RECORD_KEYS = ("stage", "status", "inputs", "updated", "aside_for", "aside")
 
 
 def cache_dirs(run_dir: Path) -> list[Path]:

@@ -295,14 +295,15 @@ def run(cfg, force: bool = False) -> Path:
     accelerator = make_accelerator(cfg, out_dir)
     check_kd_targets(cfg, accelerator.is_main_process)  # before any state: a refused run writes nothing
     if not state.begin_on_all_ranks(cfg.run_dir, "train", inputs, [out_dir], force,
-                                    accelerator.is_main_process, accelerator.wait_for_everyone):
+                                    accelerator.is_main_process, accelerator.wait_for_everyone, defer=True):
         return out_dir / "final"
     job = setup(cfg, accelerator)  # every check (student path, cache, batch shape) before the state records a run
     if not job.stream.steps(job.stream.epoch):
         raise ConfigError("the training data is smaller than one optimizer step; lower train.batch_size")
     if accelerator.is_main_process:
-        state.write_state(cfg.run_dir, "train", "running", inputs)
+        state.write_state(cfg.run_dir, "train", "running", inputs)  # sets old outputs aside if --force
         save_config(cfg, out_dir / "config.yaml")
+    accelerator.wait_for_everyone()  # no rank looks for checkpoints before that
     model, optimizer = accelerator.prepare(job.model, job.optimizer)
     step = resume(out_dir, accelerator, model, optimizer, job)
     logger = MetricsLogger(out_dir, cfg.train.total_steps, accelerator.is_main_process, accelerator,

@@ -323,3 +323,15 @@ def test_section_given_a_value_in_yaml(cli, tmp_path):
     path.write_text("train: 5\n")
     code, line = cli("run", "--config", str(path))
     assert code != 0 and str(path) in line and "'train' is a section" in line
+
+
+def test_forced_command_with_a_typo_sets_nothing_aside(cli):
+    """--force with a bad teacher path: refused in one line, the finished cache stays where it was."""
+    assert cli("prepare")[0] == 0
+    assert cli("cache")[0] == 0
+    before = snapshot(cli.run_dir / "cache")
+    code, line = cli("cache", "cache.k=4", "teacher.path=/no/such/model", force=True)
+    assert code != 0 and "/no/such/model" in line
+    assert snapshot(cli.run_dir / "cache") == before and not list(cli.run_dir.glob("cache.old-*"))
+    assert cli("cache") == (0, ""), "the old cache is still the finished one"
+    assert cli("cache", "cache.k=4", force=True)[0] == 0 and len(list(cli.run_dir.glob("cache.old-*"))) == 1

@@ -240,3 +240,31 @@ def test_status_tells_a_running_stage_from_an_interrupted_one(tmp_path, holder):
     rows = {line.split()[0]: line for line in text.splitlines() if line.startswith("  ")}
     assert f"running (pid {holder.pid} on" in rows["prepare"]
     assert "interrupted" in rows["cache"] and "pid" not in rows["cache"]
+
+
+# --- a forced command that fails a check sets nothing aside (deferred --force) ---------------------
+
+def test_deferred_force_sets_aside_at_the_first_record(tmp_path):
+    out = tmp_path / "cache"
+    out.mkdir()
+    (out / "shard").write_text("old")
+    state.write_state(tmp_path, "cache", "done", "A")
+    assert state.begin(tmp_path, "cache", "B", [out], force=True, defer=True) is True
+    assert (out / "shard").read_text() == "old", "nothing moves before the stage's checks passed"
+    assert state.begin(tmp_path, "cache", "A", [out], force=False) is False, "the old state still stands"
+    with pytest.raises(ConfigError, match="--force"):
+        state.begin(tmp_path, "cache", "C", [out], force=False)
+    state.write_state(tmp_path, "cache", "running", "B")  # the checks passed: now the old cache goes aside
+    aside = list(tmp_path.glob("cache.old-*"))
+    assert not out.exists() and len(aside) == 1 and (aside[0] / "shard").read_text() == "old"
+    assert state.read_state(tmp_path, "cache")["inputs"] == "B" and "aside_for" not in state.read_state(tmp_path, "cache")
+
+
+def test_other_ranks_follow_a_deferred_force(tmp_path):
+    out = tmp_path / "train"
+    out.mkdir()
+    state.write_state(tmp_path, "train", "done", "A")
+    assert state.begin_on_all_ranks(tmp_path, "train", "B", [out], True, True, lambda: None, defer=True)
+    assert state.begin_on_all_ranks(tmp_path, "train", "B", [out], True, False, lambda: None, defer=True), \
+        "a non-main rank runs what rank 0 forced"
+    assert out.exists()
