@@ -29,7 +29,9 @@ def config_fingerprint(config) -> str:
 
 
 def check_model_dir(path: str) -> None:
-    """A local directory must hold a saved model (config.json), not just anything."""
+    """A model path must exist (unless it reads as a hub id) and, as a directory, hold a saved model."""
+    if not Path(path).exists() and ("/" not in path or path.startswith((".", "/"))):
+        raise ConfigError(f"model path {path!r} does not exist; pass a model directory or a hub id")
     if Path(path).is_dir() and not (Path(path) / "config.json").exists():
         raise ConfigError(f"model path {path!r} is a directory without config.json; pass a directory written "
                           f"by save_pretrained (or a hub id)")
@@ -38,8 +40,6 @@ def check_model_dir(path: str) -> None:
 def load_causal_lm(path: str, dtype: torch.dtype, device: torch.device, attn: str, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM
 
-    if not Path(path).exists() and ("/" not in path or path.startswith((".", "/"))):
-        raise ConfigError(f"model path {path!r} does not exist; pass a model directory or a hub id")
     check_model_dir(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn,

@@ -85,6 +85,10 @@ class InitConfig:
             raise ConfigError(f"init.mode=lora needs init.student_path with weights; got {self.student_path!r}")
         if self.mode == "lora" and self.student_overrides:
             raise ConfigError("init.student_overrides must be empty with init.mode=lora (the adapter needs the student as saved)")
+        from pipeline.models import check_model_dir
+
+        for path in filter(None, (self.teacher_path, self.student_path)):
+            check_model_dir(path)  # one line for a missing path or a directory without config.json
 
 
 def _check_rank_map(rank_map: dict[str, int]) -> None:

@@ -335,3 +335,12 @@ def test_forced_command_with_a_typo_sets_nothing_aside(cli):
     assert snapshot(cli.run_dir / "cache") == before and not list(cli.run_dir.glob("cache.old-*"))
     assert cli("cache") == (0, ""), "the old cache is still the finished one"
     assert cli("cache", "cache.k=4", force=True)[0] == 0 and len(list(cli.run_dir.glob("cache.old-*"))) == 1
+
+
+@pytest.mark.parametrize("which", ["teacher", "student"])
+def test_init_with_a_directory_without_a_model(cli, tmp_path, which):
+    empty = tmp_path / "not_a_model"
+    empty.mkdir()
+    code, line = cli("init", f"{which}.path={empty}")
+    assert code != 0 and str(empty) in line and "config.json" in line
+    assert not cli.run_dir.exists(), "nothing written, no state that would block the fixed command"

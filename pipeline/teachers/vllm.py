@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import weakref
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -90,8 +89,6 @@ class VLLMTeacher:
         from transformers import AutoConfig
 
         check_spec(spec)
-        if not Path(cfg.path).exists() and ("/" not in cfg.path or cfg.path.startswith((".", "/"))):
-            raise ConfigError(f"model path {cfg.path!r} does not exist; pass a model directory or a hub id")
         check_model_dir(cfg.path)
         self.cfg, self.spec = cfg, spec
         self.config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
