@@ -41,7 +41,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def stage_command(args) -> None:
     from pipeline.config import ConfigError, load_config
-    from pipeline.state import stage_lock
     from stages import cache_teacher, evaluate, init_student, prepare, train_student
     from stages.config import PipelineConfig
 
@@ -51,25 +50,35 @@ def stage_command(args) -> None:
     if args.command == "run" and cfg.eval.split == "eval" and cfg.data.eval_fraction == 0:
         raise ConfigError("data.eval_fraction=0 leaves no eval split for the eval stage of `run`; "
                           "set data.eval_fraction > 0 (e.g. 0.05) or eval.split=train")
-    # one process per stage of a run: global rank 0 holds the stage's lock (the other ranks wait on it)
-    main_rank = int(os.environ.get("RANK", "0")) == 0
+    force = args.force
     if args.command in ("prepare", "run"):
-        with stage_lock(cfg.run_dir, "prepare", main_rank):
-            prepare.run(cfg, force=args.force)
+        in_stage(cfg, "prepare", lambda: prepare.run(cfg, force=force))
     if args.command == "init" or (args.command == "run" and cfg.student.init == "svd"):
-        with stage_lock(cfg.run_dir, "init", main_rank):
-            initialised = init_student.run_stage(cfg, force=args.force)
+        initialised = in_stage(cfg, "init", lambda: init_student.run_stage(cfg, force=force))
         if args.command == "run":
             cfg.student.path = str(initialised)
     if args.command in ("cache", "run") and cfg.teacher.path:
-        with stage_lock(cfg.run_dir, "cache", main_rank):
-            cache_teacher.run(cfg, force=args.force)
+        in_stage(cfg, "cache", lambda: cache_teacher.run(cfg, force=force))
     if args.command in ("train", "run"):
-        with stage_lock(cfg.run_dir, "train", main_rank):
-            train_student.run(cfg, force=args.force)
+        in_stage(cfg, "train", lambda: train_student.run(cfg, force=force))
     if args.command in ("eval", "run"):
-        with stage_lock(cfg.run_dir, "evaluate", main_rank):
-            evaluate.run(cfg, force=args.force)
+        in_stage(cfg, "evaluate", lambda: evaluate.run(cfg, force=force))
+
+
+def in_stage(cfg, stage: str, body):
+    """One stage under its lock (global rank 0 holds it; the other ranks wait on rank 0 inside the stage);
+    a full disk is one line naming the run directory."""
+    from pipeline.config import ConfigError
+    from pipeline.state import stage_lock
+
+    try:
+        with stage_lock(cfg.run_dir, stage, int(os.environ.get("RANK", "0")) == 0):
+            return body()
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise ConfigError(f"no space left on device writing {err.filename or cfg.run_dir} in the '{stage}' stage; "
+                          f"free some space and re-run the same command (finished work is kept)") from None
 
 
 def main(argv: list[str] | None = None) -> int:

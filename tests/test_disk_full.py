@@ -128,3 +128,20 @@ def test_real_full_tmpfs(cache_cli, tmp_path, store):
         assert_same_cache(by_sample(cache), want)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)  # lazy: this process may still map a file there
+
+
+def test_disk_full_in_any_stage_is_one_line(cache_cli, tmp_path, monkeypatch):
+    """Outside the cache writer (here prepare's datasets write): one line naming the stage, then the
+    same command runs once space is back."""
+    from stages import prepare
+
+    real = prepare.save_split
+
+    def full(out_dir, rows):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out_dir / "data-00000-of-00001.arrow"))
+
+    monkeypatch.setattr(prepare, "save_split", full)
+    code, line = cache_cli("prepare", "demo")
+    assert code == 2 and "no space left on device" in line and "'prepare' stage" in line and "re-run" in line
+    monkeypatch.setattr(prepare, "save_split", real)
+    assert cache_cli("prepare", "demo") == (0, "")
