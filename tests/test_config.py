@@ -148,3 +148,13 @@ def test_in_range_ends(bounds, inside, outside):
     from pipeline.config import in_range
 
     assert all(in_range(v, bounds) for v in inside) and not any(in_range(v, bounds) for v in outside)
+
+
+def test_every_shipped_config_passes_its_checks():
+    """configs/*.yaml load with every range and choice check (a shipped config must run)."""
+    from pathlib import Path
+
+    paths = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert paths
+    for path in paths:
+        load_config(PipelineConfig, [path], [])
