@@ -3,7 +3,8 @@
     python run_pipeline.py status runs/demo
 
 A stage's state file (pipeline/state.py) says running while its process works and done at the
-end; a killed process leaves it at running. For the cache stage the journals under each cache
+end; a killed process leaves it at running, and the stage's lock tells the two apart (a live
+process holds it: "running (pid N on host)"; nobody does: "running (no process: interrupted)"). For the cache stage the journals under each cache
 directory tell how many shards were committed, so a running or killed cache shows its progress
 (a re-run resumes from there), and manifest.json says whether the cache is complete.
 """
