@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -260,10 +262,7 @@ def test_no_trained_position_within_max_length_is_refused(cli, tmp_path):
     assert cli("prepare", f"data.source={source}", "data.max_length=200")[0] == 0, "the fixed run is not refused"
 
 
-def _cli_subprocess(args: list[str], timeout: float = 120) -> "subprocess.CompletedProcess":
-    import subprocess
-    import sys
-
+def _cli_subprocess(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
     root = Path(run_pipeline.__file__).parent
     return subprocess.run([sys.executable, str(root / "run_pipeline.py"), *args], capture_output=True, text=True,
                           timeout=timeout, cwd=root)

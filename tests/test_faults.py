@@ -11,19 +11,13 @@ import h5py
 import numpy as np
 import pytest
 
-import run_pipeline
 from cache.reader import CacheReader
 from cache.schema import CacheError, read_manifest
 from cache.stream import CacheSource, ShardStream, StreamPlan
+from fault_helpers import Payload, flip_byte, one_line_error, rewrite_checksums
 from stages.cache_teacher import cache_dir
 
 SHARD_ARRAYS = ("draw_ids", "router_probs", "topk_logprobs", "log_partition")
-
-
-def flip_byte(path: Path, offset: int) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0x5A
-    path.write_bytes(bytes(data))
 
 
 def flip_in_chunk(shard: Path, array: str) -> None:
@@ -35,16 +29,6 @@ def flip_in_chunk(shard: Path, array: str) -> None:
     with h5py.File(shard, "r") as f:
         info = f[array].id.get_chunk_info(0)
     flip_byte(shard, info.byte_offset + info.size // 2)
-
-
-def one_line_error(capsys, argv: list[str]) -> str:
-    capsys.readouterr()
-    code = run_pipeline.main(argv)
-    err = capsys.readouterr().err
-    assert code != 0, "the fault went unnoticed (exit 0)"
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]  # beside transformers' bars
-    assert len(errors) == 1 and "Traceback" not in err, f"not one line: {err[-2000:]!r}"
-    return errors[0]
 
 
 @pytest.fixture(params=["zarr", "hdf5"])
@@ -166,16 +150,6 @@ def test_a_corrupt_manifest_stops_inspect_and_train(train_config, capsys):
 # --- checkpoints ------------------------------------------------------------------------------
 
 
-class Payload:
-    """Unpickling this runs code: it writes a marker file (a harmless stand-in for an exploit)."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.write_text, (self.marker, "executed"))
-
-
 def tiny_trainer(seed: int = 0):
     import torch
 
@@ -208,14 +182,6 @@ def checkpoints_at(root: Path, steps=(1, 2)) -> dict[int, dict]:
         checkpoint.save(root, step, model, optimizer, scheduler, {"epoch": 0, "position": step}, keep=5)
         weights[step] = {k: v.clone() for k, v in model.state_dict().items()}
     return weights
-
-
-def rewrite_checksums(path: Path) -> None:
-    """What an attacker who edits a checkpoint also does: make COMPLETE agree with the new bytes."""
-    from pipeline import checkpoint
-
-    sums = {p.name: checkpoint.sha256(p) for p in sorted(path.iterdir()) if p.name != checkpoint.COMPLETE}
-    (path / checkpoint.COMPLETE).write_text(json.dumps(sums))
 
 
 @pytest.mark.parametrize("victim", ["model.safetensors", "trainer.pt", "progress.json", "rng-rank000.pt", "COMPLETE"])

@@ -127,7 +127,7 @@ def test_vllm_refuses_what_it_cannot_give(moe_hd32, override, match):
 
 def fake_output(prompt: list[int], rows: list[list[tuple[int, float]]], last: list[tuple[int, float]]):
     """A RequestOutput look-alike: flat prompt rows (first entry = actual token) and one sampled row."""
-    from vllm.logprobs import FlatLogprobs, Logprob
+    from vllm.logprobs import FlatLogprobs
 
     def flat(positions):
         out = FlatLogprobs()

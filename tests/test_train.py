@@ -7,7 +7,6 @@ import json
 import math
 import shutil
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

@@ -108,7 +108,7 @@ def reopen(run_dir: Path) -> Path:
 
 @pytest.mark.slow
 def test_a_damaged_or_planted_newest_checkpoint_resumes_bit_identically_from_the_previous(train_config, capsys):
-    from tests.test_faults import Payload, flip_byte, one_line_error, rewrite_checksums
+    from fault_helpers import Payload, flip_byte, one_line_error, rewrite_checksums
 
     from stages import train_student
 
