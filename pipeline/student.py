@@ -7,9 +7,12 @@ Sums, not means: the trainer divides by the global count of valid tokens.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
+from pipeline import fused_loss
 from pipeline.losses import KDSpec, TeacherTargets, chunked_lm_losses
 from pipeline.router import RouterCapture
 from pipeline.router_losses import TAU_RANGE, RouterLossSpec, router_parts
@@ -33,11 +36,16 @@ def teacher_targets(t: dict, temperatures: tuple[float, ...]) -> TeacherTargets 
 class DistillStudent(nn.Module):
     def __init__(self, model, spec: KDSpec | None, temperatures: tuple[float, ...], vocab_limit: int,
                  chunk_tokens: int, routers: RouterCapture | None = None, layer_map: list[int] | None = None,
-                 teacher_experts: int = 0, router_spec: RouterLossSpec | None = None, prompt_kl: bool = False):
+                 teacher_experts: int = 0, router_spec: RouterLossSpec | None = None, prompt_kl: bool = False,
+                 fused: str = "off", loss_weights: tuple[float, float] = (1.0, 1.0)):
         super().__init__()
         self.model, self.spec, self.temperatures = model, spec, temperatures
         self.prompt_kl = prompt_kl  # also return "prompt_kl" (train.prompt_kl_weight > 0)
         self.vocab_limit, self.chunk_tokens = vocab_limit, chunk_tokens
+        # train.fused_loss: the fused LM head + CE + KD (pipeline/fused_loss.py) forms the gradient in forward
+        # for the trainer's (ce, kd) weights; the prompt KL (forward KL at tau = 1) is always covered.
+        self.fused = fused_loss.choose(fused, spec, temperatures)
+        self.fused_prompt_kl, self.loss_weights = fused != "off" and prompt_kl, tuple(loss_weights)
         self.routers, self.layer_map, self.teacher_experts = routers, layer_map or [], teacher_experts
         self.router_spec = router_spec or RouterLossSpec(parts=frozenset({"router"} if self.layer_map else ()),
                                                          stats=False)
@@ -55,9 +63,10 @@ class DistillStudent(nn.Module):
         mask_T = batch["loss_mask"]
         wants_teacher = self.spec is not None or self.prompt_kl
         teacher = teacher_targets(batch["teacher"], self.temperatures) if wants_teacher else None
-        out = chunked_lm_losses(hidden_TH, self.model.get_output_embeddings().weight, batch["labels"], mask_T, mask_T,
-                                teacher if self.spec is not None else None, self.spec,
-                                chunk_tokens=self.chunk_tokens, vocab_limit=self.vocab_limit)
+        lm_losses = partial(fused_loss.fused_lm_losses, weights=self.loss_weights) if self.fused else chunked_lm_losses
+        out = lm_losses(hidden_TH, self.model.get_output_embeddings().weight, batch["labels"], mask_T, mask_T,
+                        teacher if self.spec is not None else None, self.spec,
+                        chunk_tokens=self.chunk_tokens, vocab_limit=self.vocab_limit)
         if self.prompt_kl:
             out["prompt_kl"] = self._prompt_kl(hidden_TH, batch, teacher)
         if self.routers is not None:
@@ -74,9 +83,10 @@ class DistillStudent(nn.Module):
             raise ValueError("train.prompt_kl_weight > 0 needs a cache with top-k targets (cache.targets=topk...)")
         rows_R = prompt_positions(batch).nonzero()[:, 0]
         kd_R = torch.ones_like(rows_R, dtype=torch.bool)
-        return chunked_lm_losses(hidden_TH.index_select(0, rows_R), self.model.get_output_embeddings().weight,
-                                 batch["labels"].index_select(0, rows_R), ~kd_R, kd_R, teacher.index(rows_R),
-                                 PROMPT_KL, chunk_tokens=self.chunk_tokens, vocab_limit=self.vocab_limit)["kd"]
+        lm_losses = partial(fused_loss.fused_lm_losses, weights=(0.0, 1.0)) if self.fused_prompt_kl else chunked_lm_losses
+        return lm_losses(hidden_TH.index_select(0, rows_R), self.model.get_output_embeddings().weight,
+                         batch["labels"].index_select(0, rows_R), ~kd_R, kd_R, teacher.index(rows_R),
+                         PROMPT_KL, chunk_tokens=self.chunk_tokens, vocab_limit=self.vocab_limit)["kd"]
 
     def router_tau(self) -> torch.Tensor | None:
         """τ_r [L], projected into TAU_RANGE before use (projected gradient descent)."""

@@ -215,7 +215,8 @@ def setup(cfg, accelerator) -> TrainJob:
     capture, layer_map, losses = router_setup(cfg, model, identity)
     wrapped = DistillStudent(model, spec if cfg.train.alpha > 0 else None, temps, vocab_limit,
                              cfg.train.loss_chunk_tokens, capture, layer_map, identity.get("num_experts", 0), losses,
-                             prompt_kl=cfg.train.prompt_kl_weight > 0)
+                             prompt_kl=cfg.train.prompt_kl_weight > 0, fused=cfg.train.fused_loss,
+                             loss_weights=(cfg.train.loss_weights()["ce"], cfg.train.loss_weights()["kd"]))
     if capture is not None:
         capture.__enter__()  # hooks live as long as the job
     optimizer, scheduler = build_optimizer(wrapped, cfg.train)

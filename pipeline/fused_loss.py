@@ -1,0 +1,252 @@
+"""Fused LM head + CE + KD (issue 13): per chunk of tokens one pass computes the fp32 logits,
+the CE and KD sums, and their gradients w.r.t. the hidden states and the LM-head weight;
+backward only scales what forward saved. No recompute, no [T, V] tensor.
+
+Shape legend as pipeline/losses.py (T, C, V, H, K, D), plus
+  S  surrogate columns: the K cached ids' logits and, with a tail bucket, one tail logit
+
+How the KD catalogue is reused unchanged: every covered top-k loss sees the student only through
+its logits at the teacher's K cached ids and the log-mass of the other ids at ONE temperature
+tau0 (tau if cached, else 1, where losses.bucket_logprobs tempers the tau = 1 buckets). A
+[C, K + 1] surrogate row -- those K logits and one tail logit u = tau0 * log sum_{v not cached}
+exp(s_v / tau0) -- has exactly the same buckets at tau0, so KD_LOSSES[name] runs on it (with
+ids 0..K-1) under autograd on [C, K + 1] only, and the gradient goes back to the vocabulary in
+closed form: ds_v = g_u * exp(s_v / tau0) / sum_tail exp(s / tau0) for uncached v, g_k at id_k.
+CE is the same map with the tail at tau = 1 (ids empty: the tail is the whole vocabulary).
+Sampled targets are -sum_d w_d (s_d - u_tau) / tau, u_tau over the whole vocabulary.
+
+The gradients are formed in forward for the weights (w_ce, w_kd) the trainer applies; backward
+accepts grad outputs proportional to them (the trainer's loss * scale) and refuses others.
+Formulas and what is covered: docs/losses.md, "Fused LM head + CE + KD".
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, replace
+
+import torch
+
+from pipeline.losses import KD_LOSSES, KDSpec, TeacherTargets, _cached_index
+
+FUSED_LOSS = ("auto", "on", "off")
+RENORMALISED = frozenset({"top_kl"})  # never looks at the tail bucket
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the chunk pass computes besides CE: the KD kind and the temperature of its tail column."""
+
+    kd: str  # "none" | "topk" | "sampled"
+    tail_tau: float | None  # None: no tail column (renormalised top-k)
+
+
+def not_covered(spec: KDSpec, temperatures: tuple[float, ...]) -> str:
+    """Why the fused path cannot compute spec's loss ("" when it can)."""
+    if spec.name == "bild":
+        return "bild ranks the student's own top-k over the whole vocabulary"
+    if spec.name == "nkd" and spec.missing_mass == "tail_bucket" and spec.temperature != 1.0 \
+            and _cached_index(temperatures, spec.temperature) is not None:
+        return "nkd at a cached tau != 1 needs the student's tail at two temperatures"
+    return ""
+
+
+def make_plan(spec: KDSpec | None, temperatures: tuple[float, ...]) -> Plan:
+    if spec is None:
+        return Plan("none", None)
+    if spec.name == "sampled":
+        return Plan("sampled", spec.temperature)
+    assert not not_covered(spec, temperatures), not_covered(spec, temperatures)
+    if spec.missing_mass == "renormalize" or spec.name in RENORMALISED:
+        return Plan("topk", None)
+    cached = _cached_index(temperatures, spec.temperature) is not None and spec.name not in ("normkd", "nkd")
+    return Plan("topk", spec.temperature if cached else 1.0)
+
+
+# --- one chunk ------------------------------------------------------------------------------
+
+
+def _safe_teacher(teacher: TeacherTargets, kd_C: torch.Tensor, plan: Plan) -> TeacherTargets:
+    """Rows outside kd_C replaced by harmless values (unique ids 0..K-1, a flat top-k, no draws):
+    padding rows of a cache may hold anything, and a NaN there would reach the gradient through
+    the masked sum (0 * NaN). Masks instead of index_select: no host sync."""
+    row_C1 = kd_C[:, None]
+    if plan.kd == "sampled":
+        if teacher.draw_ids_TD is None or teacher.draw_weights_TD is None:
+            raise ValueError("the 'sampled' KD loss needs a cache with draws (draw_ids, draw_counts)")
+        return replace(teacher, draw_ids_TD=torch.where(row_C1, teacher.draw_ids_TD, 0),
+                       draw_weights_TD=torch.where(row_C1, teacher.draw_weights_TD, 0.0))
+    if teacher.topk_ids_TK is None or teacher.topk_logprobs_TK is None:
+        raise ValueError("this cache holds no teacher top-k; use the 'sampled' KD loss")
+    K = teacher.topk_ids_TK.shape[-1]
+    ids_CK = torch.where(row_C1, teacher.topk_ids_TK, torch.arange(K, device=kd_C.device))
+    lp_CK = torch.where(row_C1, teacher.topk_logprobs_TK, -math.log(2 * K))
+    logz_CP = torch.where(row_C1, teacher.log_partition_TP, 0.0)
+    return replace(teacher, topk_ids_TK=ids_CK, topk_logprobs_TK=lp_CK, log_partition_TP=logz_CP)
+
+
+def _tail_logit(s_CV: torch.Tensor, m_C: torch.Tensor, tau: float, in_place: bool):
+    """(u_C = tau * log sum_v exp(s_v / tau) over the finite s_CV, e_CV = exp((s - m) / tau), sum_C).
+
+    s_CV holds -inf at the cached ids, so e_CV is exactly 0 there. m_C is the row max of s_CV.
+    """
+    e_CV = s_CV.sub_(m_C[:, None]) if in_place else s_CV - m_C[:, None]
+    if tau != 1.0:
+        e_CV.div_(tau)
+    e_CV.exp_()
+    sum_C = e_CV.sum(-1)
+    u_C = torch.where(sum_C > 0, m_C + tau * sum_C.log(), float("-inf"))
+    return u_C, e_CV, sum_C
+
+
+def _small_losses(a_CK, u1_C, ut_C, s_y_C, sd_CD, ce_C, kd_C, teacher, spec, plan, vocab):
+    """Per-row CE and KD from the surrogate statistics (the leaves autograd differentiates)."""
+    ce_row = torch.logsumexp(torch.cat([a_CK, u1_C[:, None]], -1), -1) - s_y_C
+    ce = torch.where(ce_C, ce_row, 0.0).sum()
+    if plan.kd == "none":
+        return ce, torch.zeros_like(ce)
+    if plan.kd == "sampled":
+        w_CD = teacher.draw_weights_TD.to(sd_CD.dtype)
+        kd_row = -(w_CD * (sd_CD - ut_C[:, None])).sum(-1) / spec.temperature
+    else:
+        K = a_CK.shape[-1]
+        tail = plan.tail_tau is not None and K < vocab  # a cache of the whole vocabulary has no tail
+        sur_CS = torch.cat([a_CK, ut_C[:, None]], -1) if tail else a_CK
+        ids_CK = torch.arange(K, device=a_CK.device).expand(a_CK.shape[0], K)
+        kd_row = KD_LOSSES[spec.name](sur_CS, replace(teacher, topk_ids_TK=ids_CK), spec)
+    return ce, torch.where(kd_C, kd_row, 0.0).sum()
+
+
+def _chunk(h_CH, w_VH, dW_VH, labels_C, ce_C, kd_C, teacher, spec, plan, weights):
+    """(ce sum, kd sum, dH_CH) of one chunk; adds the chunk's d weight into dW_VH."""
+    s_CV = h_CH @ w_VH.T
+    C, V = s_CV.shape
+    y_C = torch.where(ce_C, labels_C, 0)
+    s_y_C = s_CV.gather(-1, y_C[:, None])[:, 0]
+    ids_CK = teacher.topk_ids_TK if plan.kd == "topk" else torch.zeros(C, 0, dtype=torch.long, device=s_CV.device)
+    draw_ids_CD = teacher.draw_ids_TD if plan.kd == "sampled" else None
+    a_CK = s_CV.gather(-1, ids_CK)
+    sd_CD = None if draw_ids_CD is None else s_CV.gather(-1, draw_ids_CD)
+    s_CV.scatter_(-1, ids_CK, float("-inf"))  # the uncached logits
+    m_C = s_CV.amax(-1)
+    m_C = torch.where(torch.isfinite(m_C), m_C, 0.0)  # every id cached (K = V): no tail
+    other = plan.tail_tau is not None and plan.tail_tau != 1.0
+    ut_C, et_CV, sumt_C = _tail_logit(s_CV, m_C, plan.tail_tau, in_place=False) if other else (None,) * 3
+    u1_C, e1_CV, sum1_C = _tail_logit(s_CV, m_C, 1.0, in_place=True)
+    leaves = [a_CK, u1_C] + ([ut_C] if other else []) + ([sd_CD] if sd_CD is not None else [])
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_() for x in leaves]
+        a, u1 = leaves[:2]
+        ut = leaves[2] if other else u1
+        sd = leaves[-1] if sd_CD is not None else None
+        ce, kd = _small_losses(a, u1, ut, s_y_C, sd, ce_C, kd_C, teacher, spec, plan, V)
+        total = weights[0] * ce + weights[1] * kd
+        grads = torch.autograd.grad(total, leaves, allow_unused=True) if total.requires_grad else [None] * len(leaves)
+    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+    tiny = torch.finfo(s_CV.dtype).tiny
+    d_CV = e1_CV.mul_((grads[1] / sum1_C.clamp_min(tiny))[:, None])  # in place: s_CV -> e1 -> d logits
+    if other:
+        d_CV.add_(et_CV.mul_((grads[2] / sumt_C.clamp_min(tiny))[:, None]))
+        del et_CV
+    d_CV.scatter_add_(-1, ids_CK, grads[0])  # 0 at the cached ids so far
+    d_CV.scatter_add_(-1, y_C[:, None], torch.where(ce_C, -weights[0], 0.0).to(d_CV.dtype)[:, None])
+    if sd_CD is not None:
+        d_CV.scatter_add_(-1, draw_ids_CD, grads[-1])
+    dW_VH.addmm_(d_CV.T, h_CH)
+    return ce.detach(), kd.detach(), d_CV @ w_VH
+
+
+# --- the autograd Function --------------------------------------------------------------------
+
+
+class FusedLMLoss(torch.autograd.Function):
+    """(ce sum, kd sum) with d hidden and d weight formed in forward for the given weights."""
+
+    @staticmethod
+    def forward(ctx, hidden_TH, weight_VH, labels_T, ce_mask_T, kd_mask_T, teacher, spec, plan, weights,
+                chunk_tokens, vocab_limit):
+        dtype = torch.float64 if hidden_TH.dtype == torch.float64 else torch.float32
+        with torch.autocast(hidden_TH.device.type, enabled=False), torch.no_grad():
+            w_VH = weight_VH[:vocab_limit].to(dtype)
+            dW_VH = torch.zeros(weight_VH.shape, dtype=dtype, device=weight_VH.device)
+            dH_TH = torch.empty(hidden_TH.shape, dtype=dtype, device=hidden_TH.device)
+            ce, kd = (torch.zeros((), dtype=dtype, device=hidden_TH.device) for _ in range(2))  # two outputs
+            for start in range(0, hidden_TH.shape[0], chunk_tokens):
+                rows = slice(start, min(start + chunk_tokens, hidden_TH.shape[0]))
+                t = None if teacher is None else _safe_teacher(teacher.slice(rows.start, rows.stop), kd_mask_T[rows], plan)
+                ce_c, kd_c, dH_TH[rows] = _chunk(hidden_TH[rows].to(dtype), w_VH, dW_VH[:vocab_limit], labels_T[rows],
+                                                 ce_mask_T[rows], kd_mask_T[rows], t, spec, plan, weights)
+                ce, kd = ce + ce_c, kd + kd_c
+        ctx.save_for_backward(dH_TH, dW_VH)
+        ctx.weights, ctx.dtypes, ctx.done = weights, (hidden_TH.dtype, weight_VH.dtype), False
+        return ce, kd
+
+    @staticmethod
+    def backward(ctx, g_ce, g_kd):
+        if ctx.done:
+            raise RuntimeError("the fused LM loss can be differentiated once (it scales its saved gradients in place)")
+        ctx.done = True
+        dH_TH, dW_VH = ctx.saved_tensors
+        c = _common_factor(g_ce, g_kd, ctx.weights)
+        return (dH_TH.mul_(c).to(ctx.dtypes[0]), dW_VH.mul_(c).to(ctx.dtypes[1])) + (None,) * 9
+
+
+def _common_factor(g_ce, g_kd, weights) -> torch.Tensor:
+    """c with (g_ce, g_kd) = c * weights. Grad outputs the forward did not prepare for raise on
+    CPU and poison the gradient with NaN elsewhere (a check there would stall the host)."""
+    w_ce, w_kd = weights
+    device = (g_ce if g_ce is not None else g_kd).device
+    g = torch.stack([torch.zeros((), device=device) if x is None else x.detach().reshape(()) for x in (g_ce, g_kd)])
+    g = g.to(torch.float64)
+    c = (g[0] * w_ce + g[1] * w_kd) / (w_ce * w_ce + w_kd * w_kd)  # python floats: no host-to-device copy
+    ok = torch.maximum((g[0] - c * w_ce).abs(), (g[1] - c * w_kd).abs()) <= 1e-6 * g.abs().max().clamp_min(1e-30)
+    if g.device.type == "cpu":
+        if not bool(ok):
+            raise RuntimeError(f"the fused LM loss prepared its gradient for (ce, kd) weights {tuple(weights)}; "
+                               f"backward got grad outputs {g.tolist()}: pass the weights of the loss you "
+                               f"differentiate, or use train.fused_loss=off")
+        return c.float()
+    return torch.where(ok, c, float("nan")).float()
+
+
+def fused_lm_losses(hidden_TH, lm_head_weight_VH, labels_T, ce_mask_T, kd_mask_T, teacher: TeacherTargets | None,
+                    spec: KDSpec | None, weights: tuple[float, float] = (1.0, 1.0), chunk_tokens: int = 1024,
+                    vocab_limit: int = 0) -> dict[str, torch.Tensor]:
+    """losses.chunked_lm_losses' contract ({"ce", "kd"} sums, fp32, vocab_limit, masks), fused.
+
+    weights: the (ce, kd) factors of the loss that will be differentiated (its grad outputs may
+    be any common multiple of them, e.g. the trainer's 1 / global token count).
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    vocab_limit = vocab_limit or lm_head_weight_VH.shape[0]
+    if not 0 < vocab_limit <= lm_head_weight_VH.shape[0]:
+        raise ValueError(f"vocab_limit={vocab_limit} outside 1..{lm_head_weight_VH.shape[0]}")
+    if teacher is None:
+        spec = None
+    elif spec is None:
+        spec = KDSpec()
+    if spec is not None and not_covered(spec, teacher.temperatures):
+        raise ValueError(f"the fused LM loss does not cover {spec.name}: {not_covered(spec, teacher.temperatures)}")
+    if not any(weights):
+        raise ValueError("fused_lm_losses: at least one of the (ce, kd) weights must be non-zero")
+    plan = make_plan(spec, teacher.temperatures if teacher is not None else (1.0,))
+    return dict(zip(("ce", "kd"), FusedLMLoss.apply(
+        hidden_TH, lm_head_weight_VH, labels_T, ce_mask_T.bool(), kd_mask_T.bool(), teacher, spec, plan,
+        tuple(float(w) for w in weights), chunk_tokens, vocab_limit)))
+
+
+def choose(mode: str, spec: KDSpec | None, temperatures: tuple[float, ...]) -> bool:
+    """train.fused_loss: True for the fused path. 'auto' falls back (one stderr line) where it
+    does not cover the loss, 'on' refuses such a loss, 'off' is the chunked path."""
+    if mode not in FUSED_LOSS:
+        raise ValueError(f"train.fused_loss={mode!r}; allowed: {', '.join(FUSED_LOSS)}")
+    reason = "" if spec is None or mode == "off" else not_covered(spec, temperatures)
+    if reason and mode == "on":
+        raise ValueError(f"train.fused_loss=on does not cover train.kd_loss={spec.name}: {reason}; "
+                         f"use train.fused_loss=auto (falls back to the chunked loss) or off")
+    if reason:
+        print(f"train.fused_loss=auto: {spec.name} uses the chunked LM-head loss, not the fused one ({reason})",
+              file=sys.stderr, flush=True)
+    return mode != "off" and not reason
