@@ -1,9 +1,13 @@
 """One rank's cache writer, and the manifest merge that ends a cache.
 
-The writer takes whole batches of sequences (flat arrays, see ``assemble_shard``), commits
-a shard once it holds ``shard_tokens`` tokens, and after every commit rewrites its rank's
-journal atomically. A resumed run skips the sample ids the journals list. The last act of
-a cache is ``finalize``: it merges every journal into ``manifest.json``.
+The writer takes batches of whole sequences (flat arrays, see ``assemble_shard``) and closes
+a shard before the sequence that would take it over ``shard_tokens`` tokens or ``shard_bytes``
+raw bytes (a batch may be split between two shards; a shard holds at least one sequence), so
+the memory a rank holds is bounded by bytes at any k. The boundaries depend only on the stream
+of sequences (their lengths and records), never on how they were batched or where a killed
+run stopped: a resumed run, which drops the sequences the journals list (``skip``), cuts the
+same shards. After every commit the rank's journal is rewritten atomically. The last act of a
+cache is ``finalize``: it merges every journal into ``manifest.json``.
 
 A full disk is one ``CacheError`` naming the directory and the space a shard needs: checked
 before each shard is written (h5py can crash outright when a write hits ENOSPC), and caught
@@ -66,9 +70,46 @@ def committed_sample_ids(cache_dir: Path, store: str) -> set[int]:
     return done
 
 
+def sequence_bytes(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """[S] raw bytes of each sequence's share of a batch record: its token rows, draws and own entries."""
+    lens = np.asarray(batch["seq_lens"], dtype=np.int64)
+    draws = _draw_bounds(batch)
+    out = np.zeros(len(lens), dtype=np.int64)
+    for key, a in batch.items():
+        row = a.itemsize * int(np.prod(a.shape[1:], dtype=np.int64))
+        out += row * (1 if key in PER_SEQ else np.diff(draws) if key in PER_DRAW else lens)
+    return out
+
+
+def _draw_bounds(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """[S+1] bounds of each sequence's draw entries (zeros without draws)."""
+    lens = np.asarray(batch["seq_lens"], dtype=np.int64)
+    if "draw_n" not in batch:
+        return np.zeros(len(lens) + 1, dtype=np.int64)
+    per_token = np.concatenate([[0], np.cumsum(batch["draw_n"], dtype=np.int64)])
+    return per_token[np.concatenate([[0], np.cumsum(lens)])]
+
+
+def take_sequences(batch: dict[str, np.ndarray], seqs: np.ndarray) -> dict[str, np.ndarray]:
+    """The record of the sequences ``seqs`` (indices into the batch, in order), as fresh arrays (no views
+    that would keep the whole batch alive)."""
+    seqs = np.asarray(seqs, dtype=np.int64)
+    lens = np.asarray(batch["seq_lens"], dtype=np.int64)
+    starts, draws = np.concatenate([[0], np.cumsum(lens)]), _draw_bounds(batch)
+    tokens = _ranges(starts[seqs], starts[seqs + 1])
+    drawn = _ranges(draws[seqs], draws[seqs + 1])
+    return {key: a[seqs] if key in PER_SEQ else a[drawn] if key in PER_DRAW else a[tokens] for key, a in batch.items()}
+
+
+def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Concatenated aranges [lo[i], hi[i])."""
+    return np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)] or [np.zeros(0, np.int64)]).astype(np.int64)
+
+
 def assemble_shard(batches: list[dict[str, np.ndarray]], codec: Codec, num_experts: int) -> dict[str, np.ndarray]:
-    """Concatenate batch records into the stored arrays of one shard."""
-    cat = {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+    """Concatenate batch records into the stored arrays of one shard (each field's batch arrays are
+    released as it is concatenated, so assembling holds about one copy of the shard, not two)."""
+    cat = {key: np.concatenate([b.pop(key) for b in batches]) for key in list(batches[0])}
     out = {
         "sample_ids": cat["sample_ids"].astype(np.int64, copy=False),
         "seq_offsets": np.concatenate([[0], np.cumsum(cat["seq_lens"])]).astype(np.int64),
@@ -91,15 +132,22 @@ def assemble_shard(batches: list[dict[str, np.ndarray]], codec: Codec, num_exper
 
 
 class CacheWriter:
-    """Context manager for one rank: ``add`` batches, shards commit in a background thread."""
+    """Context manager for one rank: ``add`` batches, shards commit in a background thread.
+
+    It holds at most one shard filling (``shard_bytes`` raw bytes; ``peak_buffered_bytes`` records
+    the most it held) and one shard being written, with its encoded arrays.
+    """
 
     def __init__(self, cache_dir: Path, *, rank: int, identity: dict, store: str, codec: Codec,
-                 shard_tokens: int, chunk_rows: int, compression: str, level: int, num_experts: int = 0):
+                 shard_tokens: int, chunk_rows: int, compression: str, level: int, num_experts: int = 0,
+                 shard_bytes: int = 1 << 30, skip: set[int] = frozenset()):
         self.cache_dir, self.rank, self.identity, self.store = Path(cache_dir), rank, identity, store
         self.codec, self.num_experts = codec, num_experts
+        self._skip = np.array(sorted(skip), dtype=np.int64)
         self.shard_tokens, self.chunk_rows, self.compression, self.level = shard_tokens, chunk_rows, compression, level
+        self.shard_bytes = shard_bytes
         self._buffer: list[dict] = []
-        self._buffered_tokens = 0
+        self._buffered_tokens = self._buffered_bytes = self.peak_buffered_bytes = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kdcache-writer{rank}")
         self._pending: Future | None = None
         path = journal_path(self.cache_dir, rank)
@@ -113,16 +161,32 @@ class CacheWriter:
         return self
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
-        self._buffer.append(batch)
-        self._buffered_tokens += len(batch["input_ids"])
-        if self._buffered_tokens >= self.shard_tokens:
-            self.flush()
+        """Buffer a batch's sequences (less those in ``skip``: committed before a resume), committing a
+        shard before the first sequence that would take it over ``shard_tokens`` or ``shard_bytes``."""
+        done = np.isin(batch["sample_ids"], self._skip)
+        if done.any():
+            batch = take_sequences(batch, np.flatnonzero(~done))
+        lens, sizes = np.asarray(batch["seq_lens"], dtype=np.int64), sequence_bytes(batch)
+        start = 0
+        while start < len(lens):
+            fit = int(np.sum((np.cumsum(lens[start:]) <= self.shard_tokens - self._buffered_tokens)
+                             & (np.cumsum(sizes[start:]) <= self.shard_bytes - self._buffered_bytes)))
+            if fit == 0 and self._buffer:
+                self.flush()
+                continue
+            fit = max(fit, 1)  # a sequence larger than a whole shard is a shard of its own
+            whole = start == 0 and fit == len(lens)
+            self._buffer.append(batch if whole else take_sequences(batch, np.arange(start, start + fit)))
+            self._buffered_tokens += int(lens[start:start + fit].sum())
+            self._buffered_bytes += int(sizes[start:start + fit].sum())
+            self.peak_buffered_bytes = max(self.peak_buffered_bytes, self._buffered_bytes)
+            start += fit
 
     def flush(self) -> None:
         if not self._buffer:
             return
         self._wait()  # at most one shard in flight bounds the memory held
-        batches, self._buffer, self._buffered_tokens = self._buffer, [], 0
+        batches, self._buffer, self._buffered_tokens, self._buffered_bytes = self._buffer, [], 0, 0
         self._pending = self._pool.submit(self._commit, batches)
 
     def _commit(self, batches: list[dict]) -> None:

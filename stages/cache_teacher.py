@@ -57,7 +57,9 @@ class CacheConfig:
     value_dtype: str = choice("float16", VALUE_DTYPES)
     """How log-probs and router probabilities are stored."""
     shard_tokens: int = ranged(262144, min=1)
-    """Tokens per shard (the unit of resume)."""
+    """Most tokens per shard (the unit of resume)."""
+    shard_bytes: int = ranged(1 << 30, min=1)
+    """Most raw record bytes per shard: bounds each rank's writer memory at any k (docs/cache_format.md)."""
     chunk_tokens: int = ranged(4096, min=1)
     """Rows per compressed chunk inside a shard."""
     batch_size: int = ranged(8, min=1)
@@ -163,9 +165,9 @@ def cache_split(cfg, teacher, spec: ExtractSpec, split: str, dist: Dist) -> Mani
     mine = plan_batches(sample_ids, c.batch_size)[dist.rank::dist.world_size]
     todo = [rows for rows in mine if not all(int(s) in done for s in sample_ids[rows])]
     writer = CacheWriter(out_dir, rank=dist.rank, identity=ident, store=c.store, codec=Codec(c.id_codec, c.value_dtype),
-                         shard_tokens=c.shard_tokens, chunk_rows=c.chunk_tokens,
+                         shard_tokens=c.shard_tokens, shard_bytes=c.shard_bytes, chunk_rows=c.chunk_tokens,
                          compression=resolve_compression(c.store, c.compression), level=c.compression_level,
-                         num_experts=teacher.num_experts)
+                         num_experts=teacher.num_experts, skip=done)
     run_batches(teacher, ds, todo, writer, dist, split)
     dist.barrier()
     if dist.is_main:

@@ -15,7 +15,7 @@ from cache.codec import MIN_LOGPROB, Codec, decode_topk, encode_topk
 from cache.reader import CacheReader
 from cache.schema import FIELDS, Manifest, write_manifest
 from cache.shards import checksum, commit_shard, open_shard, resolve_compression, shard_name
-from cache.writer import CacheWriter, committed_shards, finalize, read_journals
+from cache.writer import CacheWriter, committed_sample_ids, committed_shards, finalize, read_journals
 
 STORES = ("zarr", "hdf5")
 
@@ -156,11 +156,94 @@ def test_writer_cleans_its_stale_tmp_files_and_journals_commits(tmp_path, store)
         writer.add({**batch, "sample_ids": batch["sample_ids"] + 100})
     assert not stale.exists(), "a rank's writer removes its own leftovers"
     assert other_rank.exists(), "but never another rank's"
-    assert [s.name for s in committed_shards(tmp_path)] == [shard_name(store, 0, 0), shard_name(store, 0, 1)]
+    # sequences of 10, 20, 7, 10, 20, 7 tokens, at most 30 per shard: [10, 20] [7, 10] [20, 7]
+    assert [s.name for s in committed_shards(tmp_path)] == [shard_name(store, 0, i) for i in range(3)]
+    assert [s.n_tokens for s in committed_shards(tmp_path)] == [30, 17, 27]
     manifest = finalize(tmp_path, identity, store, sorted(batch))
     assert manifest.n_seqs == 6 and manifest.n_tokens == 74
     assert read_journals(tmp_path)[0]["identity"] == identity
 
+
+
+def teacher_batch(rng: np.random.Generator, lens: list[int], first_id: int, k: int, draws: int = 4) -> dict:
+    """A batch record as the HF teacher hands it over (int32 ids, fp32 log-probs, per-token draws)."""
+    t = int(sum(lens))
+    draw_n = rng.integers(1, draws + 1, t)
+    return {"sample_ids": np.arange(first_id, first_id + len(lens), dtype=np.int64), "seq_lens": np.array(lens),
+            "input_ids": rng.integers(0, 500, t).astype(np.int64), "loss_mask": np.ones(t, np.uint8),
+            "target_logprob": -rng.random(t).astype(np.float32), "log_partition": rng.random((t, 1), np.float32),
+            "topk_ids": rng.integers(0, 50_000, (t, k)).astype(np.int32),
+            "topk_logprobs": -rng.random((t, k), np.float32), "draw_n": draw_n,
+            "draw_ids": rng.integers(0, 500, int(draw_n.sum())).astype(np.int32),
+            "draw_counts": rng.integers(1, 5, int(draw_n.sum())).astype(np.int32)}
+
+
+def write_batches(cache_dir: Path, batches: list[dict], stop_after: int | None = None, **limits) -> CacheWriter:
+    """Write ``batches`` on one rank; ``stop_after`` shards: stop there as a killed run would (no flush)."""
+    identity = {"codec": {"ids": "plain", "values": "float16"}, "k": int(batches[0]["topk_ids"].shape[1])}
+    done = {int(i) for i in committed_sample_ids(cache_dir, "hdf5")} if (cache_dir / "journal").exists() else set()
+    writer = CacheWriter(cache_dir, rank=0, identity=identity, store="hdf5", codec=Codec("plain"), chunk_rows=64,
+                         compression="none", level=0, skip=done, **limits)
+    with writer:
+        for batch in batches:
+            if stop_after is not None and len(committed_shards(cache_dir)) >= stop_after:
+                writer._buffer.clear()  # a kill loses what was buffered
+                break
+            writer.add({key: value.copy() for key, value in batch.items()})
+            writer._wait()
+    return writer
+
+
+def test_writer_memory_is_bounded_by_bytes_at_large_k(tmp_path, monkeypatch):
+    """k = 2,048: each shard's buffered records stay under cache.shard_bytes (measured on the arrays the
+    commit receives, not RSS), where a token bound alone holds the whole shard_tokens."""
+    rng = np.random.default_rng(0)
+    batches = [teacher_batch(rng, [61, 64, 40, 64], 4 * i, k=2048) for i in range(6)]
+    per_token = sum(v.nbytes for v in batches[0].values()) / batches[0]["seq_lens"].sum()
+    assert per_token > 16_000  # ids + fp32 log-probs at k = 2,048
+    held = []
+    real_commit = CacheWriter._commit
+    monkeypatch.setattr(CacheWriter, "_commit", lambda self, b: (held.append(sum(a.nbytes for r in b for a in r.values())),
+                                                                  real_commit(self, b))[1])
+    bound = 4 << 20
+    writer = write_batches(tmp_path / "bytes", batches, shard_tokens=262_144, shard_bytes=bound)
+    assert len(held) > 3 and max(held) <= bound and writer.peak_buffered_bytes == max(held)
+    held.clear()
+    write_batches(tmp_path / "tokens", batches, shard_tokens=262_144, shard_bytes=1 << 40)
+    assert held == [sum(v.nbytes for b in batches for v in b.values())]  # one shard: every batch at once
+    assert_same_sequences(tmp_path / "bytes", tmp_path / "tokens")
+
+
+def assert_same_sequences(a: Path, b: Path) -> None:
+    from cache_helpers import assert_same_cache, by_sample
+
+    for path in (a, b):
+        finalize(path, read_journals(path)[0]["identity"], "hdf5", ["input_ids", "loss_mask", "seq_offsets",
+                 "sample_ids", "topk_ids", "topk_logprobs", "target_logprob", "log_partition", "draw_offsets",
+                 "draw_ids", "draw_counts"])
+    assert_same_cache(by_sample(a), by_sample(b))
+
+
+def shard_layout(cache_dir: Path) -> list[list[int]]:
+    return [[int(i) for i in open_shard(cache_dir, "hdf5", s.name)["sample_ids"][:]] for s in committed_shards(cache_dir)]
+
+
+@pytest.mark.parametrize("stop_after", [1, 2])
+def test_resumed_writer_cuts_the_same_shards(tmp_path, stop_after):
+    """Batches split across shards: a run stopped after a commit and resumed (re-adding every batch, the
+    committed sequences skipped) ends with the uninterrupted run's shards, sequence for sequence."""
+    rng = np.random.default_rng(1)
+    batches = [teacher_batch(rng, [30, 50, 20], 3 * i, k=64) for i in range(5)]
+    limits = {"shard_tokens": 10_000, "shard_bytes": 70 * (64 * 8 + 40)}
+    write_batches(tmp_path / "whole", batches, **limits)
+    reference = shard_layout(tmp_path / "whole")
+    assert len(reference) >= 4 and any(len(s) > 1 for s in reference)
+    assert any(s[0] % 3 for s in reference), "a batch (3 sequences) must straddle a shard boundary"
+    write_batches(tmp_path / "resumed", batches, stop_after=stop_after, **limits)
+    assert stop_after <= len(shard_layout(tmp_path / "resumed")) < len(reference)
+    write_batches(tmp_path / "resumed", batches, **limits)
+    assert shard_layout(tmp_path / "resumed") == reference
+    assert_same_sequences(tmp_path / "resumed", tmp_path / "whole")
 
 # --- codec ------------------------------------------------------------------------------------------
 
