@@ -8,9 +8,11 @@ vocabulary (`kl_to_teacher`), top-1 agreement and overlap@k, from the teacher it
 one tail bucket, which is only a lower bound of the full KL (data-processing inequality) and
 equals the tail-bucket forward-KL training loss (`kl_topk_bucket_lower_bound`). Without the
 teacher the agreement metrics come from the cached top-k, `kl_to_teacher` is absent and
-`kl_to_teacher_missing` says why. For prompt/response data also Rouge-L of greedy generations
-(left-padded batches) against the references; for MoE models the expert load (per-layer load
-CV, router entropy, dead-expert share, load histogram; docs/router.md). Results go to
+`kl_to_teacher_missing` says why; a cache of draws holds an unbiased estimate of the
+cross-entropy to the teacher (its KL needs the draws' log-probs, not cached) and, with
+cache.k=0, top-1 against the most drawn token (`sampled_estimates` says so in the results).
+For prompt/response data also Rouge-L of greedy generations (left-padded batches) against the
+references; for MoE models the expert load (per-layer load CV, router entropy, dead-expert share, load histogram; docs/router.md). Results go to
 runs/<name>/eval/results.json.
 """
 
@@ -39,7 +41,7 @@ class EvalConfig:
     max_sequences: int = ranged(0, min=0)
     """Evaluate at most this many sequences (0 = all)."""
     overlap_k: list[int] = ranged([8, 32], min=1)
-    """k of overlap@k with the teacher's top-k (the cached k is always reported; from the cache alone k ≤ it)."""
+    """k of overlap@k with the teacher's top-k (k < vocabulary; from the cache alone k ≤ the cached k)."""
     rouge_samples: int = ranged(16, min=0)
     """Prompt/response data: generations scored with Rouge-L (0 = off)."""
     max_new_tokens: int = ranged(48, min=1)
@@ -51,6 +53,8 @@ class EvalConfig:
 
 
 BOUND = "kl_topk_bucket_lower_bound"  # KL over the cached top-k + one tail bucket: ≤ the full KL
+SAMPLED_CE = "cross_entropy_to_teacher_sampled"  # unbiased estimate of KL(q ‖ p) + H(q), from the cached draws
+SAMPLED_TOP1 = "top1_agreement_sampled"  # the student's argmax vs the most drawn id (draws-only cache)
 
 
 def eval_device(setting: str) -> torch.device:
@@ -92,12 +96,30 @@ def token_metrics(model, batch: dict, vocab_limit: int, ks: list[int], teacher=N
         lq_TV = torch.log_softmax(valid_logits(teacher, batch, vocab_limit), -1)
         out["kl"] = float((full_kl(lq_TV, logp_TV) * mask).sum())
         out["teacher_nll"] = float(-(lq_TV.gather(1, labels[:, None])[:, 0] * mask).sum())
-        ks = overlap_ks(ks, cached_k, live=True)
-        out.update(agreement(logp_TV, lq_TV.topk(max(ks), -1).indices, mask, ks))
-    elif cached_k:
+        ks = overlap_ks(ks, cached_k, live=True, vocab=vocab_limit)
+        out.update(agreement(logp_TV, lq_TV.topk(max(ks, default=1), -1).indices, mask, ks))
+    else:
         if "target_logprob" in t:
             out["teacher_nll"] = float(-(t["target_logprob"] * mask).sum())
-        out.update(agreement(logp_TV, t["topk_ids"], mask, overlap_ks(ks, cached_k, live=False)))
+        if cached_k:
+            out.update(agreement(logp_TV, t["topk_ids"], mask, overlap_ks(ks, cached_k, live=False, vocab=vocab_limit)))
+        if "draw_ids" in t:
+            out.update(sampled_metrics(logp_TV, t["draw_ids"], t["draw_weights"], mask, top1=not cached_k))
+    return out
+
+
+def sampled_metrics(logp_TV: torch.Tensor, draw_ids_TW: torch.Tensor, draw_weights_TW: torch.Tensor,
+                    mask: torch.Tensor, top1: bool) -> dict[str, float]:
+    """From the cached draws (ids and their share c/N of the N draws, padding weight 0), summed:
+    ``ce_sampled``, -Σ (c/N)·log p, an unbiased estimate of the cross-entropy H(q, p) = KL(q ‖ p) + H(q)
+    (the draws' own log-probs, which H(q) needs, are not cached); with ``top1``, ``top1_sampled``:
+    the student's argmax equals the most drawn id (ties: the first stored), an estimate of top-1
+    agreement that is exact when the teacher's top-1 is drawn most."""
+    lp_TW = logp_TV.gather(1, draw_ids_TW)
+    out = {"ce_sampled": float((-(draw_weights_TW * lp_TW).sum(-1) * mask).sum())}
+    if top1:
+        mode_T = draw_ids_TW.gather(1, draw_weights_TW.argmax(-1, keepdim=True))[:, 0]
+        out["top1_sampled"] = float(((logp_TV.argmax(-1) == mode_T) * mask).sum())
     return out
 
 
@@ -116,20 +138,37 @@ def bucket_kl(logp_TV: torch.Tensor, ids_TK: torch.Tensor, lq_TK: torch.Tensor) 
     return (q_TK * (lq_TK - lp_TK)).sum(-1) + q_tail * (q_tail.log() - p_tail.log())
 
 
-def overlap_ks(ks: list[int], cached_k: int, live: bool) -> list[int]:
-    """The overlap@k reported: the cached k always; from the cache alone k is capped at it."""
-    chosen = set(ks) if live else {min(k, cached_k) for k in ks}
-    return sorted(chosen | ({cached_k} if cached_k else set()))
+def overlap_ks(ks: list[int], cached_k: int, live: bool, vocab: int) -> list[int]:
+    """The overlap@k reported: the configured ks below the vocabulary (overlap@V is 1 for any model);
+    from the cache alone only those within the cached top-k."""
+    return sorted({k for k in ks if k < vocab and (live or k <= cached_k)})
 
 
 def agreement(logp_TV: torch.Tensor, teacher_ids_TK: torch.Tensor, mask: torch.Tensor, ks: list[int]) -> dict:
     """Top-1 agreement and overlap@k (share of the teacher's top-k among the student's top-k), summed."""
     out = {"top1": float(((logp_TV.argmax(-1) == teacher_ids_TK[:, 0]) * mask).sum())}
-    for k in ks:
-        student_TK = logp_TV.topk(k, -1).indices
-        hits = (student_TK[:, :, None] == teacher_ids_TK[:, None, :k]).any(-1).float().sum(-1) / k
-        out[f"overlap@{k}"] = float((hits * mask).sum())
+    if ks:
+        hits_TK = topk_hits(logp_TV, teacher_ids_TK, ks)
+        out.update({f"overlap@{k}": float((hits_TK[:, i] / k * mask).sum()) for i, k in enumerate(ks)})
     return out
+
+
+def topk_hits(logp_TV: torch.Tensor, teacher_ids_TK: torch.Tensor, ks: list[int], rows: int = 0) -> torch.Tensor:
+    """[T, len(ks)] |student top-k ∩ teacher top-k| per position, in O(T·V) (no [T, k, k] comparison):
+    the student's rank of every id is scattered into a [rows, V] table, gathered at the teacher's ids."""
+    k_max, vocab = max(ks), logp_TV.shape[1]
+    rows = rows or max(1, (1 << 24) // vocab)  # bounds the rank table at 64 MiB
+    ks_K = torch.as_tensor(ks, device=logp_TV.device)
+    out = []
+    for lo in range(0, logp_TV.shape[0], rows):
+        student_TK = logp_TV[lo:lo + rows].topk(k_max, -1).indices
+        rank_TV = torch.full((len(student_TK), vocab), k_max, dtype=torch.int32, device=logp_TV.device)
+        ranks_TK = torch.arange(k_max, dtype=torch.int32, device=logp_TV.device).expand_as(student_TK)
+        rank_TV.scatter_(1, student_TK, ranks_TK)
+        rank_TK = rank_TV.gather(1, teacher_ids_TK[lo:lo + rows, :k_max])  # student rank of the teacher's i-th id
+        within = (rank_TK[:, None, :] < ks_K[None, :, None]) & (torch.arange(k_max, device=ks_K.device) < ks_K[:, None])
+        out.append(within.sum(-1))
+    return torch.cat(out).float()
 
 
 def prompt_end(loss_mask: np.ndarray) -> int:
@@ -207,6 +246,10 @@ def evaluate_model(model, batches: list[dict], vocab_limit: int, ks: list[int], 
         out[BOUND] = sums.pop("kl_bound") / n
     if "top1" in sums:
         out["top1_agreement"] = sums.pop("top1") / n
+    if "ce_sampled" in sums:
+        out[SAMPLED_CE] = sums.pop("ce_sampled") / n
+    if "top1_sampled" in sums:
+        out[SAMPLED_TOP1] = sums.pop("top1_sampled") / n
     out.update({k: v / n for k, v in sums.items()})
     return out | (expert_load_results(loads) if loads else {}) | {"tokens": int(n)}
 
@@ -303,6 +346,11 @@ def run(cfg, force: bool = False) -> dict:
     tokenizer = student_tokenizer(cfg)
     vocab_limit = vocab or len(tokenizer)
     teacher, missing = eval_teacher(cfg, device, vocab_limit, tokenizer)
+    identity = cache_identity(cfg)
+    notes = result_notes(list(cfg.eval.overlap_k), identity, teacher is not None, vocab_limit)
+    if teacher is None and "sampled_estimates" not in notes:
+        batches = [{**b, "teacher": {k: v for k, v in b["teacher"].items() if not k.startswith("draw_")}}
+                   for b in batches]
     ds, manifest = load_split(cfg.run_dir, cfg.eval.split)
     models = {"before": cfg.student.path} if cfg.eval.before else {}
     models["after"] = str(cfg.run_dir / "train" / "final")
@@ -312,6 +360,7 @@ def run(cfg, force: bool = False) -> dict:
         results[label] = evaluate_model(model, batches, vocab_limit, list(cfg.eval.overlap_k), teacher)
         if missing:
             results[label]["kl_to_teacher_missing"] = missing
+        results[label].update(notes)
         if manifest["mode"] == "prompt_response" and cfg.eval.rouge_samples:
             results[label]["rouge_l"] = rouge_l(model, tokenizer, ds, cfg.eval.rouge_samples, cfg.eval.max_new_tokens,
                                                 cfg.eval.batch_size)
@@ -324,19 +373,58 @@ def run(cfg, force: bool = False) -> dict:
     return results
 
 
+def cache_identity(cfg) -> dict:
+    """The identity of the evaluated split's cache ({} without one)."""
+    from cache.schema import read_manifest
+    from stages.cache_teacher import cache_dir
+
+    directory = cache_dir(cfg.run_dir, cfg.eval.split)
+    return read_manifest(directory).identity if (directory / "manifest.json").exists() else {}
+
+
+def result_notes(ks: list[int], identity: dict, live: bool, vocab: int) -> dict[str, str]:
+    """What the results leave out or only estimate, and why (saved beside the numbers)."""
+    cached_k, draws, notes = int(identity.get("k", 0)), identity.get("draws"), {}
+    shown = overlap_ks(ks, cached_k, live, vocab)
+    skipped = [f"overlap@{k}: " + (f"k is not below the vocabulary ({vocab}), where every model scores 1" if k >= vocab
+               else f"the cache holds the teacher's top-{cached_k} and the teacher was not run")
+               for k in sorted(set(ks) - set(shown))]
+    if skipped:
+        notes["overlap_skipped"] = "; ".join(skipped)
+    if live or not draws:
+        return notes
+    if float(draws["temperature"]) != 1.0:
+        notes["sampled_skipped"] = (f"the cached draws come from the teacher at cache.draw_temperature="
+                                    f"{draws['temperature']}, not at 1: they estimate nothing about KL(q ‖ p) "
+                                    f"at τ = 1")
+        return notes
+    notes["sampled_estimates"] = (
+        f"{SAMPLED_CE} is an unbiased estimate, from the cache's {draws['n']} draws per position, of the "
+        f"cross-entropy H(q, p) = KL(q ‖ p) + H(q); the KL itself needs the teacher's entropy H(q), i.e. the "
+        f"log-probs of the drawn ids, which cache format v1 does not store; H(q) does not depend on the student, "
+        f"so the before/after difference of the estimate is the difference of the KLs"
+        + ("" if cached_k else f"; {SAMPLED_TOP1} compares the student's argmax with the most drawn id, the "
+           f"teacher's top-1 unless its first ids lie within the sampling noise (cache.k=0: no cached top-1)"))
+    return notes
+
+
 def format_results(results: dict) -> str:
     keys = sorted({k for r in results.values() for k, v in r.items() if k != "tokens" and isinstance(v, float)},
                   key=_metric_order)
-    lines = [f"{'metric':<28}" + "".join(f"{label:>12}" for label in results)]
+    lines = [f"{'metric':<34}" + "".join(f"{label:>12}" for label in results)]
     for key in keys:
-        lines.append(f"{key:<28}" + "".join(f"{r.get(key, float('nan')):>12.4f}" for r in results.values()))
+        lines.append(f"{key:<34}" + "".join(f"{r.get(key, float('nan')):>12.4f}" for r in results.values()))
     missing = next((r["kl_to_teacher_missing"] for r in results.values() if "kl_to_teacher_missing" in r), "")
     if missing:
         lines.append(f"kl_to_teacher (full vocabulary) not measured: {missing}, so the teacher was not run"
                      + (f"; {BOUND} is only a lower bound of it" if any(BOUND in r for r in results.values()) else ""))
+    first = next(iter(results.values()), {})
+    notes = ("sampled_estimates", "sampled_skipped", "overlap_skipped")
+    lines += [f"{key}: {first[key]}" for key in notes if key in first]
     return "\n".join(lines)
 
 
 def _metric_order(key: str) -> tuple:
-    order = ["perplexity", "teacher_perplexity", "kl_to_teacher", BOUND, "top1_agreement", "rouge_l"]
+    order = ["perplexity", "teacher_perplexity", "kl_to_teacher", BOUND, SAMPLED_CE, "top1_agreement", SAMPLED_TOP1,
+             "rouge_l"]
     return (order.index(key) if key in order else len(order), key)

@@ -69,7 +69,7 @@ def link_final(cfg, model_path: Path) -> None:
 
 
 def test_results_before_and_after_against_the_teacher(train_config, teacher_path, student_path):
-    cfg = train_config("train.steps=2", "train.router_weight=0.1", "eval.overlap_k=[2]")
+    cfg = train_config("train.steps=2", "train.router_weight=0.1", "eval.overlap_k=[2,8]")
     train_student.run(cfg)
     results = evaluate.run(cfg)
     assert results == json.loads((cfg.run_dir / "eval" / "results.json").read_text())
@@ -100,6 +100,7 @@ def test_the_teacher_against_itself_gives_zero(train_config, teacher_path):
     assert r["kl_to_teacher"] == pytest.approx(0, abs=1e-6)
     assert r[evaluate.BOUND] == pytest.approx(0, abs=1e-3)  # against the fp16 cached log-probs
     assert r["top1_agreement"] == 1 and r["overlap@2"] == 1 and r["overlap@16"] == 1  # 16 > cached k: live teacher
+    assert "overlap@8" not in r and "overlap_skipped" not in r  # only the configured ks, the cached k is not added
     assert r["teacher_perplexity"] == pytest.approx(r["perplexity"], rel=1e-6)
 
 
@@ -120,6 +121,8 @@ def test_without_the_teacher_only_the_bound_is_reported(train_config, student_pa
         n = r["tokens"]
         assert abs(r["top1_agreement"] - with_teacher["top1_agreement"]) <= 2 / n
         assert abs(r["overlap@8"] - with_teacher["overlap@8"]) <= 2 / n
+        assert "overlap@32" in with_teacher and "overlap@32" not in r  # the cache holds the teacher's top-8 only
+        assert r["overlap_skipped"] == "overlap@32: the cache holds the teacher's top-8 and the teacher was not run"
 
 
 def test_batched_generation_equals_one_at_a_time_greedy(teacher_path, tokenizer):
@@ -191,3 +194,84 @@ def test_sft_without_a_cache_runs_the_whole_pipeline(tmp_path, pairs_jsonl, stud
     assert results["after"]["perplexity"] < results["before"]["perplexity"]
     assert results["after"]["perplexity"] == pytest.approx(reference_perplexity(run_dir / "train" / "final", run_dir),
                                                            rel=1e-4)
+
+
+def brute_force_overlap(logp_TV: torch.Tensor, teacher_ids_TK: torch.Tensor, k: int) -> list[float]:
+    """|student top-k ∩ teacher top-k| / k per position, by Python set intersection."""
+    student = logp_TV.topk(k, -1).indices.tolist()
+    return [len(set(s) & set(t[:k])) / k for s, t in zip(student, teacher_ids_TK.tolist())]
+
+
+@pytest.mark.parametrize("rows", [0, 3])  # one chunk of rows, and chunks that do not divide T
+def test_overlap_equals_set_intersection(rows):
+    gen = torch.Generator().manual_seed(0)
+    t, vocab, ks = 11, 300, [1, 5, 64, 299]
+    logp_TV = torch.log_softmax(torch.randn(t, vocab, generator=gen, dtype=torch.float64), -1)
+    near_TV = logp_TV + 0.3 * torch.randn(t, vocab, generator=gen, dtype=torch.float64)  # a similar teacher
+    teacher_TK = near_TV.topk(max(ks), -1).indices
+    hits = evaluate.topk_hits(logp_TV, teacher_TK, ks, rows=rows)
+    for i, k in enumerate(ks):
+        reference = [round(x * k) for x in brute_force_overlap(logp_TV, teacher_TK, k)]
+        assert hits[:, i].tolist() == reference  # exact counts
+    mask = torch.tensor([1.0] * 8 + [0.0] * 3)
+    got = evaluate.agreement(logp_TV, teacher_TK, mask, ks)
+    for k in ks:
+        assert got[f"overlap@{k}"] == pytest.approx(sum(brute_force_overlap(logp_TV, teacher_TK, k)[:8]))
+    assert 0 < got["overlap@5"] < 8 and got["overlap@299"] > got["overlap@5"]  # neither trivial nor all
+
+
+def test_overlap_is_capped_to_the_configured_ks():
+    assert evaluate.overlap_ks([8, 32], cached_k=2048, live=False, vocab=4096) == [8, 32]  # no overlap@2048 added
+    assert evaluate.overlap_ks([8, 32], cached_k=16, live=False, vocab=4096) == [8]  # the cache has no top-32
+    assert evaluate.overlap_ks([8, 32], cached_k=16, live=True, vocab=4096) == [8, 32]
+    assert evaluate.overlap_ks([8, 4096], cached_k=4096, live=True, vocab=4096) == [8]  # overlap@V is always 1
+
+
+def reference_sampled(teacher_path, student_path, run_dir: Path) -> dict:
+    """Float64, one unpadded forward per sequence: the exact cross-entropy H(q, p) of the teacher to the
+    student; its estimate -Σ (c/N)·log p from the cached draws (read back sample by sample); and
+    top-1 agreement of the student's argmax with the most drawn id (ties: the smallest id)."""
+    from cache_helpers import by_sample
+
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, experts_implementation="eager").double().eval()
+    student = AutoModelForCausalLM.from_pretrained(student_path, experts_implementation="eager").double().eval()
+    cached = by_sample(run_dir / "cache_eval")
+    ds, _ = load_split(run_dir, "eval")
+    sums, n = dict.fromkeys(("ce", "estimate", "top1"), 0.0), 0
+    with torch.no_grad():
+        for row in ds:
+            ids, seq = torch.tensor(row["input_ids"])[None], cached[int(row["sample_id"])]
+            lq = torch.log_softmax(teacher(ids).logits[0], -1)
+            lp = torch.log_softmax(student(ids).logits[0], -1)
+            starts = [0, *torch.tensor(seq["draw_n"].astype("int64")).cumsum(0).tolist()]
+            for pos in map(int, row["loss_mask"].nonzero()[0]):
+                sums["ce"] -= float((lq[pos].exp() * lp[pos]).sum())
+                drawn = seq["draw_ids"][starts[pos]:starts[pos + 1]].tolist()
+                counts = seq["draw_counts"][starts[pos]:starts[pos + 1]].tolist()
+                sums["estimate"] -= sum(c * float(lp[pos, i]) for i, c in zip(drawn, counts)) / sum(counts)
+                mode = min(i for i, c in zip(drawn, counts) if c == max(counts))
+                sums["top1"] += int(lp[pos].argmax()) == mode
+                n += 1
+    return {key: value / n for key, value in sums.items()}
+
+
+def test_a_cache_of_draws_only_still_reports_cross_entropy_and_top1(train_config, teacher_path, student_path, capsys):
+    """cache.k=0 with draws, no teacher: the honest metrics are an unbiased estimate of the cross-entropy
+    (KL + the teacher's entropy: the draws' log-probs are not cached) and top-1 against the most drawn id."""
+    draws_only = ("cache.k=0", "cache.targets=sampled", "cache.num_draws=4096")
+    cfg = train_config("eval.rouge_samples=0", "eval.before=false", "eval.run_teacher=false", cache=draws_only,
+                       name="drawn")
+    link_final(cfg, student_path)
+    r = evaluate.run(cfg)["after"]
+    ref = reference_sampled(teacher_path, student_path, cfg.run_dir)
+    assert r[evaluate.SAMPLED_CE] == pytest.approx(ref["estimate"], rel=1e-4)
+    assert r[evaluate.SAMPLED_CE] == pytest.approx(ref["ce"], rel=0.02)  # 4,096 draws: an unbiased estimate
+    assert abs(r[evaluate.SAMPLED_TOP1] - ref["top1"]) <= 2 / r["tokens"]  # up to near-ties in fp32
+    assert "kl_to_teacher" not in r and evaluate.BOUND not in r and "top1_agreement" not in r
+    assert "format v1 does not store" in r["sampled_estimates"] and "teacher_perplexity" in r
+    assert evaluate.SAMPLED_CE in capsys.readouterr().out
+    live = train_config("eval.rouge_samples=0", "eval.before=false", cache=draws_only, name="drawn_live")
+    link_final(live, student_path)
+    with_teacher = evaluate.run(live)["after"]  # the live teacher: the full KL, no estimates
+    assert with_teacher["kl_to_teacher"] < ref["ce"] and evaluate.SAMPLED_CE not in with_teacher
+    assert with_teacher["top1_agreement"] == pytest.approx(r[evaluate.SAMPLED_TOP1], abs=0.05)

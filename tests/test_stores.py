@@ -203,8 +203,11 @@ def test_writer_memory_is_bounded_by_bytes_at_large_k(tmp_path, monkeypatch):
     assert per_token > 16_000  # ids + fp32 log-probs at k = 2,048
     held = []
     real_commit = CacheWriter._commit
-    monkeypatch.setattr(CacheWriter, "_commit", lambda self, b: (held.append(sum(a.nbytes for r in b for a in r.values())),
-                                                                  real_commit(self, b))[1])
+    def commit(self, records):  # what a commit receives: the buffered records of one shard
+        held.append(sum(a.nbytes for r in records for a in r.values()))
+        return real_commit(self, records)
+
+    monkeypatch.setattr(CacheWriter, "_commit", commit)
     bound = 4 << 20
     writer = write_batches(tmp_path / "bytes", batches, shard_tokens=262_144, shard_bytes=bound)
     assert len(held) > 3 and max(held) <= bound and writer.peak_buffered_bytes == max(held)
@@ -225,7 +228,8 @@ def assert_same_sequences(a: Path, b: Path) -> None:
 
 
 def shard_layout(cache_dir: Path) -> list[list[int]]:
-    return [[int(i) for i in open_shard(cache_dir, "hdf5", s.name)["sample_ids"][:]] for s in committed_shards(cache_dir)]
+    shards = [open_shard(cache_dir, "hdf5", s.name) for s in committed_shards(cache_dir)]
+    return [[int(i) for i in shard["sample_ids"][:]] for shard in shards]
 
 
 @pytest.mark.parametrize("stop_after", [1, 2])
