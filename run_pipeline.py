@@ -47,7 +47,7 @@ def stage_command(args) -> None:
     cfg = load_config(PipelineConfig, args.config, args.overrides)
     if args.command == "run" and cfg.student.init == "svd" and cfg.init.mode != "full":
         raise ConfigError("student.init=svd inside `run` needs init.mode=full (a LoRA adapter is not trained here)")
-    if args.command == "run" and cfg.eval.split == "eval" and cfg.data.eval_fraction == 0:
+    if args.command == "run" and cfg.eval.split == "eval" and cfg.data.eval_fraction == 0 and not cfg.data.eval_source:
         raise ConfigError("data.eval_fraction=0 leaves no eval split for the eval stage of `run`; "
                           "set data.eval_fraction > 0 (e.g. 0.05) or eval.split=train")
     force = args.force

@@ -40,6 +40,8 @@ class DataConfig:
     """Column holding the response (prompt/response data)."""
     chat_template: bool = False
     """Render prompt/response pairs with the tokenizer's chat template."""
+    response_separator: str = " "
+    """Put between prompt and response unless either has whitespace there (docs/data.md; not with chat_template)."""
     tokenizer: str = ""
     """Tokenizer path or hub id ('' = the teacher's)."""
     max_length: int = ranged(512, min=2)
@@ -49,9 +51,16 @@ class DataConfig:
     add_eos: bool = True
     """Append the tokenizer's EOS token to every document."""
     eval_fraction: float = ranged(0.05, min=0.0, below=1.0)
-    """Share of sequences held out for evaluate, chosen by a hash of the sample id."""
+    """Share of sequences held out for evaluate, chosen by a hash of the sample id (unused with eval_source)."""
+    eval_source: str = ""
+    """A separate eval set, read like source: all its records are the eval split ('' = the hash split)."""
     max_samples: int = ranged(0, min=0)
     """Read at most this many records (0 = all)."""
+
+
+def sources_stamp(cfg: DataConfig) -> list:
+    """``source_stamp`` of data.source, plus data.eval_source's when set (so a run without one keeps its stamp)."""
+    return source_stamp(cfg.source) + (source_stamp(cfg.eval_source) if cfg.eval_source else [])
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -78,33 +87,34 @@ def source_stamp(source: str) -> list:
     return [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in _local_files(path)]
 
 
-def load_records(cfg: DataConfig):
-    """The raw dataset, from local files or a hub id, through ``datasets``."""
+def load_records(cfg: DataConfig, key: str = "source"):
+    """The raw dataset of ``data.<key>`` (source or eval_source): local files or a hub id, through ``datasets``."""
     import datasets
 
-    path = Path(cfg.source)
+    source = getattr(cfg, key)
+    path = Path(source)
     if path.exists():
         files = _local_files(path)
         fmt = cfg.format if cfg.format != "auto" else FORMATS.get(Path(files[0]).suffix)
         if fmt is None:
             raise ConfigError(f"cannot tell the format of {files[0]}; set data.format=json|parquet|text")
         if all(os.stat(f).st_size == 0 for f in files):
-            raise ConfigError(f"data.source={path} is empty (0 bytes); point it at a file with records")
+            raise ConfigError(f"data.{key}={path} is empty (0 bytes); point it at a file with records")
         try:
             ds = datasets.load_dataset(fmt, data_files=files, split="train")
         except Exception as err:  # datasets raises StopIteration, ValueError, DatasetGenerationError...: one line
-            raise ConfigError(f"cannot read data.source={path} as {fmt} ({type(err).__name__}: "
+            raise ConfigError(f"cannot read data.{key}={path} as {fmt} ({type(err).__name__}: "
                               f"{(str(err).splitlines() or [''])[0][:200]}); check the file or set data.format") from None
     else:
         try:
-            ds = datasets.load_dataset(cfg.source, cfg.subset or None, split=cfg.split)
+            ds = datasets.load_dataset(source, cfg.subset or None, split=cfg.split)
         except Exception as err:  # the hub raises many types; the user needs one line
             raise ConfigError(
-                f"data.source={cfg.source!r} is not a local file and could not be loaded as a dataset "
+                f"data.{key}={source!r} is not a local file and could not be loaded as a dataset "
                 f"hub id ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
             ) from None
     if len(ds) == 0:
-        raise ConfigError(f"data.source={cfg.source!r} holds no records; point it at a dataset with records")
+        raise ConfigError(f"data.{key}={source!r} holds no records; point it at a dataset with records")
     return ds.select(range(min(cfg.max_samples, len(ds)))) if cfg.max_samples else ds
 
 
@@ -122,7 +132,7 @@ def resolve_mode(cfg: DataConfig, columns: list[str]) -> str:
 
 def _render_pair(tokenizer, cfg: DataConfig, prompt: str, response: str) -> tuple[str, str]:
     if not cfg.chat_template:
-        return prompt, response
+        return prompt, join_response(cfg, prompt, response)
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError("data.chat_template=true but the tokenizer has no chat template; set it to false")
     user = [{"role": "user", "content": prompt}]
@@ -133,8 +143,20 @@ def _render_pair(tokenizer, cfg: DataConfig, prompt: str, response: str) -> tupl
     return head, full[len(head):]
 
 
+def join_response(cfg: DataConfig, prompt: str, response: str) -> str:
+    """The response as it follows the prompt: after data.response_separator unless the prompt already
+    ends, or the response starts, with whitespace (or either is empty), so 'where to' + 'get' reads
+    'where to get'."""
+    if not prompt or not response or prompt[-1].isspace() or response[0].isspace():
+        return response
+    return cfg.response_separator + response
+
+
 def tokenize_batch(tokenizer, cfg: DataConfig, mode: str, rows: dict[str, list]) -> list[tuple[list[int], list[int]]]:
-    """Per record: (token ids, target mask) where target mask[j] = 1 if token j is trained on."""
+    """Per record: (token ids, target mask) where target mask[j] = 1 if token j is trained on.
+
+    A pair is the prompt's tokens then the joined response's (``join_response``), tokenized apart so
+    the trained part starts exactly at the response."""
     eos = [tokenizer.eos_token_id] if cfg.add_eos and tokenizer.eos_token_id is not None else []
     if mode == "text":
         ids = tokenizer(rows[cfg.text_field], add_special_tokens=False)["input_ids"]

@@ -9,6 +9,7 @@ loss_mask) and ``data/manifest.json`` with each split's fingerprint and size.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 from cache.schema import write_json_atomic
 from pipeline import state
 from pipeline.config import ConfigError, fingerprint, save_config
-from pipeline.data import (is_eval, load_records, pack, resolve_mode, sequences_fingerprint, source_stamp,
+from pipeline.data import (is_eval, load_records, pack, resolve_mode, sequences_fingerprint, sources_stamp,
                            to_position_mask, tokenize_batch, tokenizer_fingerprint)
 
 SPLITS = ("train", "eval")
@@ -67,6 +68,27 @@ def sequences(records, tokenizer, cfg, mode: str, counts: dict):
         yield sample_id, np.asarray(ids, np.int32), to_position_mask(np.asarray(mask, np.uint8))
 
 
+def split_sequences(records, held_out, tokenizer, cfg, mode: str, counts: dict):
+    """(split, sample id, ids, position loss mask): the eval split is chosen by a hash of the sample id,
+    or, with data.eval_source (``held_out``), is every sequence of it (ids: its own record indices)."""
+    for sample_id, ids, mask in sequences(records, tokenizer, cfg, mode, counts):
+        yield ("eval" if held_out is None and is_eval(sample_id, cfg.eval_fraction) else "train"), sample_id, ids, mask
+    if held_out is not None:
+        for sample_id, ids, mask in sequences(held_out, tokenizer, cfg, mode, counts):
+            yield "eval", sample_id, ids, mask
+
+
+def summary(report: str, manifest: dict, out_dir: Path) -> str:
+    """The stage's closing paragraph: ``check_counts``'s line with tokens and bytes per token on disk."""
+    splits = manifest["splits"].values()
+    tokens, trained = sum(s["tokens"] for s in splits), sum(s["trained_tokens"] for s in splits)
+    size = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())
+    head, rest = report.split("; ", 1)
+    source = " from data.eval_source" if manifest["eval_from"] == "data.eval_source" else ""
+    return (f"{head[:-1]}{source}), {tokens:,} tokens ({trained:,} trained); {rest}; "
+            f"{size / max(tokens, 1):,.1f} bytes/token on disk ({out_dir})")
+
+
 def check_counts(data_cfg, rows: dict, counts: dict) -> str:
     """Refuse data with nothing to train on; else the one line that says what prepare kept and cut."""
     if not rows["train"]["sample_id"]:
@@ -102,25 +124,30 @@ def save_split(out_dir: Path, rows: dict[str, list]) -> dict:
 def run(cfg, force: bool = False) -> dict:
     run_dir, data_cfg = cfg.run_dir, cfg.data
     tok_path = cfg.tokenizer_path()
-    inputs = fingerprint(data_cfg, tok_path, source_stamp(data_cfg.source))
+    inputs = fingerprint(data_cfg, tok_path, sources_stamp(data_cfg))
     out_dir = run_dir / "data"
     if not state.begin(run_dir, "prepare", inputs, [out_dir], force, defer=True):
         return json.loads((out_dir / "manifest.json").read_text())
     tokenizer = load_tokenizer(tok_path)
     records = load_records(data_cfg)
     mode = resolve_mode(data_cfg, list(records.column_names))
+    held_out = load_records(data_cfg, "eval_source") if data_cfg.eval_source else None
+    if held_out is not None:  # the eval file must hold the fields of the train data's mode
+        resolve_mode(replace(data_cfg, mode=mode), list(held_out.column_names))
 
     rows = {split: {"sample_id": [], "input_ids": [], "loss_mask": []} for split in SPLITS}
     counts = {"truncated": 0, "dropped": 0}
-    for sample_id, ids, mask in sequences(records, tokenizer, data_cfg, mode, counts):
-        split = "eval" if is_eval(sample_id, data_cfg.eval_fraction) else "train"
+    for split, sample_id, ids, mask in split_sequences(records, held_out, tokenizer, data_cfg, mode, counts):
         for key, value in zip(("sample_id", "input_ids", "loss_mask"), (sample_id, ids, mask)):
             rows[split][key].append(value)
     report = check_counts(data_cfg, rows, counts)
     state.write_state(run_dir, "prepare", "running", inputs)  # only now: a failed check leaves no state
 
     manifest = {"mode": mode, "tokenizer": tokenizer_fingerprint(tokenizer), "tokenizer_path": tok_path,
-                "vocab_size": len(tokenizer), "sequences_cut": counts, "splits": {s: save_split(out_dir / s, rows[s]) for s in SPLITS}}
+                "vocab_size": len(tokenizer), "sequences_cut": counts,
+                "eval_from": "data.eval_source" if held_out is not None else "hash of the sample id",
+                "splits": {s: save_split(out_dir / s, rows[s]) for s in SPLITS}}
+    report = summary(report, manifest, out_dir)
     save_config(cfg, out_dir / "config.yaml")
     write_json_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=1))
     state.write_state(run_dir, "prepare", "done", inputs, **{s: manifest["splits"][s]["sequences"] for s in SPLITS})

@@ -106,8 +106,8 @@ def test_prompt_response_loss_mask_is_exact(make_config, tokenizer, docstrings, 
             head_ids = tokenizer.encode(head, add_special_tokens=False)
             tail_ids = tokenizer.encode(f"{response}<|endoftext|>\n", add_special_tokens=False) + [eos]
         else:
-            head_ids = tokenizer.encode(prompt)
-            tail_ids = tokenizer.encode(response, add_special_tokens=False) + [eos]
+            head_ids = tokenizer.encode(prompt)  # "Explain x." then " " + the response (docs/data.md)
+            tail_ids = tokenizer.encode(" " + response, add_special_tokens=False) + [eos]
         ids = (head_ids + tail_ids)[:80]
         is_response = [0] * len(head_ids) + [1] * len(tail_ids)
         mask = [is_response[i + 1] if i + 1 < len(ids) else 0 for i in range(len(ids))]
@@ -187,3 +187,74 @@ def test_position_mask_convention_on_a_tiny_example():
 
     target = np.array([0, 0, 0, 1, 1, 1], np.uint8)  # 3 prompt tokens then 3 response tokens
     assert to_position_mask(target).tolist() == [0, 0, 1, 1, 1, 0]
+
+
+def prepare_pairs(make_config, tmp_path, pairs_: list[tuple[str, str]], *overrides: str, name: str = "pairs"):
+    source = tmp_path / f"{name}.jsonl"
+    source.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs_))
+    cfg = make_config(f"data.source={source}", "data.max_samples=0", "data.eval_fraction=0", "data.max_length=64",
+                      f"run.name={name}", *overrides)
+    prepare.run(cfg)
+    return rows_of(cfg.run_dir)
+
+
+@pytest.mark.parametrize("separator", [" ", "", " | "])
+def test_prompt_and_response_are_joined_as_documented(make_config, tokenizer, tmp_path, separator):
+    """data.response_separator goes between prompt and response unless the prompt ends or the response
+    starts with whitespace: 'where to' + 'get' reads 'where to get' (it read 'where toget')."""
+    cases = [("where to", "get", f"where to{separator}get"), ("Q:\n", "42", "Q:\n42"),
+             ("Say it", " again", "Say it again"), ("Name one. ", "Ada", "Name one. Ada")]
+    got = prepare_pairs(make_config, tmp_path, [(p, r) for p, r, _ in cases],
+                        f"data.response_separator='{separator}'", name=f"sep{len(separator)}")
+    for sid, (prompt, _, text) in enumerate(cases):
+        ids, mask = got[sid]
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+        head = len(tokenizer.encode(prompt))  # the prompt's own tokens come first, untouched
+        assert ids[:head] == tokenizer.encode(prompt) and mask[head - 1] == 1 and sum(mask[:head - 1]) == 0
+        response = tokenizer.decode(ids[head:], skip_special_tokens=True)
+        assert prompt + response == text  # the trained part is exactly the joined response
+    assert tokenizer.decode(got[0][0][:-1]) == f"where to{separator}get"  # not 'where toget' (unless asked)
+
+
+def write_records(path, records: list[dict]):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_eval_source_is_the_eval_split(make_config, tokenizer, docstrings, tmp_path, capsys):
+    """data.eval_source: every record of it (ids: its record indices) is the eval split, data.source is all
+    train; its file is part of prepare's inputs; the summary says where the eval split came from."""
+    docs = text_docs(docstrings, 30)
+    train = write_records(tmp_path / "train.jsonl", [{"text": d} for d in docs[:20]])
+    held = write_records(tmp_path / "held.jsonl", [{"text": d} for d in docs[20:]])
+    cfg = make_config(f"data.source={train}", f"data.eval_source={held}", "data.max_samples=0",
+                      f"data.max_length={MAX_LEN}", "data.eval_fraction=0.5")
+    manifest = prepare.run(cfg)
+    assert manifest["eval_from"] == "data.eval_source"
+    assert rows_of(cfg.run_dir, "train") == {i: expected_text(tokenizer, d, MAX_LEN) for i, d in enumerate(docs[:20])}
+    assert rows_of(cfg.run_dir, "eval") == {i: expected_text(tokenizer, d, MAX_LEN) for i, d in enumerate(docs[20:])}
+    assert "sequences (train 20, eval 10 from data.eval_source)" in capsys.readouterr().out
+    write_records(held, [{"text": d} for d in docs[21:]])  # the eval file edited: another input
+    with pytest.raises(ConfigError, match="--force"):
+        prepare.run(cfg)
+    prepare.run(cfg, force=True)
+    assert len(rows_of(cfg.run_dir, "eval")) == 9
+    wrong = write_records(tmp_path / "wrong.jsonl", [{"question": "a"}])
+    with pytest.raises(ConfigError, match="question"):  # the eval file lacks the train data's field
+        prepare.run(make_config(f"data.source={train}", f"data.eval_source={wrong}", "run.name=wrong"))
+
+
+def test_prepare_ends_with_a_summary_paragraph(make_config, tmp_path, capsys):
+    cfg = make_config("data.max_samples=30", "data.max_length=40")
+    manifest = prepare.run(cfg)
+    out = [line for line in capsys.readouterr().out.splitlines() if line.startswith("prepare:")]
+    assert len(out) == 1, out
+    tokens = sum(s["tokens"] for s in manifest["splits"].values())
+    trained = sum(s["trained_tokens"] for s in manifest["splits"].values())
+    size = sum(f.stat().st_size for f in (cfg.run_dir / "data" / "train").rglob("*") if f.is_file()) + \
+        sum(f.stat().st_size for f in (cfg.run_dir / "data" / "eval").rglob("*") if f.is_file())
+    n = manifest["splits"]["train"]["sequences"] + manifest["splits"]["eval"]["sequences"]
+    assert out[0].startswith(f"prepare: {n} sequences (train ")
+    assert f"{tokens:,} tokens ({trained:,} trained)" in out[0] and "truncated to data.max_length=40" in out[0]
+    per_token = float(out[0].split(" bytes/token")[0].rsplit(" ", 1)[1])
+    assert per_token == pytest.approx(size / tokens, abs=0.06)
