@@ -5,6 +5,7 @@ Kept apart from stages/train_student.py so the stage itself reads as the loop it
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass
@@ -98,10 +99,16 @@ def check_draw_temperature(t, draws: dict | None) -> None:
                           f"cache.draw_temperature={t.temperature}")
 
 
+def kd_spec(t) -> KDSpec:
+    """The KD loss of the train section: every KDSpec hyper-parameter is a train.<name> key of the same name."""
+    names = [f.name for f in dataclasses.fields(KDSpec) if f.name != "name"]
+    return KDSpec(name=t.kd_loss, **{n: getattr(t, n) for n in names})
+
+
 def check_cached_temperature(t, identity: dict, is_main: bool) -> None:
     """The one-token tail of an uncached tau (docs/losses.md) is refused unless opted in; then one warning."""
     temps = [float(x) for x in identity["temperatures"]]
-    spec = KDSpec(name=t.kd_loss, temperature=t.temperature, missing_mass=t.missing_mass)
+    spec = kd_spec(t)
     if not approximates_tail(spec, tuple(temps), identity["k"], identity["vocab_size"]):
         return
     if t.kd_loss == "normkd":
@@ -208,7 +215,7 @@ def setup(cfg, accelerator) -> TrainJob:
         source = CacheSource(cache_dir(cfg.run_dir, "train"))
         identity = source.reader.manifest.identity
         check_cache_fits(identity, tokenizer, model)
-        spec = KDSpec(name=cfg.train.kd_loss, temperature=cfg.train.temperature, missing_mass=cfg.train.missing_mass)
+        spec = kd_spec(cfg.train)
         temps, vocab_limit = tuple(identity["temperatures"]), identity["vocab_size"]
     else:
         source, spec, temps, vocab_limit, identity = PreparedSource(cfg.run_dir), None, (1.0,), len(tokenizer), {}

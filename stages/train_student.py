@@ -64,6 +64,20 @@ class TrainConfig:
     """KD temperature tau; the KD term is scaled by tau² (bild: not, as in BiLD)."""
     missing_mass: str = choice("tail_bucket", ("tail_bucket", "renormalize"))
     """How the teacher mass outside the cached top-k is treated."""
+    jsd_beta: float = ranged(0.5, above=0.0, below=1.0)
+    """kd_loss=jsd: weight of the teacher in the mixture."""
+    skew_alpha: float = ranged(0.1, above=0.0, below=1.0)
+    """kd_loss=skew_forward_kl/skew_reverse_kl: weight of the first argument in the skewed mixture."""
+    dkd_alpha: float = ranged(1.0, min=0.0)
+    """kd_loss=dkd: weight of the target-class term (TCKD)."""
+    dkd_beta: float = ranged(8.0, min=0.0)
+    """kd_loss=dkd: weight of the non-target term (NCKD)."""
+    nkd_gamma: float = ranged(1.5, min=0.0)
+    """kd_loss=nkd: weight of the non-target term."""
+    top_kl_k: int = ranged(0, min=0)
+    """kd_loss=top_kl: the teacher's first k cached entries (0 = all cached)."""
+    bild_top_k: int = ranged(8, min=2)
+    """kd_loss=bild: k of both halves (clipped to the cached k)."""
     allow_uncached_temperature: bool = False
     """Accept the one-token tail approximation of a tau the cache lacks (tail_bucket; else refused)."""
     prompt_kl_weight: float = ranged(0.0, min=0.0)

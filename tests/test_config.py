@@ -8,6 +8,7 @@ import yaml
 from pipeline.config import ConfigError, load_config
 from stages import cache_teacher, prepare
 from stages.config import PipelineConfig
+from test_losses import dense_bild, dense_dkd, dense_kl, dense_nkd, make_teacher, mix, probs
 
 
 def config_error(*overrides: str, yaml_paths=()) -> str:
@@ -158,3 +159,58 @@ def test_every_shipped_config_passes_its_checks():
     assert paths
     for path in paths:
         load_config(PipelineConfig, [path], [])
+
+
+def test_every_kd_hyper_parameter_is_a_train_key_with_kdspec_default():
+    import dataclasses
+
+    from pipeline.losses import KDSpec
+    from stages.train_student import TrainConfig
+
+    train = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for fld in dataclasses.fields(KDSpec):
+        if fld.name != "name":
+            assert fld.name in train, f"KDSpec.{fld.name} cannot be set from the config (train.{fld.name})"
+            assert getattr(TrainConfig(), fld.name) == fld.default, f"train.{fld.name} default differs from KDSpec's"
+
+
+def _dense_jsd(q, p, beta):
+    return beta * dense_kl(q, mix(beta, q, p)) + (1 - beta) * dense_kl(p, mix(beta, q, p))
+
+
+@pytest.mark.parametrize("overrides, cached, reference", [
+    (["train.kd_loss=jsd", "train.jsd_beta=0.3"], 40, lambda z, s: _dense_jsd(probs(z), probs(s), 0.3)),
+    (["train.kd_loss=skew_forward_kl", "train.skew_alpha=0.2"], 40,
+     lambda z, s: dense_kl(probs(z), mix(0.2, probs(z), probs(s)))),
+    (["train.kd_loss=skew_reverse_kl", "train.skew_alpha=0.35"], 40,
+     lambda z, s: dense_kl(probs(s), mix(0.35, probs(s), probs(z)))),
+    (["train.kd_loss=dkd", "train.dkd_alpha=0.7", "train.dkd_beta=3.0"], 40,
+     lambda z, s: dense_dkd(probs(z), probs(s), z.argmax(-1), 0.7, 3.0)),
+    (["train.kd_loss=nkd", "train.nkd_gamma=1.3"], 40, lambda z, s: dense_nkd(z, s, 1.0, 1.3)),
+    (["train.kd_loss=top_kl", "train.top_kl_k=4"], 10, lambda z, s: _renormalised_kl(z, s, 4)),
+    (["train.kd_loss=bild", "train.bild_top_k=3"], 40, lambda z, s: dense_bild(z, s, 3, 1.0)),
+], ids=lambda x: x[1].split("=")[0] if isinstance(x, list) else "")
+def test_kd_hyper_parameters_from_the_config_reach_the_loss(overrides, cached, reference):
+    """train.<key>=value → the KDSpec the train stage builds (stages/train_setup.kd_spec) → the loss equals
+    its dense float64 definition at that value (tests/test_losses.py's references)."""
+    import torch
+
+    from pipeline.losses import kd_per_token
+    from stages.train_setup import kd_spec
+
+    spec = kd_spec(load_config(PipelineConfig, [], overrides).train)
+    z, s = 2.5 * torch.randn(6, 40), 2.5 * torch.randn(6, 40)
+    got = kd_per_token(s, make_teacher(z, k=cached), spec)
+    torch.testing.assert_close(got.double(), reference(z, s), atol=2e-5, rtol=1e-4)
+
+
+def _renormalised_kl(z, s, k):
+    ids = z.topk(k, -1).indices
+    q, p = probs(z).gather(-1, ids), probs(s).gather(-1, ids)
+    return dense_kl(q / q.sum(-1, keepdim=True), p / p.sum(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("override", ["train.jsd_beta=1.0", "train.skew_alpha=0", "train.dkd_beta=-1",
+                                      "train.bild_top_k=1", "train.top_kl_k=-1", "train.nkd_gamma=-0.5"])
+def test_kd_hyper_parameters_out_of_range(override):
+    assert override.split("=")[0] in config_error(override)
