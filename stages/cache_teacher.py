@@ -5,8 +5,10 @@
 
 Sequences are cut into fixed batches in sample-id order and batch i goes to rank
 i % world_size, so every rank count yields the same batches and the same cache. Each rank
-writes its own shards; rank 0 merges the journals into manifest.json last. A killed run
-resumes at shard granularity: batches whose sequences a committed shard holds are skipped.
+writes its own shards (bounded by cache.shard_tokens and cache.shard_bytes); rank 0 merges the
+journals into manifest.json last and prints the stage's summary. A killed run resumes at shard
+granularity: batches whose sequences a committed shard holds are skipped, and the committed
+sequences of a batch split between shards are dropped by the writer.
 """
 
 from __future__ import annotations
@@ -240,4 +242,18 @@ def run(cfg, force: bool = False) -> dict[str, Manifest]:
     if dist.is_main:
         tokens = {s: m.n_tokens for s, m in manifests.items()}
         state.write_state(cfg.run_dir, "cache", "done", inputs, tokens=tokens, seconds=round(time.time() - start, 1))
+        print(summary(manifests, data_manifest, spec, time.time() - start), flush=True)
     return manifests
+
+
+def summary(manifests: dict[str, Manifest], data_manifest: dict, spec: ExtractSpec, seconds: float) -> str:
+    """The stage's closing paragraph: per split sequences, tokens, shards and bytes per token on disk."""
+    parts = []
+    for split, m in manifests.items():
+        size = sum(s.nbytes for s in m.shards)
+        parts.append(f"{split} {m.n_seqs:,} sequences, {m.n_tokens:,} tokens in {len(m.shards)} shards "
+                     f"({size / 2**20:,.1f} MiB, {size / max(m.n_tokens, 1):,.1f} bytes/token)")
+    what = " + ".join([f"top-{spec.k}"] * spec.wants_topk + [f"{spec.num_draws} draws"] * spec.wants_draws)
+    cut = data_manifest.get("sequences_cut", {}).get("truncated", 0)
+    return (f"cache: {'; '.join(parts) or 'nothing to cache'}; {what} per position; {cut} sequences were truncated "
+            f"to data.max_length by prepare; {seconds:,.1f} s")

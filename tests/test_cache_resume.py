@@ -65,7 +65,8 @@ def test_killed_cache_resumes_to_the_uninterrupted_result(make_config, tmp_path)
     prepare.run(reference_cfg)
     cache_teacher.run(reference_cfg)
     reference = by_sample(cache_teacher.cache_dir(reference_cfg.run_dir, "train"))
-    total_shards = len(read_manifest(cache_teacher.cache_dir(reference_cfg.run_dir, "train")).shards)
+    reference_shards = read_manifest(cache_teacher.cache_dir(reference_cfg.run_dir, "train")).shards
+    total_shards = len(reference_shards)
 
     cfg = make_config(*SETTINGS, "run.name=killed")
     prepare.run(cfg)
@@ -86,5 +87,28 @@ def test_killed_cache_resumes_to_the_uninterrupted_result(make_config, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = read_manifest(cache)
     assert manifest.complete and len(manifest.shards) == total_shards
+    layout = [(s.name, s.n_seqs, s.n_tokens) for s in manifest.shards]
+    assert layout == [(s.name, s.n_seqs, s.n_tokens) for s in reference_shards], "the same shard boundaries"
     assert_same_cache(by_sample(cache), reference)
     assert not list(cache.glob(".*.tmp*")), "no half-written shard left behind"
+
+
+def test_shard_bytes_bounds_the_shards_and_the_stage_ends_with_a_summary(make_config, capsys):
+    """cache.shard_bytes cuts more, smaller shards (a batch split between two) holding the same sequences;
+    the stage's last line gives each split's sequences, tokens, shards and bytes/token on disk."""
+    base = [*SETTINGS[:4], "cache.batch_size=4", "cache.k=8", "cache.store=hdf5", "cache.splits=[train]"]
+    caches = {}
+    for name, limit in (("tokens", []), ("bytes", ["cache.shard_bytes=20000"])):
+        cfg = make_config(*base, *limit, f"run.name={name}")
+        prepare.run(cfg)
+        manifest = cache_teacher.run(cfg)["train"]
+        caches[name] = (cache_teacher.cache_dir(cfg.run_dir, "train"), manifest)
+    out = [line for line in capsys.readouterr().out.splitlines() if line.startswith("cache: ")]
+    assert len(out) == 2
+    (tokens_dir, by_tokens), (bytes_dir, by_bytes) = caches["tokens"], caches["bytes"]
+    assert len(by_bytes.shards) > len(by_tokens.shards)
+    assert any(s.n_seqs % 4 for s in by_bytes.shards[:-1]), "a batch of 4 split between two shards"
+    assert_same_cache(by_sample(bytes_dir), by_sample(tokens_dir))
+    size = sum(s.nbytes for s in by_bytes.shards)
+    assert (f"train {by_bytes.n_seqs:,} sequences, {by_bytes.n_tokens:,} tokens in {len(by_bytes.shards)} shards "
+            f"({size / 2**20:,.1f} MiB, {size / by_bytes.n_tokens:,.1f} bytes/token)") in out[1]
