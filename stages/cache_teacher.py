@@ -79,8 +79,9 @@ class CacheConfig:
         if self.k == 0 and "topk" in self.targets:
             raise ConfigError(f"cache.k={self.k} must be positive for cache.targets={self.targets}")
         unknown = [s for s in self.splits if s not in ("train", "eval")]
-        if unknown or not self.splits:
-            raise ConfigError(f"cache.splits={self.splits} is not allowed; allowed: a non-empty list of train, eval")
+        if unknown or not self.splits or len(set(self.splits)) < len(self.splits):
+            raise ConfigError(f"cache.splits={self.splits} is not allowed; allowed: a non-empty list of train, eval "
+                              f"(each at most once)")
         if self.router_topk not in ("all", "none") and not (str(self.router_topk).isdigit() and int(self.router_topk) > 0):
             raise ConfigError(f"cache.router_topk={self.router_topk!r} is not allowed; allowed: all, none or an integer >= 1")
         try:

@@ -124,19 +124,36 @@ def test_every_numeric_field_declares_its_range():
     assert not missing, f"declare a range (pipeline.config.ranged) for: {missing}"
 
 
-def test_docs_list_every_range():
-    """docs/config.md's table holds every ranged key with the range the code checks."""
+def doc_default(value) -> str:
+    """How docs/config.md writes a default: in backticks, YAML-like (true, '' for empty, [8, 32])."""
+    import json
+
+    if isinstance(value, bool):
+        return "`true`" if value else "`false`"
+    if isinstance(value, str):
+        return f"`{value}`" if value and value.strip() == value else f"`{value!r}`"
+    return f"`{json.dumps(value)}`" if isinstance(value, (list, dict)) else f"`{value}`"
+
+
+def test_docs_list_every_key_with_its_default_and_range():
+    """docs/config.md's table holds every key with the default and the range the code has."""
+    import dataclasses
     from pathlib import Path
 
     from pipeline.config import describe_range
-    from stages.config import PipelineConfig
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    rows = {line.split("`")[1]: line for line in doc.splitlines() if line.startswith("| `")}
     for key, fld in _leaf_fields(PipelineConfig):
+        default = fld.default_factory() if fld.default_factory is not dataclasses.MISSING else fld.default
+        assert key in rows, f"docs/config.md lacks a row for {key}"
+        assert rows[key].startswith(f"| `{key}` | {doc_default(default)} | "), f"docs/config.md: default of {key}"
         if "range" in fld.metadata:
-            assert f"| `{key}` | {describe_range(fld.metadata['range'])}" in doc, f"docs/config.md lacks the range of {key}"
+            assert f"| {describe_range(fld.metadata['range'])}" in rows[key], f"docs/config.md: range of {key}"
+        if "choices" in fld.metadata:
+            assert "| one of " + ", ".join(map(str, fld.metadata["choices"])) in rows[key], f"choices of {key}"
     for key in CROSS_FIELD:
-        assert f"`{key}`" in doc
+        assert "across fields" in rows[key]
 
 
 @pytest.mark.parametrize("bounds, inside, outside", [
@@ -214,3 +231,10 @@ def _renormalised_kl(z, s, k):
                                       "train.bild_top_k=1", "train.top_kl_k=-1", "train.nkd_gamma=-0.5"])
 def test_kd_hyper_parameters_out_of_range(override):
     assert override.split("=")[0] in config_error(override)
+
+
+@pytest.mark.parametrize("splits", ["[train,test]", "[validation]", "[]", "[train,train]"])
+def test_cache_splits_are_checked_at_config_load(splits):
+    """An unknown (or repeated) split is one line when the config loads, long before a teacher loads."""
+    message = config_error(f"cache.splits={splits}")
+    assert "cache.splits" in message and "train, eval" in message
