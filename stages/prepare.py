@@ -9,6 +9,7 @@ loss_mask) and ``data/manifest.json`` with each split's fingerprint and size.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -151,7 +152,8 @@ def run(cfg, force: bool = False) -> dict:
     save_config(cfg, out_dir / "config.yaml")
     write_json_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=1))
     state.write_state(run_dir, "prepare", "done", inputs, **{s: manifest["splits"][s]["sequences"] for s in SPLITS})
-    print(report, flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # one summary under a launcher too
+        print(report, flush=True)
     return manifest
 
 
