@@ -12,6 +12,7 @@ import argparse
 import errno
 import os
 import sys
+from pathlib import Path
 
 from pipeline.openmp import short_spin
 
@@ -51,18 +52,37 @@ def stage_command(args) -> None:
         raise ConfigError("data.eval_fraction=0 leaves no eval split for the eval stage of `run`; "
                           "set data.eval_fraction > 0 (e.g. 0.05) or eval.split=train")
     force = args.force
-    if args.command in ("prepare", "run"):
+    if cfg.run.inputs_from:
+        inputs_from(cfg, args.command)
+    if args.command in ("prepare", "run") and not cfg.run.inputs_from:
         in_stage(cfg, "prepare", lambda: prepare.run(cfg, force=force))
     if args.command == "init" or (args.command == "run" and cfg.student.init == "svd"):
         initialised = in_stage(cfg, "init", lambda: init_student.run_stage(cfg, force=force))
         if args.command == "run":
             cfg.student.path = str(initialised)
-    if args.command in ("cache", "run") and cfg.teacher.path:
+    if args.command in ("cache", "run") and cfg.teacher.path and not cfg.run.inputs_from:
         in_stage(cfg, "cache", lambda: cache_teacher.run(cfg, force=force))
     if args.command in ("train", "run"):
         in_stage(cfg, "train", lambda: train_student.run(cfg, force=force))
     if args.command in ("eval", "run"):
         in_stage(cfg, "evaluate", lambda: evaluate.run(cfg, force=force))
+
+
+def inputs_from(cfg, command: str) -> None:
+    """A run on another run's data and caches (stages/inputs_from.py) makes none of its own: `prepare`
+    and `cache` are refused, `run` checks the source once and skips them."""
+    from pipeline.config import ConfigError
+    from stages.inputs_from import check_inputs_from, source_stages
+
+    if command in ("prepare", "cache"):
+        raise ConfigError(f"run.inputs_from={cfg.run.inputs_from}: this run trains and evaluates on that run's "
+                          f"prepared data and caches and makes none of its own; run `{command}` for "
+                          f"{cfg.run.inputs_from} (run.name={Path(cfg.run.inputs_from).name}), or unset "
+                          f"run.inputs_from")
+    if command == "run":
+        check_inputs_from(cfg)
+        print(f"{' and '.join(source_stages(cfg))}: done in {cfg.run.inputs_from} (run.inputs_from); this run reads "
+              f"its data/, cache/ and cache_eval/ in place", flush=True)
 
 
 def in_stage(cfg, stage: str, body):

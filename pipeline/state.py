@@ -58,13 +58,54 @@ def set_aside(outputs: list[Path]) -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for path in outputs:
         if path.exists():
-            path.rename(path.with_name(f"{path.name}.old-{stamp}"))
+            target, n = path.with_name(f"{path.name}.old-{stamp}"), 1
+            while target.exists():  # set aside twice within a second
+                target, n = path.with_name(f"{path.name}.old-{stamp}-{n}"), n + 1
+            path.rename(target)
 
 
-def begin(run_dir: Path, stage: str, inputs: str, outputs: list[Path], force: bool, defer: bool = False) -> bool:
+class Inputs(str):
+    """A stage's input fingerprint (the str its state records) that also knows the fingerprints an
+    older kdcache recorded for the same inputs (``aliases``: recognised as unchanged) and how to
+    name what changed (``changes()``: one clause for the refusal)."""
+
+    def __new__(cls, fingerprint: str, aliases: tuple[str, ...] = (), changes=lambda: ""):
+        inputs = super().__new__(cls, fingerprint)
+        inputs.aliases, inputs.changes = tuple(a for a in aliases if a != fingerprint), changes
+        return inputs
+
+    def matches(self, recorded: str) -> bool:
+        return recorded == self or recorded in self.aliases
+
+
+def _same_inputs(run_dir: Path, stage: str, state: dict, inputs: str) -> bool:
+    """Recorded with these inputs; one recorded under an alias (an older fingerprint rule) is
+    re-recorded under the current fingerprint, so the next look needs no alias."""
+    if state["inputs"] == inputs:
+        return True
+    if not (isinstance(inputs, Inputs) and inputs.matches(state["inputs"])):
+        return False
+    record = {**state, "inputs": str(inputs)}
+    write_json_atomic(state_path(run_dir, stage), json.dumps(record, indent=1, sort_keys=True))
+    return True
+
+
+def refusal(run_dir: Path, stage: str, state: dict, inputs: str) -> ConfigError:
+    what = inputs.changes() if isinstance(inputs, Inputs) else ""
+    return ConfigError(
+        f"stage '{stage}' in {run_dir} was {state['status']} with other inputs{': ' + what if what else ''}; "
+        f"re-run with --force to set its outputs aside and start again, revert those settings, or pick "
+        f"another run.name")
+
+
+def begin(run_dir: Path, stage: str, inputs: str, outputs: list[Path], force: bool, defer: bool = False,
+          committed: list[Path] | None = None) -> bool:
     """True if the stage must run; False if it is done with these inputs.
 
-    With changed inputs: refuse, unless the stage stopped before writing any output. With
+    With changed inputs: refuse, unless the stage stopped before committing any output
+    (``committed``: the paths whose existence means finished work, such as a manifest, a
+    journalled shard, a complete checkpoint; default: ``outputs``): then what it left (a
+    journal, a half-written folder) is set aside like ``force`` does and it starts afresh. With
     ``force``: set the old outputs aside (renamed, never deleted) and start afresh, whatever
     the inputs (e.g. to rebuild a damaged cache). With ``defer`` the setting aside waits for
     the stage's first ``write_state`` (after its checks): a forced command that fails a check
@@ -73,19 +114,22 @@ def begin(run_dir: Path, stage: str, inputs: str, outputs: list[Path], force: bo
     state = read_state(run_dir, stage)
     if state is None:
         return True
-    if state["inputs"] == inputs and not force:
+    if not force and _same_inputs(run_dir, stage, state, inputs):
         return state["status"] != "done"
-    if outputs and state["status"] != "done" and not any(path.exists() for path in outputs):
-        state_path(run_dir, stage).unlink()  # stopped before writing anything: nothing to protect
-        return True
+    if not force and outputs and state["status"] != "done":
+        if not any(path.exists() for path in outputs):
+            state_path(run_dir, stage).unlink()  # stopped before writing anything: nothing to protect
+            return True
+        if not any(path.exists() for path in (outputs if committed is None else committed)):
+            print(f"{stage}: the interrupted run with other inputs committed no output; what it left in "
+                  f"{', '.join(str(p) for p in outputs if p.exists())} is set aside and the stage starts afresh",
+                  flush=True)
+            force = True
     if not force:
-        raise ConfigError(
-            f"stage '{stage}' in {run_dir} was {state['status']} with other inputs; re-run with --force "
-            f"to set its outputs aside and start again, or pick another run.name"
-        )
+        raise refusal(run_dir, stage, state, inputs)
     if defer:
         pending = {k: v for k, v in state.items() if k not in ("aside_for", "aside")}
-        pending.update(aside_for=inputs, aside=[str(p) for p in outputs])
+        pending.update(aside_for=str(inputs), aside=[str(p) for p in outputs])
         write_json_atomic(state_path(run_dir, stage), json.dumps(pending, indent=1, sort_keys=True))
         return True
     set_aside(outputs)
@@ -94,12 +138,12 @@ def begin(run_dir: Path, stage: str, inputs: str, outputs: list[Path], force: bo
 
 
 def begin_on_all_ranks(run_dir: Path, stage: str, inputs: str, outputs: list[Path], force: bool,
-                       is_main: bool, barrier, defer: bool = False) -> bool:
+                       is_main: bool, barrier, defer: bool = False, committed: list[Path] | None = None) -> bool:
     """Rank 0 decides (and sets old outputs aside on --force, or marks them to be) before the other ranks look.
 
     With ``defer`` the caller must barrier after rank 0's first ``write_state``, before any
     rank touches the outputs."""
-    must_run = begin(run_dir, stage, inputs, outputs, force, defer) if is_main else False
+    must_run = begin(run_dir, stage, inputs, outputs, force, defer, committed) if is_main else False
     barrier()
     if is_main:
         return must_run

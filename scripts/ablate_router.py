@@ -5,10 +5,10 @@ ERD, without any router loss; same cache, budget and seed; each evaluated on the
     python scripts/ablate_router.py --root runs_router --demo-root runs --out docs/router_study.md
 
 The demo (stages/demo.py) is run first unless its teacher and caches exist, so its assets,
-teacher and caches are reused. Each variant is a run ``router_<variant>`` whose data/, cache/ and
-cache_eval/ are symbolic links to the demo run's, trained from configs/demo.yaml with the
-variant's train.* overrides. The demo's own student (β·router KL = 0.1) is re-evaluated as a
-reference.
+teacher and caches are reused. Each variant is a run ``router_<variant>`` that trains and
+evaluates on the demo run's data/, cache/ and cache_eval/ in place (``run.inputs_from``), from
+configs/demo.yaml with the variant's train.* overrides. The demo's own student (β·router KL =
+0.1) is re-evaluated as a reference (its train/ linked).
 """
 
 from __future__ import annotations
@@ -44,8 +44,7 @@ def variant_config(name: str, weights: dict, base: list[str], steps: int = 0):
 def run_variant(name: str, weights: dict, base: list[str], demo_dir: Path, steps: int = 0) -> dict:
     from stages import evaluate, train_student
 
-    cfg = variant_config(name, weights, base, steps)
-    demo.link_inputs(demo_dir, cfg.run_dir)
+    cfg = variant_config(name, weights, base + [demo.inputs_from(demo_dir)], steps)
     start = time.time()
     print(f"== variant {name}: {' '.join(f'{k}={v}' for k, v in weights.items())}", flush=True)
     final = train_student.run(cfg)
@@ -61,8 +60,8 @@ def demo_row(base: list[str], demo_dir: Path) -> dict:
     its row has the expert-load metrics too: its train/ is linked, never retrained."""
     from stages import evaluate
 
-    cfg = variant_config("kl_demo", {"router_weight": 0.1}, base)
-    demo.link_inputs(demo_dir, cfg.run_dir, ("data", "cache", "cache_eval", "train"))
+    cfg = variant_config("kl_demo", {"router_weight": 0.1}, base + [demo.inputs_from(demo_dir)])
+    demo.link_student(demo_dir, cfg.run_dir)
     return evaluate.run(cfg)["after"]
 
 

@@ -4,9 +4,10 @@ randomly initialised one, on the demo.
     python scripts/compare_init.py --root runs --out docs/init_study_table.md
 
 All variants are the demo's student shape (stages/demo.py STUDENT), trained with the demo's
-loss (configs/demo.yaml) on the demo's cache for the same steps and seed. "random" starts from
-the demo's random student; "svd" and "slice" start from the init stage's projection of the
-demo's trained teacher into that shape (init.mode=full, init.projection=svd or slice).
+loss (configs/demo.yaml) on the demo's cache (read in place: run.inputs_from) for the same
+steps and seed. "random" starts from the demo's random student; "svd" and "slice" start from
+the init stage's projection of the demo's trained teacher into that shape (init.mode=full,
+init.projection=svd or slice).
 Evaluate reports each student at step 0 ("before") and after training ("after"): held-out
 perplexity, the full-vocabulary KL to the teacher (the teacher is run on the eval split), the
 cached top-k + tail-bucket lower bound of it, and top-1 agreement.
@@ -34,8 +35,9 @@ def run_variant(name: str, base: list[str], steps: int, demo_dir: Path) -> dict:
 
     budget = [f"train.steps={steps}", f"train.checkpoint_every={steps}"] if steps else []
     init = [f"init.projection={name}"] if name in INIT_VARIANTS else []
-    cfg = demo.run_config("demo.yaml", base + COMMON + budget + init + [f"run.name=demo_init_{name}"])
-    demo.link_inputs(demo_dir, cfg.run_dir)
+    cfg = demo.run_config("demo.yaml", base + COMMON + budget + init + [f"run.name=demo_init_{name}",
+                                                                         demo.inputs_from(demo_dir)])
+
     if name in INIT_VARIANTS:
         cfg.student.path = str(init_student.run_stage(cfg))
     print(f"== variant {name} ({cfg.train.steps} steps)", flush=True)

@@ -6,10 +6,12 @@ budget and seed; each evaluated on the held-out split.
     OMP_NUM_THREADS=1 python scripts/compare_losses.py --root /tmp/demo_runs --steps 60 --out docs/loss_study.md
 
 The demo (stages/demo.py) is run first unless its teacher and caches exist, so its assets,
-teacher and caches are reused. Each variant is a run ``demo_loss_<name>`` beside the demo's,
-whose data/, cache/ and cache_eval/ are symbolic links to the demo run's (nothing is copied,
-re-prepared or re-cached), trained from configs/demo.yaml with ``train.kd_loss=<name>``; the
-CE-only baseline (``ce_only``: alpha = 0) reads the same cache so that it sees the same batches;
+teacher and caches are reused. Each variant is a run ``demo_loss_<name>`` beside the demo's
+that trains and evaluates on the demo run's data/, cache/ and cache_eval/ in place
+(``run.inputs_from``: nothing is copied, re-prepared or re-cached), trained from
+configs/demo.yaml with ``train.kd_loss=<name>``; the CE-only baseline (``ce_only``: alpha = 0)
+reads the same cache so that it sees the same batches;
+
 ``bild_semantics`` is BiLD's recipe (bild at tau = 3 on response tokens, no tau², alpha = 1,
 forward KL at tau = 1 on prompt tokens, a mean over them: train.prompt_kl_weight = 1). Every
 variant has the router KL off (train.router_weight=0), so the rows differ only in the
@@ -68,9 +70,9 @@ def tokens_per_second(train_dir: Path) -> float:
 def run_variant(name: str, base: list[str], steps: int, demo_dir: Path) -> dict:
     from stages import evaluate, train_student
 
-    cfg = demo.run_config("demo.yaml", base + variant_overrides(name, steps))
-    demo.link_inputs(demo_dir, cfg.run_dir)
+    cfg = demo.run_config("demo.yaml", base + variant_overrides(name, steps) + [demo.inputs_from(demo_dir)])
     start = time.time()
+
     print(f"== variant {name} ({cfg.train.steps} steps)", flush=True)
     train_student.run(cfg)
     results = evaluate.run(cfg)["after"]

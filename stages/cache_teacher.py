@@ -13,7 +13,6 @@ sequences of a batch split between shards are dropped by the writer.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,10 +24,11 @@ from tqdm.auto import tqdm
 from cache.codec import ID_CODECS, VALUE_DTYPES, Codec
 from cache.schema import Manifest, read_manifest
 from cache.shards import STORES, resolve_compression
-from cache.writer import CacheWriter, check_identity, committed_sample_ids, finalize
+from cache.writer import CacheWriter, check_identity, committed_sample_ids, committed_shards, finalize
 from pipeline import state
-from pipeline.config import ConfigError, choice, fingerprint, ranged, save_config
+from pipeline.config import ConfigError, choice, ranged, save_config
 from pipeline.distributed import Dist
+from pipeline.stage_inputs import stage_inputs
 from pipeline.teachers.base import TeacherBatch, build_teacher
 from pipeline.teachers.extract import TARGETS, ExtractSpec
 from pipeline.teachers.native import KERNELS
@@ -162,6 +162,8 @@ def cache_split(cfg, teacher, spec: ExtractSpec, split: str, dist: Dist) -> Mani
     if (out_dir / "manifest.json").exists() and read_manifest(out_dir).identity == ident:
         return read_manifest(out_dir)
 
+    if dist.is_main:  # beside the output from the start: a refusal names the keys changed since (stage_inputs)
+        save_config(cfg, out_dir / "config.yaml")
     c = cfg.cache
     done = committed_sample_ids(out_dir, c.store)
     sample_ids = np.asarray(ds["sample_id"])
@@ -205,10 +207,10 @@ def run_batches(teacher, ds, todo: list[np.ndarray], writer: CacheWriter, dist: 
     bar.close()
 
 
-def prepared_fingerprints(run_dir: Path) -> dict | None:
-    """The prepared data is an input too: a re-prepared dataset must not reuse an old cache."""
-    path = Path(run_dir) / "data" / "manifest.json"
-    return {s: v["fingerprint"] for s, v in json.loads(path.read_text())["splits"].items()} if path.exists() else None
+def committed_outputs(cache_dirs: list[Path]) -> list[Path]:
+    """What a cache run finished: manifests and the journalled shards still on disk (a journal, or one
+    whose shards are gone, is no finished work: a re-run with other inputs starts afresh)."""
+    return [p for d in cache_dirs for p in [d / "manifest.json", *(d / s.name for s in committed_shards(d))]]
 
 
 def stage_dist(device: str) -> Dist:
@@ -220,9 +222,10 @@ def stage_dist(device: str) -> Dist:
 
 def run(cfg, force: bool = False) -> dict[str, Manifest]:
     dist = stage_dist(cfg.run.device)
-    inputs = fingerprint(cfg.teacher, cfg.cache, cfg.data, cfg.tokenizer_path(), prepared_fingerprints(cfg.run_dir))
+    inputs = stage_inputs("cache", cfg)  # the prepared data is an input too (pipeline/stage_inputs.py)
     outputs = [cache_dir(cfg.run_dir, s) for s in cfg.cache.splits]
-    if not state.begin_on_all_ranks(cfg.run_dir, "cache", inputs, outputs, force, dist.is_main, dist.barrier, defer=True):
+    if not state.begin_on_all_ranks(cfg.run_dir, "cache", inputs, outputs, force, dist.is_main, dist.barrier,
+                                    defer=True, committed=committed_outputs(outputs)):
         return {s: read_manifest(cache_dir(cfg.run_dir, s)) for s in cfg.cache.splits
                 if (cache_dir(cfg.run_dir, s) / "manifest.json").exists()}
     from stages.prepare import load_split

@@ -28,10 +28,15 @@ class RunConfig:
     """Seed of everything random in the run."""
     device: str = choice("auto", ("auto", "cpu", "cuda"))
     """'auto' = CUDA when available."""
+    inputs_from: str = ""
+    """A run directory (runs/<name>) whose data/, cache/, cache_eval/ train and eval read in place ('' = this run's)."""
 
     def validate(self) -> None:
         if not self.name or "/" in self.name:
             raise ConfigError(f"run.name={self.name!r} must be a non-empty name without '/'")
+        if self.inputs_from and Path(self.inputs_from).resolve() == (Path(self.root) / self.name).resolve():
+            raise ConfigError(f"run.inputs_from={self.inputs_from!r} is this run itself; name another run's directory "
+                              f"or leave it empty")
 
 
 @dataclass
@@ -48,6 +53,11 @@ class PipelineConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.run.root) / self.run.name
+
+    @property
+    def inputs_dir(self) -> Path:
+        """Where train and eval read data/, cache/ and cache_eval/: run.inputs_from, else the run itself."""
+        return Path(self.run.inputs_from) if self.run.inputs_from else self.run_dir
 
     def init_config(self) -> InitConfig:
         """The init section with its paths filled from the teacher and student sections."""

@@ -78,13 +78,18 @@ def summary(stats: dict, results: dict) -> str:
 # --- shared by the studies built on the demo (scripts/compare_losses.py, scripts/ablate_router.py) ---
 
 
-def link_inputs(demo_dir: Path, run_dir: Path, names=("data", "cache", "cache_eval")) -> None:
-    """A study variant reads the demo's prepared data and caches (never copies or rewrites them)."""
+def inputs_from(demo_dir: Path) -> str:
+    """The override that makes a study variant train and evaluate on the demo's prepared data and caches,
+    in place (run.inputs_from: checked by identity, never copied; stages/inputs_from.py)."""
+    return f"run.inputs_from={demo_dir}"
+
+
+def link_student(demo_dir: Path, run_dir: Path) -> None:
+    """A study run that re-evaluates the demo's own trained student links its train/ (never retrains it)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        link = run_dir / name
-        if not link.exists() and (demo_dir / name).exists():
-            link.symlink_to((demo_dir / name).resolve(), target_is_directory=True)
+    link = run_dir / "train"
+    if not link.exists() and (demo_dir / "train").exists():
+        link.symlink_to((demo_dir / "train").resolve(), target_is_directory=True)
 
 
 def machine() -> str:

@@ -29,7 +29,7 @@ import torch
 from cache.stream import CacheSource, ShardStream, StreamPlan
 from cache.schema import write_json_atomic
 from pipeline import state
-from pipeline.config import choice, fingerprint, ranged, save_config
+from pipeline.config import choice, ranged, save_config
 
 
 @dataclass
@@ -289,12 +289,12 @@ def eval_batches(cfg) -> tuple[list[dict], int]:
     from pipeline.batches import PreparedSource, collate
     from stages.cache_teacher import cache_dir
 
-    directory = cache_dir(cfg.run_dir, cfg.eval.split)
+    directory = cache_dir(cfg.inputs_dir, cfg.eval.split)
     if (directory / "manifest.json").exists():
         source = CacheSource(directory)
         vocab = source.reader.manifest.identity["vocab_size"]
     else:
-        source = PreparedSource(cfg.run_dir, cfg.eval.split)
+        source = PreparedSource(cfg.inputs_dir, cfg.eval.split)
         vocab = 0
     stream = ShardStream(source, StreamPlan(batch_size=1, shuffle_window=0, drop_last=False))
     seqs = np.concatenate(stream.steps(0))
@@ -336,9 +336,12 @@ def run(cfg, force: bool = False) -> dict:
     from stages.prepare import load_split
     from stages.train_setup import student_tokenizer
     from pipeline.models import load_causal_lm
+    from pipeline.stage_inputs import stage_inputs
+    from stages.inputs_from import check_inputs_from
 
     out_dir = cfg.run_dir / "eval"
-    inputs = fingerprint(cfg.eval, cfg.student, cfg.train, cfg.cache, cfg.data, cfg.teacher)
+    check_inputs_from(cfg)  # data/ and caches of another run (run.inputs_from): refused unless they are this config's
+    inputs = stage_inputs("evaluate", cfg)
     if not state.begin(cfg.run_dir, "evaluate", inputs, [out_dir], force):
         return json.loads((out_dir / "results.json").read_text())
     device = eval_device(cfg.run.device)
@@ -351,7 +354,7 @@ def run(cfg, force: bool = False) -> dict:
     if teacher is None and "sampled_estimates" not in notes:
         batches = [{**b, "teacher": {k: v for k, v in b["teacher"].items() if not k.startswith("draw_")}}
                    for b in batches]
-    ds, manifest = load_split(cfg.run_dir, cfg.eval.split)
+    ds, manifest = load_split(cfg.inputs_dir, cfg.eval.split)
     models = {"before": cfg.student.path} if cfg.eval.before else {}
     models["after"] = str(cfg.run_dir / "train" / "final")
     results = {}
@@ -378,7 +381,7 @@ def cache_identity(cfg) -> dict:
     from cache.schema import read_manifest
     from stages.cache_teacher import cache_dir
 
-    directory = cache_dir(cfg.run_dir, cfg.eval.split)
+    directory = cache_dir(cfg.inputs_dir, cfg.eval.split)
     return read_manifest(directory).identity if (directory / "manifest.json").exists() else {}
 
 

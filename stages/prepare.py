@@ -18,9 +18,10 @@ from tqdm.auto import tqdm
 
 from cache.schema import write_json_atomic
 from pipeline import state
-from pipeline.config import ConfigError, fingerprint, save_config
-from pipeline.data import (is_eval, load_records, pack, resolve_mode, sequences_fingerprint, sources_stamp,
-                           to_position_mask, tokenize_batch, tokenizer_fingerprint)
+from pipeline.config import ConfigError, save_config
+from pipeline.data import (is_eval, load_records, pack, resolve_mode, sequences_fingerprint, to_position_mask,
+                           tokenize_batch, tokenizer_fingerprint)
+from pipeline.stage_inputs import stage_inputs
 
 SPLITS = ("train", "eval")
 
@@ -125,9 +126,9 @@ def save_split(out_dir: Path, rows: dict[str, list]) -> dict:
 def run(cfg, force: bool = False) -> dict:
     run_dir, data_cfg = cfg.run_dir, cfg.data
     tok_path = cfg.tokenizer_path()
-    inputs = fingerprint(data_cfg, tok_path, sources_stamp(data_cfg))
+    inputs = stage_inputs("prepare", cfg)
     out_dir = run_dir / "data"
-    if not state.begin(run_dir, "prepare", inputs, [out_dir], force, defer=True):
+    if not state.begin(run_dir, "prepare", inputs, [out_dir], force, defer=True, committed=[out_dir / "manifest.json"]):
         return json.loads((out_dir / "manifest.json").read_text())
     tokenizer = load_tokenizer(tok_path)
     records = load_records(data_cfg)

@@ -6,7 +6,9 @@ A stage's state file (pipeline/state.py) says running while its process works an
 end; a killed process leaves it at running, and the stage's lock tells the two apart (a live
 process holds it: "running (pid N on host)"; nobody does: "running (no process: interrupted)"). For the cache stage the journals under each cache
 directory tell how many shards were committed, so a running or killed cache shows its progress
-(a re-run resumes from there), and manifest.json says whether the cache is complete.
+(a re-run resumes from there), and manifest.json says whether the cache is complete. A run on
+another run's data and caches (run.inputs_from, read from its saved train or eval config)
+shows that run's caches.
 """
 
 from __future__ import annotations
@@ -53,18 +55,32 @@ def latest_checkpoint_step(run_dir: Path) -> int | None:
     return int(latest.name.split("-")[1]) if latest else None
 
 
+def inputs_from(run_dir: Path) -> str:
+    """run.inputs_from in the run's saved train (or eval) config: '' when it reads its own data and caches."""
+    import yaml
+
+    for name in ("train", "eval"):
+        path = run_dir / name / "config.yaml"
+        if path.exists():
+            return ((yaml.safe_load(path.read_text()) or {}).get("run") or {}).get("inputs_from") or ""
+    return ""
+
+
 def status(run_dir: str | Path) -> dict:
-    """{"stages": {stage: state dict or None}, "caches": {dir name: progress}, "checkpoint_step": ...}."""
+    """{"stages": {stage: state dict or None}, "caches": {dir name: progress}, "checkpoint_step": ...,
+    "inputs_from": the run whose data and caches it reads, or ''}."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir} does not exist; pass a run directory such as runs/<run.name>")
     if not (run_dir / "state").is_dir():
         raise ConfigError(f"{run_dir} holds no state/ folder: not a kdcache run directory (runs/<run.name>)")
-    tokens = prepared_tokens(run_dir)
+    source = inputs_from(run_dir)
+    inputs_dir = Path(source) if source else run_dir
+    tokens = prepared_tokens(inputs_dir)
     return {"stages": {stage: read_state(run_dir, stage) for stage in STAGES},
             "locks": {stage: holder for stage in STAGES if (holder := lock_holder(run_dir, stage))},
-            "caches": {p.name: cache_progress(p, tokens.get(split_of(p))) for p in cache_dirs(run_dir)},
-            "checkpoint_step": latest_checkpoint_step(run_dir)}
+            "caches": {p.name: cache_progress(p, tokens.get(split_of(p))) for p in cache_dirs(inputs_dir)},
+            "checkpoint_step": latest_checkpoint_step(run_dir), "inputs_from": source}
 
 
 def progress_text(state: dict) -> str:
@@ -105,8 +121,11 @@ def format_status(run_dir, report: dict) -> str:
     lines = [f"run {run_dir}"] + ["  " + "  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3]
                                   for r in rows]
     lines = [line.rstrip() for line in lines]
+    if report.get("inputs_from"):
+        lines += ["", f"data/, cache/, cache_eval/: read in place from {report['inputs_from']} (run.inputs_from)"]
     if report["caches"]:
-        lines += ["", "caches (from the shard journals)"]
+        lines += ["", f"caches{' of ' + report['inputs_from'] if report.get('inputs_from') else ''} "
+                      f"(from the shard journals)"]
         lines += [cache_line(name, c) for name, c in report["caches"].items()]
     if any(s and s["status"] == "running" and stage not in report["locks"] for stage, s in report["stages"].items()):
         lines += ["", "an interrupted stage resumes where it stopped when it is re-run"]

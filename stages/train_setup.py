@@ -70,7 +70,7 @@ def check_kd_targets(cfg, is_main: bool = True) -> None:
     t = cfg.train
     if not t.uses_cache() or (t.alpha == 0 and t.prompt_kl_weight == 0):
         return
-    identity = read_manifest(cache_dir(cfg.run_dir, "train")).identity
+    identity = read_manifest(cache_dir(cfg.inputs_dir, "train")).identity
     if t.prompt_kl_weight > 0 and "topk" not in identity["targets"]:
         raise ConfigError(f"train.prompt_kl_weight > 0 needs the teacher's top-k but the cache holds "
                           f"cache.targets={identity['targets']}; re-cache with cache.targets=topk+sampled")
@@ -212,13 +212,13 @@ def setup(cfg, accelerator) -> TrainJob:
     torch.manual_seed(cfg.run.seed)
     model, tokenizer = load_student(cfg), student_tokenizer(cfg)
     if cfg.train.uses_cache():
-        source = CacheSource(cache_dir(cfg.run_dir, "train"))
+        source = CacheSource(cache_dir(cfg.inputs_dir, "train"))
         identity = source.reader.manifest.identity
         check_cache_fits(identity, tokenizer, model)
         spec = kd_spec(cfg.train)
         temps, vocab_limit = tuple(identity["temperatures"]), identity["vocab_size"]
     else:
-        source, spec, temps, vocab_limit, identity = PreparedSource(cfg.run_dir), None, (1.0,), len(tokenizer), {}
+        source, spec, temps, vocab_limit, identity = PreparedSource(cfg.inputs_dir), None, (1.0,), len(tokenizer), {}
     capture, layer_map, losses = router_setup(cfg, model, identity)
     wrapped = DistillStudent(model, spec if cfg.train.alpha > 0 else None, temps, vocab_limit,
                              cfg.train.loss_chunk_tokens, capture, layer_map, identity.get("num_experts", 0), losses,

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from pipeline import checkpoint, state
-from pipeline.config import ConfigError, choice, fingerprint, ranged, save_config
+from pipeline.config import ConfigError, choice, ranged, save_config
 from pipeline.metrics import MetricsLogger
 from pipeline.router_losses import MC_TARGETS
 
@@ -306,12 +306,17 @@ def prompt_counts(accelerator, micro: list[dict], cfg: TrainConfig) -> dict[str,
 def run(cfg, force: bool = False) -> Path:
     from stages.train_setup import check_kd_targets, setup
 
+    from pipeline.stage_inputs import stage_inputs
+    from stages.inputs_from import check_inputs_from
+
     out_dir = cfg.run_dir / "train"
-    inputs = fingerprint(cfg.student, cfg.train, cfg.run.seed, cfg.data, cfg.teacher, cfg.cache)
+    check_inputs_from(cfg)  # data/ and caches of another run (run.inputs_from): refused unless they are this config's
+    inputs = stage_inputs("train", cfg)
     accelerator = make_accelerator(cfg, out_dir)
     check_kd_targets(cfg, accelerator.is_main_process)  # before any state: a refused run writes nothing
-    if not state.begin_on_all_ranks(cfg.run_dir, "train", inputs, [out_dir], force,
-                                    accelerator.is_main_process, accelerator.wait_for_everyone, defer=True):
+    committed = [p for p in (checkpoint.latest(out_dir / "checkpoints"), out_dir / "final") if p is not None]
+    if not state.begin_on_all_ranks(cfg.run_dir, "train", inputs, [out_dir], force, accelerator.is_main_process,
+                                    accelerator.wait_for_everyone, defer=True, committed=committed):
         return out_dir / "final"
     job = setup(cfg, accelerator)  # every check (student path, cache, batch shape) before the state records a run
     if not job.stream.steps(job.stream.epoch):

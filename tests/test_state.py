@@ -268,3 +268,38 @@ def test_other_ranks_follow_a_deferred_force(tmp_path):
     assert state.begin_on_all_ranks(tmp_path, "train", "B", [out], True, False, lambda: None, defer=True), \
         "a non-main rank runs what rank 0 forced"
     assert out.exists()
+
+
+# --- start afresh when nothing was committed; fingerprints of an older rule (issue 17) -----------
+
+def test_uncommitted_outputs_are_set_aside_without_force(tmp_path, capsys):
+    """The rule looks at committed outputs, not folders: a folder holding no finished work (a journal
+    only) is set aside and the stage starts afresh; deferred, at the first record."""
+    (tmp_path / "cache" / "journal").mkdir(parents=True)
+    state.write_state(tmp_path, "cache", "running", "A")
+    manifest = tmp_path / "cache" / "manifest.json"
+    assert state.begin(tmp_path, "cache", "B", [tmp_path / "cache"], force=False, committed=[manifest]) is True
+    assert "committed no output" in capsys.readouterr().out
+    assert state.read_state(tmp_path, "cache") is None and len(list(tmp_path.glob("cache.old-*"))) == 1
+    (tmp_path / "cache" / "journal").mkdir(parents=True)
+    state.write_state(tmp_path, "cache", "running", "A")
+    assert state.begin(tmp_path, "cache", "B", [tmp_path / "cache"], False, defer=True, committed=[manifest]) is True
+    assert (tmp_path / "cache").exists(), "deferred: nothing moves before the stage's first record"
+    state.write_state(tmp_path, "cache", "running", "B")
+    assert not (tmp_path / "cache").exists() and len(list(tmp_path.glob("cache.old-*"))) >= 1
+    manifest.parent.mkdir()
+    manifest.write_text("{}")  # committed work is protected as before
+    state.write_state(tmp_path, "cache", "running", "A")
+    with pytest.raises(ConfigError, match="running with other inputs"):
+        state.begin(tmp_path, "cache", "B", [tmp_path / "cache"], force=False, committed=[manifest])
+
+
+def test_inputs_recorded_under_an_alias_are_unchanged_and_re_recorded(tmp_path):
+    state.write_state(tmp_path, "train", "done", "old", steps=4)
+    inputs = state.Inputs("new", aliases=("old",), changes=lambda: "train.lr 1 → 2")
+    assert state.begin(tmp_path, "train", inputs, [tmp_path / "train"], force=False) is False
+    recorded = state.read_state(tmp_path, "train")
+    assert recorded["inputs"] == "new" and recorded["steps"] == 4 and recorded["status"] == "done"
+    other = state.Inputs("other", changes=lambda: "train.lr 1 → 2 (against x)")
+    with pytest.raises(ConfigError, match=r"done with other inputs: train.lr 1 → 2 \(against x\); re-run with --force"):
+        state.begin(tmp_path, "train", other, [tmp_path / "train"], force=False)
