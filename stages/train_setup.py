@@ -108,7 +108,7 @@ def kd_spec(t) -> KDSpec:
 def check_cached_temperature(t, identity: dict, is_main: bool) -> None:
     """The one-token tail of an uncached tau (docs/losses.md) is refused unless opted in; then one warning."""
     temps = [float(x) for x in identity["temperatures"]]
-    spec = kd_spec(t)
+    spec = KDSpec(name=t.kd_loss, temperature=t.temperature, missing_mass=t.missing_mass)  # what the tail needs
     if not approximates_tail(spec, tuple(temps), identity["k"], identity["vocab_size"]):
         return
     if t.kd_loss == "normkd":
