@@ -7,6 +7,9 @@ A micro-batch is a dict of tensors:
     topk_ids [T, K], topk_logprobs [T, K], log_partition [T, P],
     draw_ids / draw_weights [T, D] (padded), router_ids / router_probs [T, L_moe, R].
 Valid tokens are flattened sequence by sequence, the order of ``hidden[valid]``.
+``host_view`` adds, right before the transfer, what the training step must not ask the device
+for (token counts, row indices, sample ids): computed from the host copy, so no step waits on
+the GPU for them (docs/training.md, "Host syncs").
 """
 
 from __future__ import annotations
@@ -93,27 +96,89 @@ def collate(out: TeacherOutput, pad_id: int = 0) -> dict:
 
 
 class MicroBatches(Dataset):
-    def __init__(self, stream: ShardStream, micro: list[np.ndarray]):
-        self.stream, self.micro = stream, micro
+    """A micro-batch is named by its sequence indices (what the sampler yields), so one loader
+    serves every epoch."""
 
-    def __len__(self) -> int:
-        return len(self.micro)
+    def __init__(self, stream: ShardStream):
+        self.stream = stream
 
-    def __getitem__(self, i: int) -> dict:
-        return collate(self.stream.load(self.micro[i]))
+    def __getitem__(self, seqs: np.ndarray) -> dict:
+        return collate(self.stream.load(seqs))
+
+
+def host_view(mb: dict, step: int = 0, log_stats: bool = True) -> dict:
+    """The host micro-batch plus index tensors and plain Python data derived from it on the CPU.
+
+    Tensors (moved to the device with the batch): ``valid_index`` [T] (flat positions of the
+    valid tokens in [B·L], the order of ``hidden[valid]``), ``prompt_rows`` [R] (valid positions
+    with a next token that are not trained on). Under ``host`` (never moved): the loss-masked and
+    prompt token counts, sample ids, sequence lengths, the step (seeds the MC draws) and whether
+    this step computes load statistics. Index_select on these gives what boolean-mask indexing
+    gives, without its device-to-host sync.
+    """
+    loss_mask, labels, valid = mb["loss_mask"].numpy(), mb["labels"].numpy(), mb["valid"].numpy()
+    prompt_R = np.flatnonzero((labels >= 0) & ~loss_mask.astype(bool))
+    host = {"loss_tokens": int(np.count_nonzero(loss_mask)), "prompt_tokens": len(prompt_R),
+            "sample_ids": mb["sample_ids"].numpy().tolist(), "lengths": valid.sum(1).tolist(),
+            "step": int(step), "log_stats": bool(log_stats)}
+    return {**mb, "valid_index": torch.from_numpy(np.flatnonzero(valid)), "prompt_rows": torch.from_numpy(prompt_R),
+            "host": host}
+
+
+def valid_rows(batch: dict) -> torch.Tensor:
+    """Int64 [T]: flat positions of the valid tokens in [B·L], the rows of ``x_BL[valid]``: from
+    the host (``host_view``) when the batch carries them, else by nonzero (which waits for the device)."""
+    if "valid_index" in batch:
+        return batch["valid_index"]
+    return batch["valid"].reshape(-1).nonzero()[:, 0]
+
+
+def planned_steps(stream: ShardStream):
+    """(epoch, global step sequences) from the stream's position on, epoch after epoch; stops at
+    an epoch with no step (data smaller than one step). A pure function of the plan: the sampler
+    and the training loop each walk their own copy."""
+    epoch, start = stream.epoch, stream.position
+    while True:
+        steps = stream.steps(epoch, start)
+        if not steps and start == 0:
+            return
+        for step in steps:
+            yield epoch, step
+        epoch, start = epoch + 1, 0
+
+
+def loader(stream: ShardStream, micro, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """Micro-batches in the order of ``micro`` (an iterable of sequence-index arrays), read ahead by
+    ``num_workers`` processes (each opens its own shard handles) and pinned for asynchronous copies.
+
+    The workers' seeds come from a generator seeded by run.seed, not from torch's global RNG, so
+    starting a loader (at the run's start or at a resume) leaves the training RNG untouched."""
+    seeds = torch.Generator().manual_seed(stream.plan.seed)
+    return DataLoader(MicroBatches(stream), sampler=micro, batch_size=None, num_workers=num_workers,
+                      pin_memory=pin_memory, prefetch_factor=PREFETCH if num_workers else None, generator=seeds)
+
+
+PREFETCH = 4  # micro-batches each worker reads ahead
+
+
+def train_batches(stream: ShardStream, num_workers: int = 0, pin_memory: bool = False):
+    """Yield (epoch, global step sequences, this rank's micro-batches) from the stream's position
+    on, across epochs, through ONE DataLoader: its workers live for the whole run (persistent).
+
+    The caller calls ``stream.next_epoch()`` when the epoch changes and ``stream.advance(step)``
+    after the optimizer step, so a checkpoint records the position; prefetching never moves it.
+    """
+    micro = (mb for _, step in planned_steps(stream) for mb in stream.rank_micro_batches(step))
+    it = iter(loader(stream, micro, num_workers, pin_memory))
+    per_step = stream.plan.micro_batches
+    for epoch, step in planned_steps(stream):
+        yield epoch, step, [next(it) for _ in range(per_step)]
 
 
 def epoch_steps(stream: ShardStream, num_workers: int = 0):
-    """Yield (global step sequences, this rank's micro-batches) from the stream's position on.
-
-    Micro-batches are loaded by DataLoader workers in order; the caller calls
-    ``stream.advance(step)`` after the optimizer step so a checkpoint records it.
-    """
+    """Yield (global step sequences, this rank's micro-batches) of the current epoch from the
+    stream's position on (the caller advances the stream as in ``train_batches``)."""
     steps = stream.steps(stream.epoch, stream.position)
-    micro = [mb for step in steps for mb in stream.rank_micro_batches(step)]
-    loader = DataLoader(MicroBatches(stream, micro), batch_size=None, num_workers=num_workers,
-                        persistent_workers=False, prefetch_factor=4 if num_workers else None)
-    it = iter(loader)
-    per_step = stream.plan.micro_batches
+    it = iter(loader(stream, [mb for step in steps for mb in stream.rank_micro_batches(step)], num_workers))
     for step in steps:
-        yield step, [next(it) for _ in range(per_step)]
+        yield step, [next(it) for _ in range(stream.plan.micro_batches)]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.batches import valid_rows
 from pipeline.router import map_experts, router_kl, teacher_router_dense
 
 TAU_RANGE = (0.5, 1.5)  # the learnable router temperature is projected into this range
@@ -83,13 +84,12 @@ def erd_loss(student_logits_TE: torch.Tensor, teacher_TE: torch.Tensor, tau: tor
 # --- Monte Carlo expert exploration ---------------------------------------------------------
 
 
-def draw_uniforms(sample_ids_B: torch.Tensor, lengths_B: torch.Tensor, seed: int, step: int,
-                  draws: int) -> torch.Tensor:
+def draw_uniforms(sample_ids_B, lengths_B, seed: int, step: int, draws: int) -> torch.Tensor:
     """Uniforms [T, K] on the CPU, one generator per sequence seeded from (seed, step, sample id):
     the same sequence at the same step gets the same draws whatever the batching, rank count or
-    resume point."""
+    resume point. Sample ids and lengths: host sequences of ints (or CPU tensors)."""
     rows = []
-    for sid, n in zip(sample_ids_B.tolist(), lengths_B.tolist()):
+    for sid, n in zip([int(x) for x in sample_ids_B], [int(x) for x in lengths_B]):
         state = np.random.SeedSequence([seed, step, sid]).generate_state(2, np.uint32)
         gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
         rows.append(torch.rand(int(n), draws, generator=gen))
@@ -176,31 +176,41 @@ def aux_loss(logits_LNE: list[torch.Tensor], num_experts: int, top_k: int, atten
 
 @torch.no_grad()
 def expert_counts(logits_NE: torch.Tensor, valid_N: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens routed to each expert [E] by top-k, summed router entropy) over the valid rows."""
-    g_NE = logits_NE[valid_N].float()
-    counts_E = torch.bincount(g_NE.topk(top_k, -1).indices.reshape(-1), minlength=g_NE.shape[1]).float()
-    log_p_NE = torch.log_softmax(g_NE, -1)
-    return counts_E, -(log_p_NE.exp() * log_p_NE).sum()
+    """(tokens routed to each expert [E] by top-k, summed router entropy) over the valid rows.
+
+    valid_N: the rows, as int64 indices (no sync) or a bool mask [N]. The counts are a
+    scatter-add into E bins (bincount would read its input's maximum back to the host)."""
+    rows_V = valid_N.nonzero()[:, 0] if valid_N.dtype == torch.bool else valid_N
+    g_VE = logits_NE.index_select(0, rows_V).float()
+    ids_X = g_VE.topk(top_k, -1).indices.reshape(-1)
+    counts_E = g_VE.new_zeros(g_VE.shape[1]).scatter_add_(0, ids_X, torch.ones_like(ids_X, dtype=g_VE.dtype))
+    log_p_VE = torch.log_softmax(g_VE, -1)
+    return counts_E, -(log_p_VE.exp() * log_p_VE).sum()
+
+
+def load_per_layer(counts_LE: torch.Tensor, entropy_sum_L: torch.Tensor, rows) -> dict[str, torch.Tensor]:
+    """Per layer, float64 on the counts' device: load share histogram [L, E], coefficient of
+    variation of the load, mean router entropy (nats), share of experts that received no token [L]."""
+    counts_LE, entropy_sum_L = counts_LE.double(), entropy_sum_L.double()
+    mean_L = counts_LE.mean(-1)
+    return {"load_histogram": counts_LE / counts_LE.sum(-1, keepdim=True).clamp(min=1e-12),
+            "load_cv": counts_LE.std(-1, unbiased=False) / mean_L.clamp(min=1e-12),
+            "router_entropy": entropy_sum_L / max(float(rows), 1.0),
+            "dead_experts": (counts_LE == 0).double().mean(-1)}
 
 
 def load_summary(counts_LE: torch.Tensor, entropy_sum_L: torch.Tensor, rows: float) -> dict[str, list]:
-    """Per layer: load share histogram, coefficient of variation of the load, mean router
-    entropy (nats), share of experts that received no token."""
-    counts_LE, entropy_sum_L = counts_LE.double().cpu(), entropy_sum_L.double().cpu()
-    mean_L = counts_LE.mean(-1)
-    cv_L = counts_LE.std(-1, unbiased=False) / mean_L.clamp(min=1e-12)
-    share_LE = counts_LE / counts_LE.sum(-1, keepdim=True).clamp(min=1e-12)
-    return {"load_histogram": share_LE.tolist(), "load_cv": cv_L.tolist(),
-            "router_entropy": (entropy_sum_L / max(rows, 1.0)).tolist(),
-            "dead_experts": (counts_LE == 0).double().mean(-1).tolist()}
+    """load_per_layer as lists (the evaluation's report)."""
+    return {k: v.cpu().tolist() for k, v in load_per_layer(counts_LE, entropy_sum_L, rows).items()}
 
 
-def load_stats(logits_LNE: list[torch.Tensor], valid_N: torch.Tensor, top_k: int) -> dict[str, float]:
-    """Layer means of load CV, router entropy and dead-expert share for one forward."""
+def load_stats(logits_LNE: list[torch.Tensor], valid_N: torch.Tensor, top_k: int) -> dict[str, torch.Tensor]:
+    """Layer means of load CV, router entropy and dead-expert share for one forward, as 0-dim
+    float64 device tensors (read back only with the log line). valid_N: int64 row indices."""
     pairs = [expert_counts(g, valid_N, top_k) for g in logits_LNE]
-    summary = load_summary(torch.stack([c for c, _ in pairs]), torch.stack([h for _, h in pairs]),
-                           float(valid_N.sum()))
-    return {k: float(np.mean(summary[k])) for k in ("load_cv", "router_entropy", "dead_experts")}
+    per_layer = load_per_layer(torch.stack([c for c, _ in pairs]), torch.stack([h for _, h in pairs]),
+                               valid_N.shape[0])
+    return {k: per_layer[k].mean() for k in ("load_cv", "router_entropy", "dead_experts")}
 
 
 # --- all parts of one forward -----------------------------------------------------------------
@@ -220,24 +230,32 @@ def router_parts(logits_LNE: list[torch.Tensor], batch: dict, spec: RouterLossSp
     attention_BS = batch["attention_mask"]
     if "aux" in spec.parts:
         out["aux"] = aux_loss(logits_LNE, logits_LNE[0].shape[-1], spec.top_k, attention_BS, spec.model_type) * n_tokens
-    if spec.stats:
-        stats = load_stats(logits_LNE, attention_BS.reshape(-1).bool(), spec.top_k)
+    if spec.stats and batch.get("host", {}).get("log_stats", True):  # the trainer: on logged steps only
+        stats = load_stats(logits_LNE, valid_rows(batch), spec.top_k)  # valid = the attention mask (right-padded)
         out.update({k: n_tokens * v for k, v in stats.items()})
     return out
 
 
+def mc_uniforms(batch: dict, seed: int, draws: int) -> torch.Tensor:
+    """The MC draws' uniforms [T, draws] of a micro-batch, from its host data when it has some
+    (the trainer's: pipeline.batches.host_view), else from its tensors."""
+    host = batch.get("host")
+    if host is not None:
+        return draw_uniforms(host["sample_ids"], host["lengths"], seed, host["step"], draws)
+    step = int(batch["step"]) if "step" in batch else 0
+    return draw_uniforms(batch["sample_ids"].cpu(), batch["valid"].sum(1).cpu(), seed, step, draws)
+
+
 def teacher_parts(logits_LNE, batch: dict, spec: RouterLossSpec, layer_map: list[int], teacher_experts: int,
                   tau_L: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    valid_N = batch["valid"].reshape(-1)
+    rows_T = valid_rows(batch)
     mask_T = batch["loss_mask"].float()
     sums = {p: mask_T.new_zeros(()) for p in TEACHER_PARTS if p in spec.parts}
     k = spec.mc_draws
     if "mc" in spec.parts:
-        step = int(batch["step"]) if "step" in batch else 0
-        uniforms_TX = draw_uniforms(batch["sample_ids"].cpu(), batch["valid"].sum(1).cpu(), spec.seed, step,
-                                    k * len(layer_map)).to(mask_T.device)
+        uniforms_TX = mc_uniforms(batch, spec.seed, k * len(layer_map)).to(mask_T.device, non_blocking=True)
     for s, t in enumerate(layer_map):
-        g_TE = logits_LNE[s][valid_N]
+        g_TE = logits_LNE[s].index_select(0, rows_T)  # = logits[valid], no sync
         q_TE = teacher_mapped(batch["teacher"], t, teacher_experts, g_TE.shape[1], spec.expert_map)
         if "router" in sums:
             sums["router"] = sums["router"] + (router_kl(g_TE, q_TE) * mask_T).sum()

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pipeline import fused_loss
+from pipeline.batches import valid_rows
 from pipeline.losses import KDSpec, TeacherTargets, chunked_lm_losses
 from pipeline.router import RouterCapture
 from pipeline.router_losses import TAU_RANGE, RouterLossSpec, router_parts
@@ -58,8 +59,7 @@ class DistillStudent(nn.Module):
             self.routers.logits.clear()
         hidden_BLH = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                            use_cache=False).last_hidden_state
-        valid = batch["valid"]
-        hidden_TH = hidden_BLH[valid]
+        hidden_TH = hidden_BLH.flatten(0, 1).index_select(0, valid_rows(batch))  # = hidden_BLH[valid], no sync
         mask_T = batch["loss_mask"]
         wants_teacher = self.spec is not None or self.prompt_kl
         teacher = teacher_targets(batch["teacher"], self.temperatures) if wants_teacher else None
@@ -81,7 +81,7 @@ class DistillStudent(nn.Module):
         response tokens are not projected twice."""
         if teacher is None or teacher.topk_ids_TK is None:
             raise ValueError("train.prompt_kl_weight > 0 needs a cache with top-k targets (cache.targets=topk...)")
-        rows_R = prompt_positions(batch).nonzero()[:, 0]
+        rows_R = batch["prompt_rows"] if "prompt_rows" in batch else prompt_positions(batch).nonzero()[:, 0]
         kd_R = torch.ones_like(rows_R, dtype=torch.bool)
         lm_losses = partial(fused_loss.fused_lm_losses, weights=(0.0, 1.0)) if self.fused_prompt_kl else chunked_lm_losses
         return lm_losses(hidden_TH.index_select(0, rows_R), self.model.get_output_embeddings().weight,

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from pipeline import checkpoint, state
+from pipeline.batches import host_view
 from pipeline.config import ConfigError, choice, ranged, save_config
 from pipeline.metrics import MetricsLogger
 from pipeline.router_losses import MC_TARGETS
@@ -140,8 +141,8 @@ class TrainConfig:
     """Complete checkpoints kept."""
     log_every: int = ranged(10, min=1)
     """Steps between progress lines."""
-    num_workers: int = ranged(0, min=0)
-    """DataLoader worker processes reading shards."""
+    num_workers: int = ranged(2, min=0)
+    """DataLoader worker processes reading shards ahead of the step (0 = in the training process)."""
     shuffle_window: int = ranged(4096, min=0)
     """Sequences shuffled together."""
     loss_chunk_tokens: int = ranged(1024, min=1)
@@ -260,47 +261,53 @@ def make_accelerator(cfg, out_dir: Path):
     return acc
 
 
-def global_sum(accelerator, value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=accelerator.device)
-    return float(accelerator.reduce(t, reduction="sum").item()) if accelerator.num_processes > 1 else value
-
-
 def to_device(batch: dict, device) -> dict:
-    return {k: to_device(v, device) if isinstance(v, dict) else v.to(device) for k, v in batch.items()}
+    """Tensors to the device (asynchronously from pinned memory); the plain Python ``host`` data stays."""
+    return {k: v if k == "host" else to_device(v, device) if isinstance(v, dict) else v.to(device, non_blocking=True)
+            for k, v in batch.items()}
 
 
-def train_step(model, micro: list[dict], cfg: TrainConfig, accelerator, step: int = 0) -> dict[str, float]:
+def step_counts(accelerator, micro: list[dict]) -> torch.Tensor:
+    """Global [loss-masked, prompt] token counts of the step, float64 [2] on the device.
+
+    The counts are host data (``host_view``); the only communication is one stacked all-reduce,
+    whose result stays on the device: nothing waits for it before the backward that uses it."""
+    local = [float(sum(mb["host"][k] for mb in micro)) for k in ("loss_tokens", "prompt_tokens")]
+    counts = torch.tensor(local, dtype=torch.float64).to(accelerator.device, non_blocking=True)
+    return accelerator.reduce(counts, reduction="sum") if accelerator.num_processes > 1 else counts
+
+
+def train_step(model, micro: list[dict], cfg: TrainConfig, accelerator, step: int = 0,
+               log_stats: bool = True) -> dict:
     """Forward/backward every micro-batch of one optimizer step; returns the loss parts per token.
 
     Parts the student returns beyond ce/kd/router (erd, mc, coverage, aux, load statistics) are
     weighted by ``cfg.loss_weights()``; those without a weight are only logged. ``step`` seeds
-    the Monte Carlo expert draws (with run.seed and the sample ids), so a resumed run draws the same.
+    the Monte Carlo expert draws (with run.seed and the sample ids), so a resumed run draws the
+    same; ``log_stats`` asks for the load statistics (the loop: on logged steps only).
+
+    Nothing here waits for the device: each part is a float64 0-dim tensor on the device, this
+    rank's share of the step's value (divided by the global token count; the sum over ranks is
+    the value, which the MetricsLogger reduces once per log interval), and "tokens" is this
+    rank's count of loss-masked tokens, a host int.
     """
-    n_valid = global_sum(accelerator, float(sum(int(mb["loss_mask"].sum()) for mb in micro)))
-    scale = accelerator.num_processes / max(n_valid, 1.0)  # DDP averages gradients over ranks
-    weights, counts = cfg.loss_weights(), prompt_counts(accelerator, micro, cfg)
-    weights |= {k: weights[k] * max(n_valid, 1.0) / max(n, 1.0) for k, n in counts.items()}
-    sums: dict[str, float] = {}
+    micro = [host_view(mb, step, log_stats) for mb in micro]
+    n_valid, n_prompt = step_counts(accelerator, micro).clamp(min=1.0).unbind()
+    scale = (accelerator.num_processes / n_valid).float()  # DDP averages gradients over ranks
+    weights = cfg.loss_weights()
+    if cfg.prompt_kl_weight:  # BiLD's prompt KL is a mean over prompt tokens, not over the trained ones
+        weights["prompt_kl"] = (weights["prompt_kl"] * n_valid / n_prompt).float()
+    sums: dict[str, torch.Tensor] = {}
     for i, mb in enumerate(micro):
         sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
         with sync, accelerator.autocast():
-            out = model(to_device({**mb, "step": torch.tensor(step)}, accelerator.device))
+            out = model(to_device(mb, accelerator.device))
             loss = sum(weights[k] * v for k, v in out.items() if k in weights)
             accelerator.backward(loss * scale)
         for key, value in {**out, "loss": loss}.items():
-            sums[key] = sums.get(key, 0.0) + float(value.detach())
-    per_token = {k: global_sum(accelerator, v) / max(counts.get(k, n_valid), 1.0) for k, v in sums.items()}
-    return per_token | {"tokens": n_valid}
-
-
-def prompt_counts(accelerator, micro: list[dict], cfg: TrainConfig) -> dict[str, float]:
-    """{"prompt_kl": global count of prompt tokens} when that part is on: BiLD's prompt KL is a mean
-    over prompt tokens, not over the trained ones that normalise every other part."""
-    from pipeline.student import prompt_positions
-
-    if cfg.prompt_kl_weight == 0:
-        return {}
-    return {"prompt_kl": global_sum(accelerator, float(sum(int(prompt_positions(mb).sum()) for mb in micro)))}
+            sums[key] = sums[key] + value.detach().double() if key in sums else value.detach().double()
+    per_token = {k: v / (n_prompt if k == "prompt_kl" else n_valid) for k, v in sums.items()}
+    return per_token | {"tokens": sum(mb["host"]["loss_tokens"] for mb in micro)}
 
 
 def run(cfg, force: bool = False) -> Path:
@@ -355,13 +362,18 @@ def resume(out_dir: Path, accelerator, model, optimizer, job) -> int:
 
 
 def train_loop(cfg, accelerator, model, optimizer, job, step: int, logger, out_dir: Path) -> None:
-    from pipeline.batches import epoch_steps
+    from pipeline.batches import train_batches
 
     tcfg, total = cfg.train, cfg.train.total_steps
+    if step >= total:
+        return
     model.train()
-    while step < total:
-        for seqs, micro in epoch_steps(job.stream, tcfg.num_workers):
-            parts = train_step(model, micro, tcfg, accelerator, step)
+    batches = train_batches(job.stream, tcfg.num_workers, pin_memory=accelerator.device.type == "cuda")
+    with contextlib.closing(batches):  # stops the workers when the last step is done
+        for epoch, seqs, micro in batches:
+            if epoch != job.stream.epoch:
+                job.stream.next_epoch()
+            parts = train_step(model, micro, tcfg, accelerator, step, log_stats=logger.due(step + 1))
             drop_frozen_grads(optimizer)
             if tcfg.grad_clip > 0:
                 accelerator.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
@@ -370,14 +382,12 @@ def train_loop(cfg, accelerator, model, optimizer, job, step: int, logger, out_d
             optimizer.zero_grad(set_to_none=True)
             job.stream.advance(seqs)
             step += 1
-            logger.step(step, parts, int(parts.pop("tokens")), job.scheduler.get_last_lr()[0], accelerator.device)
+            logger.step(step, parts, parts.pop("tokens"), job.scheduler.get_last_lr()[0], accelerator.device)
             if step % tcfg.checkpoint_every == 0 or step == total:
                 save_checkpoint(accelerator, out_dir, step, model, optimizer, job, tcfg.keep_checkpoints)
             if step >= total:
                 return
-        job.stream.next_epoch()
-        if not job.stream.steps(job.stream.epoch):
-            raise ConfigError("the training data is smaller than one optimizer step; lower train.batch_size")
+    raise ConfigError("the training data is smaller than one optimizer step; lower train.batch_size")
 
 
 def save_checkpoint(accelerator, out_dir: Path, step: int, model, optimizer, job, keep: int) -> None:
