@@ -11,8 +11,8 @@ stage's output (``SAVED``), and its new one.
 Every config key is decided here: a key of a section in ``PARTS`` counts unless ``NO_EFFECT``
 lists it for that stage; ``run.name``, ``run.root``, ``run.device`` and ``run.inputs_from``
 count for no stage (where a run lives and runs, not what it computes; run.inputs_from's
-source is checked by identity instead, stages/inputs_from.py). The init stage keeps its own
-fingerprint of the init section (stages/init_student.py).
+source is checked by identity instead, stages/inputs_from.py). The init stage hashes its init
+section as it runs it (paths filled from teacher.path and student.path).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ PARTS = {
     "cache": ("teacher", "cache", "data", "tokenizer_path", "prepared_data"),
     "train": ("student", "train", "run.seed", "data", "teacher", "cache"),
     "evaluate": ("eval", "student", "train", "cache", "data", "teacher"),
+    "init": ("init",),
 }
 STAGES = tuple(PARTS)
 READERS = ("train", "evaluate")  # stages that read a cache's decoded values, not its files
@@ -65,11 +66,12 @@ NO_EFFECT: dict[str, tuple[str, ...]] = {
     "train.loss_chunk_tokens": STAGES,  # chunked equals unchunked
     "train.allow_uncached_temperature": STAGES,  # without it the run is refused, not different
     "eval.batch_size": STAGES,  # sequences per forward (generation: left-padded, equal up to ties)
+    "init.shard_wait_s": ("init",),  # how long a rank waits for the others
 }
 
 # The resolved config saved beside each stage's output (relative to the run directory): the old values.
 SAVED = {"prepare": ("data/config.yaml",), "cache": ("cache/config.yaml", "cache_eval/config.yaml"),
-         "train": ("train/config.yaml",), "evaluate": ("eval/config.yaml",)}
+         "train": ("train/config.yaml",), "evaluate": ("eval/config.yaml",)}  # init: <init.output_dir>/init_config.yaml
 NOT_CONFIG = {"source_stamp": "the contents of data.source or data.eval_source (a file's size or modification time)",
               "prepared_data": "the prepared data (data/manifest.json: re-prepared since)"}
 
@@ -110,9 +112,14 @@ def part_values(stage: str, cfg, data_run: Path, rule: str) -> list:
             section, key = name.split(".")
             values.append(getattr(getattr(cfg, section), key))
         else:
-            section = getattr(cfg, name)
+            section = cfg.init_config() if name == "init" else getattr(cfg, name)
             values.append(counted(section, name, stage) if rule == "current" else section)
     return values
+
+
+def resolved(cfg) -> dict:
+    """The config as a dict, its init section as the init stage runs it (paths filled in)."""
+    return to_dict(cfg) | {"init": to_dict(cfg.init_config())}
 
 
 def stage_inputs(stage: str, cfg, run_dir: Path | None = None, data_run: Path | None = None) -> Inputs:
@@ -149,16 +156,19 @@ def changed_keys(stage: str, cfg, saved: dict) -> list[str]:
     (a key the saved config lacks, added since, had its default)."""
     defaults = flat(to_dict(type(cfg)()), stage)
     old = defaults | flat(saved, stage)
-    new = flat(to_dict(cfg), stage)
+    new = flat(resolved(cfg), stage)
     return [f"{key} {_show(old.get(key))} → {_show(value)}" for key, value in new.items() if old.get(key) != value]
 
 
 def changes(stage: str, cfg, run_dir: Path) -> str:
     """What differs from the config saved beside the stage's output, for a refusal."""
-    path = next((Path(run_dir) / p for p in SAVED[stage] if (Path(run_dir) / p).exists()), None)
+    where = ([Path(cfg.init_config().output_dir) / "init_config.yaml"] if stage == "init"
+             else [Path(run_dir) / p for p in SAVED[stage]])
+    path = next((p for p in where if p.exists()), None)
     if path is None:
-        return f"no saved config beside its output ({Path(run_dir) / SAVED[stage][0]}) to name the keys"
-    diff = changed_keys(stage, cfg, yaml.safe_load(path.read_text()) or {})
+        return f"no saved config beside its output ({where[0]}) to name the keys"
+    saved = yaml.safe_load(path.read_text()) or {}
+    diff = changed_keys(stage, cfg, {"init": saved} if stage == "init" else saved)
     if diff:
         return f"{', '.join(diff)} (against {path})"
     others = [NOT_CONFIG[name] for name in PARTS[stage] if name in NOT_CONFIG]

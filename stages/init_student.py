@@ -331,12 +331,13 @@ def run_stage(pipeline_cfg, force: bool = False) -> Path:
         python run_pipeline.py init --config configs/my.yaml init.mode=lora
     """
     from pipeline import state
+    from pipeline.stage_inputs import stage_inputs
 
     cfg = pipeline_cfg.init_config()
     cfg.validate()
     cfg.check_paths()
     dist = Dist.from_env(timeout_s=cfg.shard_wait_s)
-    inputs = fingerprint(cfg)
+    inputs = stage_inputs("init", pipeline_cfg)  # a refusal names the init keys changed since
     out = Path(cfg.output_dir)
     if state.begin_on_all_ranks(pipeline_cfg.run_dir, "init", inputs, [out], force, dist.is_main, dist.barrier):
         if dist.is_main:

@@ -112,3 +112,21 @@ def test_prepare_and_cache_of_a_run_on_another_runs_inputs_are_refused(source, c
     src, overrides = source
     err = refusal(capsys, [command, *overrides, "run.name=student", f"run.inputs_from={src}"])
     assert f"run `{command}` for {src}" in err
+
+
+def test_a_source_recorded_by_the_previous_fingerprint_rule_is_accepted(train_config):
+    """A source cached before NO_EFFECT existed (its state holds the hash of every key, cache.batch_size
+    included) is still the cache this config gives: accepted, and never re-recorded (only read)."""
+    from pipeline.config import fingerprint
+
+    cfg, overrides = train_config(*QUICK, cache=("cache.batch_size=4",), name="base", with_overrides=True)
+    src = cfg.run_dir
+    splits = json.loads((src / "data" / "manifest.json").read_text())["splits"]
+    prepared = {s: v["fingerprint"] for s, v in splits.items()}
+    previous_rule = fingerprint(cfg.teacher, cfg.cache, cfg.data, cfg.tokenizer_path(), prepared)
+    recorded = state.read_state(src, "cache")
+    assert previous_rule != recorded["inputs"]
+    (src / "state" / "cache.json").write_text(json.dumps({**recorded, "inputs": previous_rule}))
+    before = tree(src)
+    assert run_pipeline.main(["train", *overrides, "run.name=student", f"run.inputs_from={src}"]) == 0
+    assert tree(src) == before

@@ -173,3 +173,18 @@ def test_a_killed_cache_with_a_committed_shard_is_still_refused(cli):
     code, _, err = cli("cache", "cache.k=4")
     assert code == 2 and "was running with other inputs: cache.k 8 → 4" in err
     assert not list(cli.run_dir.glob("cache.old-*"))
+
+
+def test_init_refusal_names_the_init_keys_and_its_timeout_does_not_count(tmp_path, make_model, capsys):
+    teacher = make_model("qwen3_moe")
+    student = make_model("qwen3_moe", name="small_student", num_experts=4, num_hidden_layers=1)
+    args = ["init", f"run.root={tmp_path / 'runs'}", f"teacher.path={teacher}", f"student.path={student}"]
+    assert run_pipeline.main(args) == 0
+    done = state.read_state(tmp_path / "runs" / "demo", "init")
+    assert run_pipeline.main([*args, "init.shard_wait_s=60"]) == 0
+    assert state.read_state(tmp_path / "runs" / "demo", "init") == done, "skipped: a timeout is no other init"
+    capsys.readouterr()
+    assert run_pipeline.main([*args, "init.projection=svd"]) == 2
+    err = capsys.readouterr().err
+    saved = tmp_path / "runs" / "demo" / "init" / "init_config.yaml"
+    assert f"init.projection 'slice' → 'svd' (against {saved})" in err and "shard_wait_s" not in err
