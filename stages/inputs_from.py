@@ -48,8 +48,8 @@ def check_inputs_from(cfg) -> None:
         inputs = stage_inputs(stage, cfg, run_dir=source)
         if not inputs.matches(recorded["inputs"]):
             raise ConfigError(f"{head}: its {stage} stage ran with other inputs than this config gives it: "
-                              f"{inputs.changes()}; use {source}'s settings for those, or unset run.inputs_from "
-                              f"to prepare and cache this run itself")
+                              f"{inputs.changes()}; so its data and caches are not this run's: match its "
+                              f"settings, or unset run.inputs_from to prepare and cache this run itself")
     check_tokenizer(cfg, source, head)
     if "cache" in stages:
         check_teacher(cfg, source, head)

@@ -188,3 +188,13 @@ def test_init_refusal_names_the_init_keys_and_its_timeout_does_not_count(tmp_pat
     err = capsys.readouterr().err
     saved = tmp_path / "runs" / "demo" / "init" / "init_config.yaml"
     assert f"init.projection 'slice' → 'svd' (against {saved})" in err and "shard_wait_s" not in err
+
+
+def test_an_edited_source_file_is_named_when_no_key_changed(cli, tmp_path, text_jsonl):
+    source = tmp_path / "data.jsonl"
+    source.write_text(text_jsonl.read_text())
+    assert cli("prepare", f"data.source={source}")[0] == 0
+    source.write_text(text_jsonl.read_text() + json.dumps({"text": "one more record"}) + "\n")
+    code, _, err = cli("prepare", f"data.source={source}")
+    assert code == 2 and "no key it depends on differs from" in err
+    assert "so the contents of data.source or data.eval_source" in err and "--force" in err
