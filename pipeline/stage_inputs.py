@@ -76,9 +76,12 @@ NOT_CONFIG = {"source_stamp": "the contents of data.source or data.eval_source (
               "prepared_data": "the prepared data (data/manifest.json: re-prepared since)"}
 
 
+TOKENIZER_FROM = (("data", "tokenizer"), ("teacher", "path"), ("student", "path"))  # first set wins
+
+
 def tokenizer_path(cfg: dict) -> str:
     """PipelineConfig.tokenizer_path() of a resolved config read back as a dict."""
-    return cfg["data"]["tokenizer"] or cfg["teacher"]["path"] or cfg["student"]["path"]
+    return next((v for v in (cfg.get(s, {}).get(k) for s, k in TOKENIZER_FROM) if v), "")
 
 
 def prepared_data(data_run: Path) -> dict | None:
