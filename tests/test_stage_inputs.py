@@ -198,3 +198,19 @@ def test_an_edited_source_file_is_named_when_no_key_changed(cli, tmp_path, text_
     code, _, err = cli("prepare", f"data.source={source}")
     assert code == 2 and "no key it depends on differs from" in err
     assert "so the contents of data.source or data.eval_source" in err and "--force" in err
+
+
+def test_a_killed_trainer_without_a_checkpoint_starts_afresh(train_config, capsys):
+    """Killed before its first complete checkpoint (metrics and config written, a checkpoint half-written),
+    then run with other settings: no --force needed, what it left is set aside."""
+    cfg, overrides = train_config(with_overrides=True)
+    train = cfg.run_dir / "train"
+    (train / "checkpoints" / ".step-000002.tmp").mkdir(parents=True)
+    (train / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0}) + "\n")
+    state.write_state(cfg.run_dir, "train", "running", "0123456789abcdef")
+    capsys.readouterr()
+    assert run_pipeline.main(["train", *overrides, "train.lr=2e-3"]) == 0
+    assert "committed no output" in capsys.readouterr().out
+    assert state.read_state(cfg.run_dir, "train")["status"] == "done"
+    assert '"loss": 9.0' not in (train / "metrics.jsonl").read_text(), "the new run's metrics only"
+    assert len(list(cfg.run_dir.glob("train.old-*"))) == 1
