@@ -1,8 +1,10 @@
 """A run directory and the state of each stage in it.
 
 ``runs/<name>/state/<stage>.json`` records status (running | done), the stage's input
-fingerprint and its progress. Re-running skips a done stage with unchanged inputs,
-resumes a running one, and refuses (unless ``--force``) when inputs changed under it.
+fingerprint (pipeline/stage_inputs.py) and its progress. Re-running skips a done stage with
+unchanged inputs, resumes a running one, and refuses (unless ``--force``) when inputs changed
+under it, naming what changed (``Inputs.changes``); a stage that stopped before committing any
+output (``committed``: a manifest, a journalled shard, a complete checkpoint) starts afresh.
 
 ``runs/<name>/state/<stage>.lock`` keeps two processes out of one stage of one run: the
 process that runs the stage (rank 0 under a launcher) holds a POSIX record lock on it
