@@ -30,7 +30,7 @@ import torch
 
 from pipeline.losses import KD_LOSSES, KDSpec, TeacherTargets, _cached_index
 
-FUSED_LOSS = ("auto", "on", "off")
+FUSED_LOSS = ("auto", "always", "never")  # not on/off: YAML reads those as booleans
 RENORMALISED = frozenset({"top_kl"})  # never looks at the tail bucket
 
 
@@ -205,7 +205,7 @@ def _common_factor(g_ce, g_kd, weights) -> torch.Tensor:
         if not bool(ok):
             raise RuntimeError(f"the fused LM loss prepared its gradient for (ce, kd) weights {tuple(weights)}; "
                                f"backward got grad outputs {g.tolist()}: pass the weights of the loss you "
-                               f"differentiate, or use train.fused_loss=off")
+                               f"differentiate, or use train.fused_loss=never")
         return c.float()
     return torch.where(ok, c, float("nan")).float()
 
@@ -239,14 +239,14 @@ def fused_lm_losses(hidden_TH, lm_head_weight_VH, labels_T, ce_mask_T, kd_mask_T
 
 def choose(mode: str, spec: KDSpec | None, temperatures: tuple[float, ...]) -> bool:
     """train.fused_loss: True for the fused path. 'auto' falls back (one stderr line) where it
-    does not cover the loss, 'on' refuses such a loss, 'off' is the chunked path."""
+    does not cover the loss, 'always' refuses such a loss, 'never' is the chunked path."""
     if mode not in FUSED_LOSS:
         raise ValueError(f"train.fused_loss={mode!r}; allowed: {', '.join(FUSED_LOSS)}")
-    reason = "" if spec is None or mode == "off" else not_covered(spec, temperatures)
-    if reason and mode == "on":
-        raise ValueError(f"train.fused_loss=on does not cover train.kd_loss={spec.name}: {reason}; "
-                         f"use train.fused_loss=auto (falls back to the chunked loss) or off")
+    reason = "" if spec is None or mode == "never" else not_covered(spec, temperatures)
+    if reason and mode == "always":
+        raise ValueError(f"train.fused_loss=always does not cover train.kd_loss={spec.name}: {reason}; "
+                         f"use train.fused_loss=auto (falls back to the chunked loss) or never")
     if reason:
         print(f"train.fused_loss=auto: {spec.name} uses the chunked LM-head loss, not the fused one ({reason})",
               file=sys.stderr, flush=True)
-    return mode != "off" and not reason
+    return mode != "never" and not reason

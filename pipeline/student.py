@@ -38,7 +38,7 @@ class DistillStudent(nn.Module):
     def __init__(self, model, spec: KDSpec | None, temperatures: tuple[float, ...], vocab_limit: int,
                  chunk_tokens: int, routers: RouterCapture | None = None, layer_map: list[int] | None = None,
                  teacher_experts: int = 0, router_spec: RouterLossSpec | None = None, prompt_kl: bool = False,
-                 fused: str = "off", loss_weights: tuple[float, float] = (1.0, 1.0)):
+                 fused: str = "never", loss_weights: tuple[float, float] = (1.0, 1.0)):
         super().__init__()
         self.model, self.spec, self.temperatures = model, spec, temperatures
         self.prompt_kl = prompt_kl  # also return "prompt_kl" (train.prompt_kl_weight > 0)
@@ -46,7 +46,7 @@ class DistillStudent(nn.Module):
         # train.fused_loss: the fused LM head + CE + KD (pipeline/fused_loss.py) forms the gradient in forward
         # for the trainer's (ce, kd) weights; the prompt KL (forward KL at tau = 1) is always covered.
         self.fused = fused_loss.choose(fused, spec, temperatures)
-        self.fused_prompt_kl, self.loss_weights = fused != "off" and prompt_kl, tuple(loss_weights)
+        self.fused_prompt_kl, self.loss_weights = fused != "never" and prompt_kl, tuple(loss_weights)
         self.routers, self.layer_map, self.teacher_experts = routers, layer_map or [], teacher_experts
         self.router_spec = router_spec or RouterLossSpec(parts=frozenset({"router"} if self.layer_map else ()),
                                                          stats=False)

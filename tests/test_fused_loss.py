@@ -206,14 +206,14 @@ def test_backward_refuses_weights_it_was_not_built_for(case):
 
 
 def test_selection(capsys):
-    assert choose("auto", KDSpec("forward_kl", 2.0), TEMPS) and choose("on", None, TEMPS)
-    assert not choose("off", KDSpec("forward_kl"), TEMPS) and capsys.readouterr().err == ""
+    assert choose("auto", KDSpec("forward_kl", 2.0), TEMPS) and choose("always", None, TEMPS)
+    assert not choose("never", KDSpec("forward_kl"), TEMPS) and capsys.readouterr().err == ""
     assert not choose("auto", KDSpec("bild"), TEMPS)
     assert not choose("auto", KDSpec("nkd", 2.0), TEMPS)  # nkd at a cached tau != 1: two tails
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all("chunked" in line for line in err)
-    with pytest.raises(ValueError, match="fused_loss=on"):
-        choose("on", KDSpec("bild"), TEMPS)
+    with pytest.raises(ValueError, match="fused_loss=always"):
+        choose("always", KDSpec("bild"), TEMPS)
     with pytest.raises(ValueError, match="allowed"):
         choose("yes", None, TEMPS)
 
@@ -236,7 +236,7 @@ class FixedHiddenLM(torch.nn.Module):
 
 @pytest.mark.parametrize("spec", [KDSpec("forward_kl", 2.0), KDSpec("sampled", 2.0)], ids=spec_id)
 def test_student_forward_fused_equals_chunked(case, spec):
-    """DistillStudent with train.fused_loss on and off: the same CE, KD, prompt KL and gradients."""
+    """DistillStudent with train.fused_loss always and never: the same CE, KD, prompt KL and gradients."""
     hidden_TH, weight_VH, labels_T, z_TV, _ = case
     teacher = teacher_from(z_TV)
     trained_T = torch.arange(T) >= T // 3
@@ -247,7 +247,7 @@ def test_student_forward_fused_equals_chunked(case, spec):
                          "draw_weights": teacher.draw_weights_TD}}
     weights = {"ce": 1 - ALPHA, "kd": ALPHA * spec.temperature**2, "prompt_kl": 0.7}
     results = []
-    for mode in ("off", "on"):
+    for mode in ("never", "always"):
         lm = FixedHiddenLM(hidden_TH, weight_VH)
         student = DistillStudent(lm, spec, TEMPS, VOCAB, 10, prompt_kl=True, fused=mode,
                                  loss_weights=(weights["ce"], weights["kd"]))
@@ -255,6 +255,6 @@ def test_student_forward_fused_equals_chunked(case, spec):
             out = student(batch)
         sum(weights[k] * out[k] for k in weights).backward()
         results.append([out["ce"], out["kd"], out["prompt_kl"], lm.hidden_1TH.grad, lm.head.weight.grad])
-    assert DistillStudent(FixedHiddenLM(hidden_TH, weight_VH), spec, TEMPS, VOCAB, 10, fused="on").fused
+    assert DistillStudent(FixedHiddenLM(hidden_TH, weight_VH), spec, TEMPS, VOCAB, 10, fused="always").fused
     for off, on in zip(*results):
         torch.testing.assert_close(on, off, rtol=2e-5, atol=2e-6)

@@ -158,7 +158,7 @@ def test_no_host_sync_on_steps_that_are_not_logged(monkeypatch, train_config):
     assert row["step"] == 4 and row["router"] > 0 and row["mc"] > 0 and row["load_cv"] >= 0
 
 
-@pytest.mark.parametrize("fused, allowed", [("auto", set()), ("'off'", KNOWN_ELSEWHERE)])
+@pytest.mark.parametrize("fused, allowed", [("auto", set()), ("never", KNOWN_ELSEWHERE)])
 def test_kd_steps_sync_only_in_the_chunked_loss(monkeypatch, train_config, fused, allowed):
     """With KD and workers on: none with the fused loss (the default), only the chunked loss's
     known one without it. Outside our code: the model body's one mask check per forward
