@@ -1,29 +1,34 @@
-"""Phase-two benchmark: KD step tokens/s and peak memory ÷ the same student's CE-only step.
+"""Phase-two benchmark: each training step's tokens/s and peak memory ÷ plain transformers CE.
 
-    python scripts/bench_train.py                      # CPU: demo-sized data, hidden-256 Qwen3-MoE student
-    python scripts/bench_train.py --repeats 5 --steps 8 --hidden 128
-    python scripts/bench_train.py --gpu                # BENCHMARKS.md phase-two reference workload
+    python scripts/bench_train.py                      # CPU: vocab-32,768 student, 8 × 512 tokens, synthetic targets
+    python scripts/bench_train.py --repeats 5 --steps 4 --variants hf_ce,fused_kd
+    python scripts/bench_train.py --gpu                # BENCHMARKS.md phase-two reference workload (bf16)
+    python scripts/bench_train.py --cache              # the demo cache through the real reader (end-to-end)
 
-Variants (same student, same batches): ``ce`` (α = 0, β = 0), ``kd`` (CE + forward KL over the
-cached top-32 + tail bucket), ``kd+router`` (+ router KL, β = 0.1, the demo's loss) and
-``sampled`` (CE + KD on 64 cached draws). Each (repeat, variant) runs in a fresh subprocess,
-interleaved (ce kd kd+router sampled ce kd ...), and the table reports medians.
+Baseline ``hf_ce``: what a user would run without this project, the model's own
+``model(input_ids, attention_mask, labels=input_ids)`` (transformers' lm_head over the whole
+batch + its cross-entropy), backward, clip, AdamW. Every other variant is the trainer's own
+``train_step`` on ``DistillStudent`` (α = 0.5), same student, same batch, same optimizer:
+``chunked_ce`` (the project's CE path, α = 0), ``chunked_kd`` / ``fused_kd`` (CE + forward KL over
+the top-64 + tail bucket, train.fused_loss never / always), ``chunked_sampled`` / ``fused_sampled``
+(CE + KD on 64 draws). Each (repeat, variant) runs in a fresh subprocess, interleaved
+(hf_ce chunked_ce ... hf_ce chunked_ce ...); the table reports medians, ratios to hf_ce.
 
-In each subprocess: the trainer's own setup (stages.train_setup.setup + accelerate), the
-step's micro-batches read from the cache through the real stream (ShardStream + collate,
-0 workers) and timed alone ("data"), then warm-up steps and timed steps of the trainer's
-own train_step + clip + AdamW ("compute"). Tokens are input tokens (attention mask).
-End-to-end tok/s = tokens / (data + compute) (synchronous reading; workers would overlap it).
+Workload (default, CPU): Qwen3-MoE from its config class with random weights, vocab 32,768,
+hidden 256, 2 layers, 4/2 heads × 64, 4 experts top-2 (moe_intermediate 256), untied
+embeddings, fp32, sdpa; one micro-batch of 8 × 512 random tokens; synthetic teacher targets
+built in the worker (top-64 of random logits of std 3 + tail, 64 draws). ``--gpu``: the
+BENCHMARKS.md phase-two student (vocab 151,936, hidden 1,024, 8 layers, 32 experts top-4),
+8 × 1,024 tokens, bf16 autocast. Tokens are input tokens.
 
-Peak memory on CPU: the growth of the process's peak resident set (VmHWM, reset through
-/proc/self/clear_refs right before the first step) over its resident set at that moment: activations, gradients, AdamW state and
-the loss temporaries, not the weights or the preloaded batches. It counts pages, not
-tensors, so treat small differences as noise. On GPU: torch.cuda.max_memory_allocated.
+Peak memory on CPU: each variant runs in its own process; the growth of the process's peak
+resident set (VmHWM, reset through /proc/self/clear_refs right after the model, optimizer and
+batch are built) over its resident set at that moment: activations, gradients, AdamW state,
+loss temporaries (tracemalloc does not see torch's allocations; RSS does). It counts touched
+pages, so treat differences of a few MiB as noise. On GPU: torch.cuda.max_memory_allocated.
 
---gpu: Qwen3-MoE 8 layers, hidden 1,024, 16/4 heads, head_dim 64, 32 experts top-4,
-moe_intermediate 384, vocab 151,936; 8 × 1,024 tokens, AdamW, bf16 autocast; synthetic
-teacher targets (random top-64 of random logits, 64 draws, router top-8 of 8 MoE layers)
-built on the device, no cache read (the data cost is the CPU table's concern).
+The script prints the table, then one JSON line: {"baseline": "hf_ce", "variants": {name:
+{"tok_s_ratio", "peak_ratio", "tok_s", "peak_mib"}}, ...}.
 """
 
 from __future__ import annotations
@@ -39,14 +44,27 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")  # as run_pipeline.py: idle OpenMP workers do not spin for long
+os.environ.setdefault("KMP_BLOCKTIME", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# name: (kd_loss or None for CE only; train.fused_loss); "hf_ce" is the model's own labels= loss
 VARIANTS = {
-    "ce": ["train.alpha=0", "train.router_weight=0", "train.source=cache"],
-    "kd": ["train.alpha=0.5", "train.router_weight=0"],
-    "kd+router": ["train.alpha=0.5", "train.router_weight=0.1"],
-    "sampled": ["train.alpha=0.5", "train.router_weight=0", "train.kd_loss=sampled"],
+    "hf_ce": None,
+    "chunked_ce": (None, "never"),
+    "chunked_kd": ("forward_kl", "never"),
+    "fused_kd": ("forward_kl", "always"),
+    "chunked_sampled": ("sampled", "never"),
+    "fused_sampled": ("sampled", "always"),
+}
+# --cache: the demo cache through the trainer's own setup and reader (the older end-to-end table)
+CACHE_VARIANTS = {
+    "ce": ["train.alpha=0", "train.router_weight=0", "train.source=cache", "train.fused_loss=never"],
+    "kd": ["train.alpha=0.5", "train.router_weight=0", "train.fused_loss=never"],
+    "fused_kd": ["train.alpha=0.5", "train.router_weight=0", "train.fused_loss=always"],
+    "kd+router": ["train.alpha=0.5", "train.router_weight=0.1", "train.fused_loss=never"],
+    "sampled": ["train.alpha=0.5", "train.router_weight=0", "train.kd_loss=sampled", "train.fused_loss=never"],
 }
 
 
@@ -57,7 +75,13 @@ def build_assets(root: Path, hidden: int) -> list[str]:
     """Demo data + tokenizer (BPE 2,048), random teacher, hidden-``hidden`` student; prepared and
     cached once (k 32, 64 draws, all router probs). Returns the config overrides of the run."""
     from pipeline.config import load_config
-    from pipeline.demo import save_tiny_model, stdlib_docstrings, tiny_config, train_tokenizer, write_jsonl
+    from pipeline.demo import (
+        save_tiny_model,
+        stdlib_docstrings,
+        tiny_config,
+        train_tokenizer,
+        write_jsonl,
+    )
     from stages import cache_teacher, prepare
     from stages.config import PipelineConfig
     from stages.demo import STUDENT, TEACHER
@@ -120,8 +144,9 @@ def step_fn(model, optimizer, cfg, accelerator):
     return step
 
 
-def measure(step, batches: list, warmup: int, device) -> tuple[float, float, int]:
-    """(seconds per step, peak memory growth in bytes, tokens per step) over batches[warmup:]."""
+def measure(step, batches: list, warmup: int, device) -> tuple[float, float, int, float]:
+    """(seconds per step, peak memory growth in bytes, tokens per step, process CPU seconds per step)
+    over batches[warmup:]."""
     import torch
 
     tokens = int(sum(int(mb["attention_mask"].sum()) for mb in batches[0]))
@@ -136,7 +161,7 @@ def measure(step, batches: list, warmup: int, device) -> tuple[float, float, int
         step(micro)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for micro in batches[warmup:]:
         step(micro)
     if device.type == "cuda":
@@ -144,7 +169,8 @@ def measure(step, batches: list, warmup: int, device) -> tuple[float, float, int
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = peak_rss_bytes() - base
-    return (time.perf_counter() - t0) / max(len(batches) - warmup, 1), peak, tokens
+    n = max(len(batches) - warmup, 1)
+    return (time.perf_counter() - t0) / n, peak, tokens, (time.process_time() - cpu0) / n
 
 
 def worker_cpu(variant: str, overrides: list[str], steps: int, warmup: int) -> dict:
@@ -157,7 +183,7 @@ def worker_cpu(variant: str, overrides: list[str], steps: int, warmup: int) -> d
     from stages.train_student import make_accelerator
 
     torch.manual_seed(0)
-    cfg = load_config(PipelineConfig, [], overrides + VARIANTS[variant])
+    cfg = load_config(PipelineConfig, [], overrides + CACHE_VARIANTS[variant])
     accelerator = make_accelerator(cfg, cfg.run_dir / "bench_out")
     job = setup(cfg, accelerator)
     model, optimizer = accelerator.prepare(job.model, job.optimizer)
@@ -167,79 +193,98 @@ def worker_cpu(variant: str, overrides: list[str], steps: int, warmup: int) -> d
     batches = [[collate(stream.load(mb)) for mb in stream.rank_micro_batches(s)] for s in plan]
     data_s = (time.perf_counter() - t0) / len(plan)
     model.train()
-    sec, peak, tokens = measure(step_fn(model, optimizer, cfg, accelerator), batches, warmup, accelerator.device)
-    return {"variant": variant, "data_s": data_s, "step_s": sec, "peak_bytes": peak, "tokens": tokens,
+    sec, peak, tokens, cpu = measure(step_fn(model, optimizer, cfg, accelerator), batches, warmup, accelerator.device)
+    return {"variant": variant, "data_s": data_s, "step_s": sec, "cpu_s": cpu, "peak_bytes": peak, "tokens": tokens,
             "rss_peak": peak_rss_bytes()}
 
 
-# --- GPU reference workload (synthetic teacher targets) ------------------------------------------
+# --- the synthetic workload (CPU default, --gpu) ---------------------------------------------------
 
+CPU_STUDENT = dict(vocab_size=32768, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=4, num_experts_per_tok=2,
+                   moe_intermediate_size=256, max_position_embeddings=1024, tie_word_embeddings=False)
 GPU_STUDENT = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=8,
                    num_attention_heads=16, num_key_value_heads=4, head_dim=64, num_experts=32, num_experts_per_tok=4,
                    moe_intermediate_size=384, max_position_embeddings=4096, tie_word_embeddings=False)
 
 
-def synthetic_batch(vocab: int, batch: int, length: int, k: int, draws: int, layers: int, experts: int, device):
+def synthetic_batch(vocab: int, batch: int, length: int, k: int, draws: int, device):
+    """Random tokens and teacher targets in the trainer's batch layout (top-k of random logits of
+    std 3 at tau = 1 with their log-partition, so the tail is exact; ``draws`` sampled ids)."""
     import torch
 
     g = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(0, vocab, (batch, length), device=device, generator=g)
     valid = torch.ones(batch, length, dtype=torch.bool, device=device)
-    T = batch * length
     labels = torch.cat([ids[:, 1:], torch.full((batch, 1), -1, device=device)], 1).reshape(-1)
-    teacher = {"log_partition": torch.zeros(T, 1, device=device), "target_logprob": torch.zeros(T, device=device)}
-    chunks = []
+    T, teacher = batch * length, {"topk_logprobs": [], "topk_ids": [], "draw_ids": [], "log_partition": []}
     for start in range(0, T, 1024):  # never a [T, V] fp32 tensor
-        logits = torch.randn(min(1024, T - start), vocab, device=device, generator=g) * 3
-        chunks.append(torch.log_softmax(logits, -1).topk(k, -1))
-    teacher["topk_logprobs"] = torch.cat([c.values for c in chunks])
-    teacher["topk_ids"] = torch.cat([c.indices for c in chunks])
-    teacher["draw_ids"] = teacher["topk_ids"][:, :draws].contiguous()
-    teacher["draw_weights"] = torch.full((T, draws), 1.0 / draws, device=device)
-    r_logits = torch.randn(T, layers, experts, device=device, generator=g)
-    top = torch.softmax(r_logits, -1).topk(8, -1)
-    teacher["router_ids"], teacher["router_probs"] = top.indices, top.values
+        z = torch.randn(min(1024, T - start), vocab, device=device, generator=g) * 3
+        top = torch.log_softmax(z, -1).topk(k, -1)
+        teacher["topk_logprobs"].append(top.values)
+        teacher["topk_ids"].append(top.indices)
+        teacher["log_partition"].append(torch.logsumexp(z, -1, keepdim=True))
+        teacher["draw_ids"].append(torch.multinomial(torch.softmax(z, -1), draws, replacement=True, generator=g))
+    teacher = {key: torch.cat(v) for key, v in teacher.items()}
+    teacher["draw_weights"] = torch.full((T, draws), 1.0 / draws, device=device)  # repeated ids add up
     return {"input_ids": ids, "attention_mask": valid.long(), "valid": valid, "labels": labels,
             "loss_mask": labels >= 0, "sample_ids": torch.arange(batch, device=device), "teacher": teacher}
 
 
-def worker_gpu(variant: str, steps: int, warmup: int) -> dict:
+def hf_step(model, optimizer, accelerator, grad_clip: float):
+    """The baseline: transformers' own loss (labels = input_ids, shifted inside the model)."""
+
+    def step(micro):
+        for mb in micro:
+            with accelerator.autocast():
+                loss = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
+                             labels=mb["input_ids"], use_cache=False).loss
+            accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def worker_synthetic(variant: str, args) -> dict:
     import torch
     from accelerate import Accelerator
-    from transformers import Qwen3MoeConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
     from pipeline.losses import KDSpec
-    from pipeline.router import RouterCapture, router_family, uniform_layer_map
     from pipeline.student import DistillStudent
     from stages.train_student import TrainConfig, build_optimizer
 
     torch.manual_seed(0)
-    accelerator = Accelerator(mixed_precision="bf16")
+    accelerator = Accelerator(cpu=not args.gpu, mixed_precision="bf16" if args.gpu else "no")
     device = accelerator.device
-    config = Qwen3MoeConfig(**GPU_STUDENT)
+    config = Qwen3MoeConfig(**(GPU_STUDENT if args.gpu else CPU_STUDENT))
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").to(device)
-    overrides = dict(a.split("=", 1) for a in VARIANTS[variant] if a.startswith("train.") and "source" not in a)
-    tcfg = TrainConfig(alpha=float(overrides["train.alpha"]), router_weight=float(overrides["train.router_weight"]),
-                       kd_loss=overrides.get("train.kd_loss", "forward_kl"), steps=100, warmup_steps=0,
-                       loss_chunk_tokens=1024)
-    capture, layer_map = None, None
-    if tcfg.router_weight > 0:
-        capture = RouterCapture(model, router_family(config))
-        layer_map = uniform_layer_map(len(capture.layers), 8)
-        capture.__enter__()
-    spec = KDSpec(name=tcfg.kd_loss) if tcfg.alpha > 0 else None
-    wrapped = DistillStudent(model, spec, (1.0,), config.vocab_size, tcfg.loss_chunk_tokens, capture, layer_map, 128)
-    optimizer, _ = build_optimizer(wrapped, tcfg)
-    wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
-    batch = synthetic_batch(config.vocab_size, 8, 1024, 64, 64, 8, 128, device)
+    batch, length = (8, 1024) if args.gpu else (8, 512)
+    data = synthetic_batch(config.vocab_size, batch, length, 64, 64, device)
+    kd_loss, fused = VARIANTS[variant] or (None, "never")
+    tcfg = TrainConfig(alpha=0.5 if kd_loss else 0.0, kd_loss=kd_loss or "forward_kl", steps=100, warmup_steps=0,
+                       loss_chunk_tokens=args.chunk_tokens, fused_loss=fused)
+    if VARIANTS[variant] is None:
+        optimizer, _ = build_optimizer(model, tcfg)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        step = hf_step(model, optimizer, accelerator, tcfg.grad_clip)
+    else:
+        spec = KDSpec(name=kd_loss) if kd_loss else None
+        w = tcfg.loss_weights()
+        wrapped = DistillStudent(model, spec, (1.0,), config.vocab_size, tcfg.loss_chunk_tokens, fused=fused,
+                                 loss_weights=(w["ce"], w["kd"]))
+        optimizer, _ = build_optimizer(wrapped, tcfg)
+        wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
 
-    class Cfg:
-        train = tcfg
+        class Cfg:
+            train = tcfg
 
-    sec, peak, tokens = measure(step_fn(wrapped, optimizer, Cfg, accelerator), [[batch]] * (warmup + steps), warmup,
-                                device)
-    return {"variant": variant, "data_s": 0.0, "step_s": sec, "peak_bytes": peak, "tokens": tokens,
-            "rss_peak": torch.cuda.max_memory_allocated()}
+        step = step_fn(wrapped, optimizer, Cfg, accelerator)
+    sec, peak, tokens, cpu = measure(step, [[data]] * (args.warmup + args.steps), args.warmup, device)
+    return {"variant": variant, "data_s": 0.0, "step_s": sec, "cpu_s": cpu, "peak_bytes": peak, "tokens": tokens,
+            "rss_peak": torch.cuda.max_memory_allocated() if args.gpu else peak_rss_bytes()}
 
 
 # --- driver: interleaved subprocesses, medians, table ------------------------------------------------
@@ -247,41 +292,64 @@ def worker_gpu(variant: str, steps: int, warmup: int) -> dict:
 
 def run_worker(args, variant: str, overrides: list[str]) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--threads", str(args.threads)] + (["--gpu"] if args.gpu else ["--overrides", json.dumps(overrides)])
+           "--threads", str(args.threads), "--chunk-tokens", str(args.chunk_tokens)]
+    cmd += ["--gpu"] if args.gpu else []
+    cmd += ["--cache", "--overrides", json.dumps(overrides)] if args.cache else []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     if done.returncode:
         raise SystemExit(f"worker {variant} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def table(results: dict[str, list[dict]], gib: bool) -> str:
-    med = {v: {k: statistics.median(r[k] for r in rs) for k in ("data_s", "step_s", "peak_bytes", "rss_peak")}
-           | {"tokens": rs[0]["tokens"]} for v, rs in results.items()}
-    ce = med["ce"]
-    unit = 2**30 if gib else 2**20
-    name = "GiB" if gib else "MiB"
-    lines = [f"| variant | compute tok/s | ratio | end-to-end tok/s | ratio | data ms/step | compute ms/step | "
-             f"peak growth {name} | ratio | peak RSS {name} |", "|" + "---|" * 10]
+def medians(results: dict[str, list[dict]]) -> dict[str, dict]:
+    return {v: {k: statistics.median(r[k] for r in rs) for k in ("data_s", "step_s", "cpu_s", "peak_bytes", "rss_peak")}
+            | {"tokens": rs[0]["tokens"]} for v, rs in results.items()}
+
+
+def table(med: dict[str, dict], gib: bool, baseline: str) -> str:
+    """Medians; "tok per CPU-s" divides by the process's CPU seconds (all threads): on a shared
+    machine it is steadier than wall time. "end-to-end" (--cache) adds the synchronous read."""
+    base = med[baseline]
+    unit, name = (2**30, "GiB") if gib else (2**20, "MiB")
+    lines = [(f"| variant | tok/s | ratio | tok per CPU-s | ratio | end-to-end tok/s | ratio | ms/step | "
+              f"peak growth {name} | ratio | peak {'allocated' if gib else 'RSS'} {name} |"), "|" + "---|" * 11]
     for v, m in med.items():
-        comp, e2e = m["tokens"] / m["step_s"], m["tokens"] / (m["step_s"] + m["data_s"])
-        comp_ce, e2e_ce = ce["tokens"] / ce["step_s"], ce["tokens"] / (ce["step_s"] + ce["data_s"])
-        lines.append(f"| {v} | {comp:,.0f} | {comp / comp_ce:.2f} | {e2e:,.0f} | {e2e / e2e_ce:.2f} | "
-                     f"{m['data_s'] * 1e3:.1f} | {m['step_s'] * 1e3:.1f} | {m['peak_bytes'] / unit:.2f} | "
-                     f"{m['peak_bytes'] / ce['peak_bytes']:.2f} | {m['rss_peak'] / unit:.2f} |")
+        r = ratios(m, base)
+        lines.append(f"| {v} | {m['tokens'] / m['step_s']:,.0f} | {r['tok_s_ratio']:.2f} | "
+                     f"{m['tokens'] / max(m['cpu_s'], 1e-9):,.0f} | {r['cpu_ratio']:.2f} | "
+                     f"{m['tokens'] / (m['step_s'] + m['data_s']):,.0f} | {r['e2e_ratio']:.2f} | "
+                     f"{m['step_s'] * 1e3:,.0f} | {m['peak_bytes'] / unit:,.2f} | {r['peak_ratio']:.2f} | "
+                     f"{m['rss_peak'] / unit:,.2f} |")
     return "\n".join(lines)
+
+
+def ratios(m: dict, base: dict) -> dict:
+    per = lambda x, key: x["tokens"] / max(x[key], 1e-9)
+    e2e = lambda x: x["tokens"] / (x["step_s"] + x["data_s"])
+    return {"tok_s_ratio": per(m, "step_s") / per(base, "step_s"), "cpu_ratio": per(m, "cpu_s") / per(base, "cpu_s"),
+            "e2e_ratio": e2e(m) / e2e(base), "peak_ratio": m["peak_bytes"] / base["peak_bytes"]}
+
+
+def headline(med: dict[str, dict], baseline: str, args) -> dict:
+    return {"baseline": baseline, "workload": "gpu" if args.gpu else "cache" if args.cache else "cpu",
+            "repeats": args.repeats, "steps": args.steps,
+            "variants": {v: {"tok_s": round(m["tokens"] / m["step_s"], 1), "peak_mib": round(m["peak_bytes"] / 2**20, 1)}
+                         | {k: round(x, 3) for k, x in ratios(m, med[baseline]).items()} for v, m in med.items()}}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--steps", type=int, default=6, help="timed steps per run")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=256, help="CPU student hidden size")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
-    p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--root", default="runs/bench_train")
-    p.add_argument("--gpu", action="store_true")
+    p.add_argument("--chunk-tokens", type=int, default=1024, help="train.loss_chunk_tokens")
+    p.add_argument("--variants", default="")
+    p.add_argument("--gpu", action="store_true", help="BENCHMARKS.md's phase-two reference workload")
+    p.add_argument("--cache", action="store_true", help="the demo cache through the real reader (baseline: ce)")
+    p.add_argument("--hidden", type=int, default=256, help="--cache: student hidden size")
+    p.add_argument("--root", default="runs/bench_train", help="--cache: where the demo assets go")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     p.add_argument("--overrides", default="[]", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -289,19 +357,21 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        out = (worker_gpu(args.worker, args.steps, args.warmup) if args.gpu
-               else worker_cpu(args.worker, json.loads(args.overrides), args.steps, args.warmup))
+        out = (worker_cpu(args.worker, json.loads(args.overrides), args.steps, args.warmup) if args.cache
+               else worker_synthetic(args.worker, args))
         print(json.dumps(out))
         return
-    overrides = [] if args.gpu else build_assets(Path(args.root).resolve(), args.hidden)
-    variants = args.variants.split(",")
-    assert variants[0] == "ce", "the first variant is the CE-only baseline"
+    overrides = build_assets(Path(args.root).resolve(), args.hidden) if args.cache else []
+    variants = (args.variants or ",".join(CACHE_VARIANTS if args.cache else VARIANTS)).split(",")
+    baseline = variants[0]
     results: dict[str, list[dict]] = {v: [] for v in variants}
     for r in range(args.repeats):
         for v in variants:
             results[v].append(run_worker(args, v, overrides))
             print(f"repeat {r + 1}/{args.repeats} {v}: {results[v][-1]}", file=sys.stderr, flush=True)
-    print(table(results, gib=args.gpu))
+    med = medians(results)
+    print(table(med, args.gpu, baseline))
+    print(json.dumps(headline(med, baseline, args)))
 
 
 if __name__ == "__main__":
