@@ -140,7 +140,8 @@ def read_manifest(cache_dir: str | Path) -> Manifest:
         raise CacheError(damaged.format(f"not valid JSON: {str(err).splitlines()[0]}")) from None
     if not isinstance(data, dict):
         raise CacheError(damaged.format("not a JSON object"))
-    if data.get("format_version") != FORMAT_VERSION:
+    version = data.get("format_version")
+    if isinstance(version, int) and version != FORMAT_VERSION:
         return Manifest.from_dict(data)  # a version this kdcache does not know: say that, not "damaged"
     recorded = data.pop("checksum", None)
     if recorded is None:
