@@ -17,6 +17,10 @@ from pathlib import Path
 from pipeline.openmp import short_spin
 
 short_spin()  # before anything imports torch
+# Third-party progress bars (transformers' "Loading weights", datasets' map) stay quiet: the stages
+# print their own progress lines. Both libraries read these once, at import; a value already set wins.
+for _key in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+    os.environ.setdefault(_key, "1")
 
 STAGE_COMMANDS = ("run", "prepare", "init", "cache", "train", "eval")
 

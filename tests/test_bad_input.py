@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -343,3 +344,12 @@ def test_init_with_a_directory_without_a_model(cli, tmp_path, which):
     code, line = cli("init", f"{which}.path={empty}")
     assert code != 0 and str(empty) in line and "config.json" in line
     assert not cli.run_dir.exists(), "nothing written, no state that would block the fixed command"
+
+
+def test_third_party_progress_bars_are_quiet_under_the_cli():
+    probe = ("import run_pipeline, datasets, transformers.utils.logging as tl; "
+             "print(tl.is_progress_bar_enabled(), datasets.is_progress_bar_enabled())")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                         cwd=Path(run_pipeline.__file__).parent, env={k: v for k, v in os.environ.items()
+                                                                   if "PROGRESS_BARS" not in k})
+    assert out.stdout.split() == ["False", "False"], out.stderr[-2000:]
