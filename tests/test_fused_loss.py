@@ -258,3 +258,18 @@ def test_student_forward_fused_equals_chunked(case, spec):
     assert DistillStudent(FixedHiddenLM(hidden_TH, weight_VH), spec, TEMPS, VOCAB, 10, fused="always").fused
     for off, on in zip(*results):
         torch.testing.assert_close(on, off, rtol=2e-5, atol=2e-6)
+
+
+def test_bf16_weights_and_hidden_give_bf16_gradients_of_the_fp32_loss(case):
+    """student.dtype=bfloat16: the loss is still fp32 (of the bf16 values), the gradients come back in bf16."""
+    hidden_TH, weight_VH, labels_T, z_TV, mask_T = case
+    spec = KDSpec("forward_kl", 2.0)
+    h16, w16 = hidden_TH.bfloat16(), weight_VH.bfloat16()
+    ce, kd, g_h, g_w = value_and_grads(fused(labels_T, teacher_from(z_TV), mask_T, spec), h16, w16, weights_for(spec))
+    ref = value_and_grads(lambda h, w: reference(h, w, labels_T, z_TV, mask_T, spec), h16.double(), w16.double(),
+                          weights_for(spec))
+    assert ce.dtype == torch.float32 and g_h.dtype == g_w.dtype == torch.bfloat16
+    torch.testing.assert_close(ce.double(), ref[0], rtol=2e-6, atol=1e-5)
+    torch.testing.assert_close(kd.double(), ref[1], rtol=2e-5, atol=1e-5)
+    torch.testing.assert_close(g_h.double(), ref[2], rtol=1e-2, atol=1e-4)  # bf16 rounding of the gradient
+    torch.testing.assert_close(g_w.double(), ref[3], rtol=1e-2, atol=1e-4)
