@@ -10,7 +10,7 @@ its logits at the teacher's K cached ids and the log-mass of the other ids at ON
 tau0 (tau if cached, else 1, where losses.bucket_logprobs tempers the tau = 1 buckets). A
 [C, K + 1] surrogate row -- those K logits and one tail logit u = tau0 * log sum_{v not cached}
 exp(s_v / tau0) -- has exactly the same buckets at tau0, so KD_LOSSES[name] runs on it (with
-ids 0..K-1) under autograd on [C, K + 1] only, and the gradient goes back to the vocabulary in
+ids 0..K-1; nkd, which looks at tau = 1 and at tau, gets one surrogate per temperature) under autograd on [C, K + 1] only, and the gradient goes back to the vocabulary in
 closed form: ds_v = g_u * exp(s_v / tau0) / sum_tail exp(s / tau0) for uncached v, g_k at id_k.
 CE is the same map with the tail at tau = 1 (ids empty: the tail is the whole vocabulary).
 Sampled targets are -sum_d w_d (s_d - u_tau) / tau, u_tau over the whole vocabulary.
@@ -28,7 +28,14 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from pipeline.losses import KD_LOSSES, KDSpec, TeacherTargets, _cached_index
+from pipeline import kd_catalogue as cat
+from pipeline.losses import (
+    KD_LOSSES,
+    KDSpec,
+    TeacherTargets,
+    _cached_index,
+    bucket_logprobs,
+)
 
 FUSED_LOSS = ("auto", "always", "never")  # not on/off: YAML reads those as booleans
 RENORMALISED = frozenset({"top_kl"})  # never looks at the tail bucket
@@ -46,9 +53,6 @@ def not_covered(spec: KDSpec, temperatures: tuple[float, ...]) -> str:
     """Why the fused path cannot compute spec's loss ("" when it can)."""
     if spec.name == "bild":
         return "bild ranks the student's own top-k over the whole vocabulary"
-    if spec.name == "nkd" and spec.missing_mass == "tail_bucket" and spec.temperature != 1.0 \
-            and _cached_index(temperatures, spec.temperature) is not None:
-        return "nkd at a cached tau != 1 needs the student's tail at two temperatures"
     return ""
 
 
@@ -60,7 +64,7 @@ def make_plan(spec: KDSpec | None, temperatures: tuple[float, ...]) -> Plan:
     assert not not_covered(spec, temperatures), not_covered(spec, temperatures)
     if spec.missing_mass == "renormalize" or spec.name in RENORMALISED:
         return Plan("topk", None)
-    cached = _cached_index(temperatures, spec.temperature) is not None and spec.name not in ("normkd", "nkd")
+    cached = _cached_index(temperatures, spec.temperature) is not None and spec.name != "normkd"
     return Plan("topk", spec.temperature if cached else 1.0)
 
 
@@ -112,9 +116,15 @@ def _small_losses(a_CK, u1_C, ut_C, s_y_C, sd_CD, ce_C, kd_C, teacher, spec, pla
     else:
         K = a_CK.shape[-1]
         tail = plan.tail_tau is not None and K < vocab  # a cache of the whole vocabulary has no tail
-        sur_CS = torch.cat([a_CK, ut_C[:, None]], -1) if tail else a_CK
         ids_CK = torch.arange(K, device=a_CK.device).expand(a_CK.shape[0], K)
-        kd_row = KD_LOSSES[spec.name](sur_CS, replace(teacher, topk_ids_TK=ids_CK), spec)
+        surrogate = lambda u_C: torch.cat([a_CK, u_C[:, None]], -1) if tail else a_CK
+        teacher = replace(teacher, topk_ids_TK=ids_CK)
+        if spec.name == "nkd":  # its target half at tau = 1, the other at tau: two tails (u1; ut at tail_tau)
+            at_1 = bucket_logprobs(surrogate(u1_C), teacher, 1.0, spec.missing_mass)
+            at_tau = bucket_logprobs(surrogate(ut_C), teacher, spec.temperature, spec.missing_mass)
+            kd_row = cat.nkd(*at_1, *at_tau, spec.nkd_gamma, spec.temperature)
+        else:
+            kd_row = KD_LOSSES[spec.name](surrogate(ut_C), teacher, spec)
     return ce, torch.where(kd_C, kd_row, 0.0).sum()
 
 
