@@ -10,8 +10,8 @@ its logits at the teacher's K cached ids and the log-mass of the other ids at ON
 tau0 (tau if cached, else 1, where losses.bucket_logprobs tempers the tau = 1 buckets). A
 [C, K + 1] surrogate row -- those K logits and one tail logit u = tau0 * log sum_{v not cached}
 exp(s_v / tau0) -- has exactly the same buckets at tau0, so KD_LOSSES[name] runs on it (with
-ids 0..K-1; nkd, which looks at tau = 1 and at tau, gets one surrogate per temperature) under autograd on [C, K + 1] only, and the gradient goes back to the vocabulary in
-closed form: ds_v = g_u * exp(s_v / tau0) / sum_tail exp(s / tau0) for uncached v, g_k at id_k.
+ids 0..K-1; nkd, which looks at tau = 1 and at tau, gets one surrogate per temperature) under
+autograd on [C, K + 1] only, and the gradient goes back to the vocabulary in closed form: ds_v = g_u * exp(s_v / tau0) / sum_tail exp(s / tau0) for uncached v, g_k at id_k.
 CE is the same map with the tail at tau = 1 (ids empty: the tail is the whole vocabulary).
 Sampled targets are -sum_d w_d (s_d - u_tau) / tau, u_tau over the whole vocabulary.
 
