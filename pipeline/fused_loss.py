@@ -11,7 +11,8 @@ tau0 (tau if cached, else 1, where losses.bucket_logprobs tempers the tau = 1 bu
 [C, K + 1] surrogate row -- those K logits and one tail logit u = tau0 * log sum_{v not cached}
 exp(s_v / tau0) -- has exactly the same buckets at tau0, so KD_LOSSES[name] runs on it (with
 ids 0..K-1; nkd, which looks at tau = 1 and at tau, gets one surrogate per temperature) under
-autograd on [C, K + 1] only, and the gradient goes back to the vocabulary in closed form: ds_v = g_u * exp(s_v / tau0) / sum_tail exp(s / tau0) for uncached v, g_k at id_k.
+autograd on [C, K + 1] only, and the gradient goes back to the vocabulary in closed form:
+ds_v = g_u * exp(s_v / tau0) / sum_tail exp(s / tau0) for uncached v, g_k at id_k.
 CE is the same map with the tail at tau = 1 (ids empty: the tail is the whole vocabulary).
 Sampled targets are -sum_d w_d (s_d - u_tau) / tau, u_tau over the whole vocabulary.
 
@@ -184,7 +185,8 @@ class FusedLMLoss(torch.autograd.Function):
             ce, kd = (torch.zeros((), dtype=dtype, device=hidden_TH.device) for _ in range(2))  # two outputs
             for start in range(0, hidden_TH.shape[0], chunk_tokens):
                 rows = slice(start, min(start + chunk_tokens, hidden_TH.shape[0]))
-                t = None if teacher is None else _safe_teacher(teacher.slice(rows.start, rows.stop), kd_mask_T[rows], plan)
+                t = None if teacher is None else _safe_teacher(teacher.slice(rows.start, rows.stop),
+                                                               kd_mask_T[rows], plan)
                 ce_c, kd_c, dH_TH[rows] = _chunk(hidden_TH[rows].to(dtype), w_VH, dW_VH[:vocab_limit], labels_T[rows],
                                                  ce_mask_T[rows], kd_mask_T[rows], t, spec, plan, weights)
                 ce, kd = ce + ce_c, kd + kd_c

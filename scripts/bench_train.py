@@ -334,7 +334,8 @@ def ratios(m: dict, base: dict) -> dict:
 def headline(med: dict[str, dict], baseline: str, args) -> dict:
     return {"baseline": baseline, "workload": "gpu" if args.gpu else "cache" if args.cache else "cpu",
             "repeats": args.repeats, "steps": args.steps,
-            "variants": {v: {"tok_s": round(m["tokens"] / m["step_s"], 1), "peak_mib": round(m["peak_bytes"] / 2**20, 1)}
+            "variants": {v: {"tok_s": round(m["tokens"] / m["step_s"], 1),
+                             "peak_mib": round(m["peak_bytes"] / 2**20, 1)}
                          | {k: round(x, 3) for k, x in ratios(m, med[baseline]).items()} for v, m in med.items()}}
 
 

@@ -68,7 +68,8 @@ def reference_kd(s_TV, z_TV, teacher64: TeacherTargets, spec: KDSpec) -> torch.T
     """Per-token KD in float64 from the full student logits and the teacher's exact logits."""
     tau, ids_TK = spec.temperature, teacher64.topk_ids_TK
     if spec.name == "sampled":
-        return -(teacher64.draw_weights_TD * torch.log_softmax(s_TV / tau, -1).gather(-1, teacher64.draw_ids_TD)).sum(-1)
+        ls_TD = torch.log_softmax(s_TV / tau, -1).gather(-1, teacher64.draw_ids_TD)
+        return -(teacher64.draw_weights_TD * ls_TD).sum(-1)
     if spec.name != "forward_kl":  # the catalogue's own maths, applied to the dense fp64 logits
         return KD_LOSSES[spec.name](s_TV, teacher64, spec)
     if spec.missing_mass == "renormalize":
@@ -128,7 +129,8 @@ COVERED = [KDSpec("forward_kl", 1.0), KDSpec("forward_kl", 2.0), KDSpec("forward
            KDSpec("sampled", 1.0), KDSpec("sampled", 2.0),
            KDSpec("reverse_kl", 2.0), KDSpec("reverse_kl", 1.0, "renormalize"), KDSpec("top_kl", 2.0, top_kl_k=5),
            KDSpec("jsd", 2.0), KDSpec("skew_forward_kl", 1.5), KDSpec("skew_reverse_kl", 2.0), KDSpec("tvd", 2.0),
-           KDSpec("dkd", 2.0), KDSpec("dkd", 1.0, "renormalize"), KDSpec("nkd", 1.0), KDSpec("nkd", 1.5), KDSpec("nkd", 2.0),
+           KDSpec("dkd", 2.0), KDSpec("dkd", 1.0, "renormalize"),
+           KDSpec("nkd", 1.0), KDSpec("nkd", 1.5), KDSpec("nkd", 2.0),
            KDSpec("nkd", 2.0, "renormalize"), KDSpec("normkd", 2.0), KDSpec("normkd", 1.0, "renormalize")]
 
 
