@@ -7,13 +7,12 @@ student's forward is the same with the fused path on and off.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 from pipeline.fused_loss import choose, fused_lm_losses, not_covered
 from pipeline.losses import KD_LOSSES, KDSpec, TeacherTargets, kd_weight
+from model_helpers import FixedHiddenLM
 from pipeline.student import DistillStudent
 
 T, H, V, VOCAB, K, D = 24, 32, 310, 300, 8, 12  # V - VOCAB padded LM-head rows
@@ -220,21 +219,6 @@ def test_selection(capsys):
         choose("yes", None, TEMPS)
 
 
-class FixedHiddenLM(torch.nn.Module):
-    """The two things DistillStudent asks of a causal LM, with trainable final hidden states."""
-
-    def __init__(self, hidden_TH: torch.Tensor, weight_VH: torch.Tensor):
-        super().__init__()
-        self.hidden_1TH = torch.nn.Parameter(hidden_TH[None].clone())
-        self.head = torch.nn.Linear(H, V, bias=False)
-        self.head.weight = torch.nn.Parameter(weight_VH.clone())
-
-    def base_model(self, input_ids, attention_mask, use_cache):
-        return SimpleNamespace(last_hidden_state=self.hidden_1TH)
-
-    def get_output_embeddings(self):
-        return self.head
-
 
 @pytest.mark.parametrize("spec", [KDSpec("forward_kl", 2.0), KDSpec("sampled", 2.0)], ids=spec_id)
 def test_student_forward_fused_equals_chunked(case, spec):
@@ -250,14 +234,14 @@ def test_student_forward_fused_equals_chunked(case, spec):
     weights = {"ce": 1 - ALPHA, "kd": ALPHA * spec.temperature**2, "prompt_kl": 0.7}
     results = []
     for mode in ("never", "always"):
-        lm = FixedHiddenLM(hidden_TH, weight_VH)
+        lm = FixedHiddenLM(hidden_TH, weight_VH, trainable_hidden=True)
         student = DistillStudent(lm, spec, TEMPS, VOCAB, 10, prompt_kl=True, fused=mode,
                                  loss_weights=(weights["ce"], weights["kd"]))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = student(batch)
         sum(weights[k] * out[k] for k in weights).backward()
         results.append([out["ce"], out["kd"], out["prompt_kl"], lm.hidden_1TH.grad, lm.head.weight.grad])
-    assert DistillStudent(FixedHiddenLM(hidden_TH, weight_VH), spec, TEMPS, VOCAB, 10, fused="always").fused
+    assert DistillStudent(FixedHiddenLM(hidden_TH, weight_VH, trainable_hidden=True), spec, TEMPS, VOCAB, 10, fused="always").fused
     for off, on in zip(*results):
         torch.testing.assert_close(on, off, rtol=2e-5, atol=2e-6)
 

@@ -9,12 +9,11 @@ fix CE was off by ~2e-2 nats/token and the KD losses by ~1e-3.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 from pipeline.losses import KDSpec, TeacherTargets, chunked_lm_losses
+from model_helpers import FixedHiddenLM
 from pipeline.student import DistillStudent
 
 T, H, V, VOCAB, K = 24, 64, 1000, 990, 8
@@ -93,21 +92,6 @@ def test_autocast_stays_on_outside_the_loss(case):
         chunked_lm_losses(hidden_TH, weight_VH, labels_T, mask_T, mask_T, teacher, KDSpec(), chunk_tokens=10)
         assert (hidden_TH @ weight_VH.T).dtype == torch.bfloat16
 
-
-class FixedHiddenLM(torch.nn.Module):
-    """The two things DistillStudent asks of a causal LM, with fixed final hidden states."""
-
-    def __init__(self, hidden_TH: torch.Tensor, weight_VH: torch.Tensor):
-        super().__init__()
-        self.hidden_1TH = hidden_TH[None]
-        self.head = torch.nn.Linear(H, V, bias=False)
-        self.head.weight = torch.nn.Parameter(weight_VH.clone())
-
-    def base_model(self, input_ids, attention_mask, use_cache):
-        return SimpleNamespace(last_hidden_state=self.hidden_1TH)
-
-    def get_output_embeddings(self):
-        return self.head
 
 
 def test_student_forward_under_bf16_autocast_matches_float64(case):
