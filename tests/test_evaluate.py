@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from pipeline import generation
 from stages import evaluate, train_student
 from stages.prepare import load_split
 
@@ -140,9 +141,9 @@ def test_batched_generation_equals_one_at_a_time_greedy(teacher_path, tokenizer)
                     break
         return ids[len(prompt):]
 
-    batched = evaluate.greedy_continuations(model, prompts, 12, tokenizer.pad_token_id, batch_size=4)
+    batched = generation.greedy_continuations(model, prompts, 12, tokenizer.pad_token_id, batch_size=4)
     assert batched == [reference(p, 12) for p in prompts]
-    assert evaluate.cut_after_eos([5, 7, 0, 1, 1], {0}) == [5, 7, 0]
+    assert generation.cut_after_eos([5, 7, 0, 1, 1], {0}) == [5, 7, 0]
 
 
 def test_eval_device_follows_run_device():
