@@ -11,6 +11,10 @@ numbers, and training on them says nothing. The names already checked survive ``
 Reads go through a cache of decoded chunks (LRU, bounded in bytes): a training sequence is
 far shorter than a compressed chunk, and without it every sequence would decompress whole
 chunks of every field again.
+
+``read_many`` decodes any set of a shard's sequences at once (a micro-batch): one gather per
+array over all their token rows, missing chunks fetched in contiguous runs (one store call per
+run, not per chunk), and one top-k decode; no Python loop per sequence or position.
 """
 
 from __future__ import annotations
@@ -26,6 +30,22 @@ from cache.shards import checksum, open_shard
 
 TOKEN_FIELDS = ("input_ids", "loss_mask", "target_logprob", "log_partition", "topk_ids", "topk_logprobs",
                 "router_ids", "router_probs")
+
+
+def ragged_arange(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Concatenated aranges [starts[i], ends[i]), int64, without a Python loop."""
+    starts, ends = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
+    lens = ends - starts
+    total = int(lens.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    keep = lens > 0
+    starts, lens = starts[keep], lens[keep]
+    step = np.ones(total, np.int64)  # +1 within a range, a jump to the next start at each range's first row
+    firsts = np.cumsum(lens)[:-1]
+    step[0] = starts[0]
+    step[firsts] = starts[1:] - (starts[:-1] + lens[:-1] - 1)
+    return np.cumsum(step)
 
 
 class CacheReader:
@@ -99,6 +119,65 @@ class CacheReader:
         parts = [self._block(name, key, i, rows) for i in range(a // rows, (b - 1) // rows + 1)]
         start = a - (a // rows) * rows
         return np.concatenate(parts)[start:start + (b - a)] if len(parts) > 1 else parts[0][start:start + (b - a)]
+
+    def _fetch_runs(self, name: str, key: str, chunks: np.ndarray, rows: int) -> None:
+        """Put the chunks not cached yet into the block cache, one store read per contiguous run."""
+        missing = np.array([c for c in chunks.tolist() if (name, key, c) not in self._blocks], np.int64)
+        if not len(missing):
+            return
+        breaks = np.flatnonzero(np.diff(missing) != 1) + 1
+        for run in np.split(missing, breaks):
+            data = np.asarray(self.shard(name)[key][int(run[0]) * rows:(int(run[-1]) + 1) * rows])
+            for j, c in enumerate(run.tolist()):
+                self._put((name, key, c), data[j * rows:(j + 1) * rows].copy())
+
+    def _put(self, cache_key: tuple, block: np.ndarray) -> None:
+        self._blocks[cache_key] = block
+        self._block_bytes += block.nbytes
+        while self._block_bytes > self._max_block_bytes and len(self._blocks) > 1:
+            self._block_bytes -= self._blocks.popitem(last=False)[1].nbytes
+
+    def gather(self, name: str, key: str, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """Rows [starts[i], ends[i]) of one array, concatenated in order, from cached decoded chunks."""
+        array = self.shard(name)[key]
+        rows = (array.chunks or (0,))[0]
+        index = ragged_arange(starts, ends)
+        if not len(index):
+            return np.asarray(array[0:0])
+        if not rows:  # an unchunked array: one read over the span the rows lie in
+            lo = int(index[0] if len(starts) == 1 else index.min())
+            return np.asarray(array[lo:int(np.max(ends))])[index - lo]
+        keep = np.asarray(ends) > np.asarray(starts)
+        chunks = np.unique(ragged_arange(np.asarray(starts)[keep] // rows, (np.asarray(ends)[keep] - 1) // rows + 1))
+        self._fetch_runs(name, key, chunks, rows)
+        parts = []
+        for c in chunks.tolist():  # per chunk touched (a few), not per sequence or position
+            self._blocks.move_to_end((name, key, c))
+            parts.append(self._blocks[(name, key, c)])
+        if len(chunks) == chunks[-1] - chunks[0] + 1:  # contiguous chunks: an offset, no search
+            position = index - int(chunks[0]) * rows
+        else:  # only the array's last chunk may be short, and it sorts last: chunk j starts at j * rows
+            position = np.searchsorted(chunks, index // rows) * rows + index % rows
+        buffer = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        return buffer[position]
+
+    def read_many(self, name: str, seqs: np.ndarray) -> TeacherOutput:
+        """Sequences ``seqs`` of a shard (local indices, in that order), decoded in one go: equal to
+        concatenating ``read(name, s, s + 1)`` over ``seqs``."""
+        shard, offsets = self.shard(name), self.seq_offsets(name)
+        seqs = np.asarray(seqs, np.int64)
+        a, b = offsets[seqs], offsets[seqs + 1]
+        fields = {k: self.gather(name, k, a, b) for k in TOKEN_FIELDS if k in shard}
+        if "topk_ids" in fields:
+            fields["topk_ids"], fields["topk_logprobs"] = decode_topk(fields["topk_ids"], fields["topk_logprobs"], self.codec)
+        if "draw_offsets" in shard:
+            bounds = self.gather(name, "draw_offsets", a, b + 1)  # each sequence's b - a + 1 bounds
+            last = np.cumsum(b - a + 1) - 1  # a sequence's last bound: no position of its own
+            fields["draw_n"] = np.delete(np.diff(bounds), last[:-1])
+            d_a, d_b = bounds[last - (b - a)], bounds[last]
+            fields["draw_ids"] = self.gather(name, "draw_ids", d_a, d_b)
+            fields["draw_counts"] = self.gather(name, "draw_counts", d_a, d_b)
+        return TeacherOutput(sample_ids=self.sample_ids(name)[seqs], seq_lens=b - a, **fields)
 
     def read(self, name: str, first_seq: int, last_seq: int) -> TeacherOutput:
         """Sequences [first_seq, last_seq) of a shard, decoded."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cache.reader import CacheReader
+from cache.reader import CacheReader, ragged_arange
 from cache.schema import CacheError, TeacherOutput
 
 
@@ -60,6 +60,29 @@ class CacheSource:
 
     def read(self, shard: int, local: int) -> TeacherOutput:
         return self.reader.read(self.names[shard], local, local + 1)
+
+    def read_many(self, shard: int, locals_: np.ndarray) -> TeacherOutput:
+        return self.reader.read_many(self.names[shard], locals_)
+
+
+PER_SEQ, PER_DRAW = ("sample_ids", "seq_lens"), ("draw_ids", "draw_counts")
+
+
+def take_sequences(out: TeacherOutput, seqs: np.ndarray) -> TeacherOutput:
+    """The sequences ``seqs`` (indices into ``out``, in that order) of a decoded record, vectorised."""
+    lens = np.asarray(out.seq_lens, np.int64)
+    starts = np.concatenate([[0], np.cumsum(lens)])
+    tokens = ragged_arange(starts[seqs], starts[seqs + 1])
+    fields = {}
+    if out.draw_n is not None:
+        draws = np.concatenate([[0], np.cumsum(out.draw_n)]).astype(np.int64)
+        drawn = ragged_arange(draws[starts[seqs]], draws[starts[seqs + 1]])
+    for key, value in out.__dict__.items():
+        if value is None:
+            fields[key] = None
+            continue
+        fields[key] = value[seqs if key in PER_SEQ else drawn if key in PER_DRAW else tokens]
+    return TeacherOutput(**fields)
 
 
 def concat_outputs(outputs: list[TeacherOutput]) -> TeacherOutput:
@@ -118,8 +141,18 @@ class ShardStream:
         return [part for part in np.array_split(mine, self.plan.micro_batches)]
 
     def load(self, seqs: np.ndarray) -> TeacherOutput:
-        idx = self.index
-        return concat_outputs([self.source.read(int(idx.shard[i]), int(idx.local[i])) for i in seqs])
+        """The sequences ``seqs`` decoded, in that order: one ``read_many`` per shard they touch, then
+        one reorder (a source without ``read_many``, prepared data, reads sequence by sequence)."""
+        idx, seqs = self.index, np.asarray(seqs, np.int64)
+        if not hasattr(self.source, "read_many"):
+            return concat_outputs([self.source.read(int(idx.shard[i]), int(idx.local[i])) for i in seqs])
+        shards = idx.shard[seqs]
+        by_shard = np.argsort(shards, kind="stable")
+        groups = np.split(by_shard, np.flatnonzero(np.diff(shards[by_shard])) + 1)
+        parts = [self.source.read_many(int(shards[g[0]]), idx.local[seqs[g]]) for g in groups]
+        if len(parts) == 1:  # the stable sort left the order as it was
+            return parts[0]
+        return take_sequences(concat_outputs(parts), np.argsort(by_shard, kind="stable"))
 
     def advance(self, step: np.ndarray) -> None:
         """Record that ``step`` was consumed (call once the optimizer step is done)."""
