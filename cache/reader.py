@@ -154,10 +154,13 @@ class CacheReader:
         for c in chunks.tolist():  # per chunk touched (a few), not per sequence or position
             self._blocks.move_to_end((name, key, c))
             parts.append(self._blocks[(name, key, c)])
-        if len(chunks) == chunks[-1] - chunks[0] + 1:  # contiguous chunks: an offset, no search
-            position = index - int(chunks[0]) * rows
+        first = int(chunks[0])
+        if len(chunks) == chunks[-1] - first + 1:  # contiguous chunks: an offset
+            position = index - first * rows
         else:  # only the array's last chunk may be short, and it sorts last: chunk j starts at j * rows
-            position = np.searchsorted(chunks, index // rows) * rows + index % rows
+            slot = np.zeros(int(chunks[-1]) - first + 1, np.int64)
+            slot[chunks - first] = np.arange(len(chunks))
+            position = slot[index // rows - first] * rows + index % rows
         buffer = np.concatenate(parts) if len(parts) > 1 else parts[0]
         return buffer[position]
 

@@ -80,3 +80,18 @@ def test_ragged_arange_equals_concatenated_aranges():
     want = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)])
     np.testing.assert_array_equal(ragged_arange(starts, ends), want)
     assert len(ragged_arange(np.array([3]), np.array([3]))) == 0
+
+
+def test_descending_order_equals_the_float_argsort():
+    """The int16-key sort of float16 log-probs equals the stable argsort of -log-probs: ties, ±0, the
+    clamp value, a NaN row (which takes the float path)."""
+    from cache.codec import MIN_LOGPROB, descending_order
+
+    rng = np.random.default_rng(2)
+    lp = (-rng.exponential(2.0, (500, 16))).astype(np.float16)
+    lp[:, :4] = lp[:, 4:8]  # ties
+    lp[0, :3] = [0.0, -0.0, 0.0]
+    lp[1, :3] = MIN_LOGPROB
+    for stored in (lp, np.where(np.arange(500)[:, None] == 7, np.float16(np.nan), lp)):
+        want = np.argsort(-stored.astype(np.float32), axis=1, kind="stable")
+        np.testing.assert_array_equal(descending_order(stored, stored.astype(np.float32)), want)
