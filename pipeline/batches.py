@@ -106,6 +106,12 @@ class MicroBatches(Dataset):
         return collate(self.stream.load(seqs))
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Tensors to the device (asynchronously from pinned memory); the plain Python ``host`` data stays."""
+    return {k: v if k == "host" else to_device(v, device) if isinstance(v, dict) else v.to(device, non_blocking=True)
+            for k, v in batch.items()}
+
+
 def host_view(mb: dict, step: int = 0, log_stats: bool = True) -> dict:
     """The host micro-batch plus index tensors and plain Python data derived from it on the CPU.
 

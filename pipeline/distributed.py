@@ -10,6 +10,15 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.config import ConfigError
+
+
+def use_cpu(device: str) -> bool:
+    """run.device: 'cpu', 'cuda', or 'auto' (CUDA when available); 'cuda' without one is one line."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device=cuda but no CUDA device is visible; use run.device=auto or run.device=cpu")
+    return device == "cpu" or not torch.cuda.is_available()
+
 
 @dataclass
 class Dist:

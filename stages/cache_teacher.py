@@ -27,7 +27,7 @@ from cache.shards import STORES, resolve_compression
 from cache.writer import CacheWriter, check_identity, committed_sample_ids, committed_shards, finalize
 from pipeline import state
 from pipeline.config import ConfigError, choice, ranged, save_config
-from pipeline.distributed import Dist
+from pipeline.distributed import Dist, use_cpu
 from pipeline.stage_inputs import stage_inputs
 from pipeline.teachers.base import TeacherBatch, build_teacher
 from pipeline.teachers.extract import TARGETS, ExtractSpec
@@ -213,15 +213,8 @@ def committed_outputs(cache_dirs: list[Path]) -> list[Path]:
     return [p for d in cache_dirs for p in [d / "manifest.json", *(d / s.name for s in committed_shards(d))]]
 
 
-def stage_dist(device: str) -> Dist:
-    """Ranks and the device the teacher runs on, from run.device ('auto' = CUDA when available)."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("run.device=cuda but no CUDA device is visible; use run.device=auto or run.device=cpu")
-    return Dist.from_env(cpu=device == "cpu" or not torch.cuda.is_available())
-
-
 def run(cfg, force: bool = False) -> dict[str, Manifest]:
-    dist = stage_dist(cfg.run.device)
+    dist = Dist.from_env(cpu=use_cpu(cfg.run.device))  # the device the teacher runs on
     inputs = stage_inputs("cache", cfg)  # the prepared data is an input too (pipeline/stage_inputs.py)
     outputs = [cache_dir(cfg.run_dir, s) for s in cfg.cache.splits]
     if not state.begin_on_all_ranks(cfg.run_dir, "cache", inputs, outputs, force, dist.is_main, dist.barrier,

@@ -30,6 +30,8 @@ from cache.stream import CacheSource, ShardStream, StreamPlan
 from cache.schema import write_json_atomic
 from pipeline import state
 from pipeline.config import choice, ranged, save_config
+from pipeline.batches import to_device
+from pipeline.distributed import use_cpu
 from pipeline.generation import rouge_l
 
 
@@ -60,19 +62,11 @@ SAMPLED_TOP1 = "top1_agreement_sampled"  # the student's argmax vs the most draw
 
 def eval_device(setting: str) -> torch.device:
     """run.device: 'auto' = CUDA when available (the local rank's GPU under a launcher)."""
-    from pipeline.config import ConfigError
-
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("run.device='cuda' but torch sees no CUDA device; use run.device=auto or cpu")
-    if setting == "cpu" or not torch.cuda.is_available():
+    if use_cpu(setting):
         return torch.device("cpu")
     from accelerate import PartialState
 
     return PartialState().device
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: to_device(v, device) if isinstance(v, dict) else v.to(device) for k, v in batch.items()}
 
 
 def valid_logits(model, batch: dict, vocab_limit: int) -> torch.Tensor:

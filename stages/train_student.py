@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from pipeline import checkpoint, state
-from pipeline.batches import host_view
+from pipeline.batches import host_view, to_device
 from pipeline.config import ConfigError, choice, ranged, save_config
 from pipeline.metrics import MetricsLogger
 from pipeline.router_losses import MC_TARGETS
@@ -260,11 +260,6 @@ def make_accelerator(cfg, out_dir: Path):
         acc.init_trackers("kdcache")
     return acc
 
-
-def to_device(batch: dict, device) -> dict:
-    """Tensors to the device (asynchronously from pinned memory); the plain Python ``host`` data stays."""
-    return {k: v if k == "host" else to_device(v, device) if isinstance(v, dict) else v.to(device, non_blocking=True)
-            for k, v in batch.items()}
 
 
 def step_counts(accelerator, micro: list[dict]) -> torch.Tensor:

@@ -154,7 +154,7 @@ def test_eval_device_follows_run_device():
         assert evaluate.eval_device("auto").type == "cuda"
     else:
         assert evaluate.eval_device("auto") == torch.device("cpu")
-        with pytest.raises(ConfigError, match="run.device='cuda'"):
+        with pytest.raises(ConfigError, match="run.device=cuda but no CUDA device"):
             evaluate.eval_device("cuda")
 
 
