@@ -63,11 +63,8 @@ def rng_name(rank: int) -> str:
 
 
 def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def save(ckpt_root: Path, step: int, model, optimizer, scheduler, stream_state: dict, keep: int,

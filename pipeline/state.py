@@ -50,9 +50,12 @@ def write_state(run_dir: Path, stage: str, status: str, inputs: str, **progress)
     old = read_state(run_dir, stage)
     if old is not None and old.get("aside_for") == inputs:
         set_aside([Path(p) for p in old["aside"]])
-    state = {"stage": stage, "status": status, "inputs": inputs, "updated": time.strftime("%Y-%m-%d %H:%M:%S"),
-             **progress}
-    write_json_atomic(path, json.dumps(state, indent=1, sort_keys=True))
+    _record(run_dir, stage, {"stage": stage, "status": status, "inputs": inputs,
+                             "updated": time.strftime("%Y-%m-%d %H:%M:%S"), **progress})
+
+
+def _record(run_dir: Path, stage: str, state: dict) -> None:
+    write_json_atomic(state_path(run_dir, stage), json.dumps(state, indent=1, sort_keys=True))
 
 
 def set_aside(outputs: list[Path]) -> None:
@@ -87,8 +90,7 @@ def _same_inputs(run_dir: Path, stage: str, state: dict, inputs: str) -> bool:
         return True
     if not (isinstance(inputs, Inputs) and inputs.matches(state["inputs"])):
         return False
-    record = {**state, "inputs": str(inputs)}
-    write_json_atomic(state_path(run_dir, stage), json.dumps(record, indent=1, sort_keys=True))
+    _record(run_dir, stage, {**state, "inputs": str(inputs)})
     return True
 
 
@@ -132,7 +134,7 @@ def begin(run_dir: Path, stage: str, inputs: str, outputs: list[Path], force: bo
     if defer:
         pending = {k: v for k, v in state.items() if k not in ("aside_for", "aside")}
         pending.update(aside_for=str(inputs), aside=[str(p) for p in outputs])
-        write_json_atomic(state_path(run_dir, stage), json.dumps(pending, indent=1, sort_keys=True))
+        _record(run_dir, stage, pending)
         return True
     set_aside(outputs)
     state_path(run_dir, stage).unlink()
@@ -219,11 +221,8 @@ def stage_lock(run_dir: Path, stage: str, is_main: bool = True):
         os.fsync(fd)
         _HELD[str(path.resolve())] = me
         yield
-        path.unlink()  # still holding the lock: a waiter that opened this inode sees it unlinked and retries
-    except BaseException:
-        path.unlink()
-        raise
     finally:
+        path.unlink()  # still holding the lock: a waiter that opened this inode sees it unlinked and retries
         _HELD.pop(str(path.resolve()), None)
         os.close(fd)
         for folder in reversed(made):
