@@ -25,27 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from cache.codec import Codec, decode_topk
-from cache.schema import CacheError, Manifest, ShardInfo, TeacherOutput, read_manifest
+from cache.schema import CacheError, Manifest, ShardInfo, TeacherOutput, ragged_arange, read_manifest
 from cache.shards import checksum, open_shard
 
 TOKEN_FIELDS = ("input_ids", "loss_mask", "target_logprob", "log_partition", "topk_ids", "topk_logprobs",
                 "router_ids", "router_probs")
 
-
-def ragged_arange(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Concatenated aranges [starts[i], ends[i]), int64, without a Python loop."""
-    starts, ends = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
-    lens = ends - starts
-    total = int(lens.sum())
-    if total == 0:
-        return np.zeros(0, np.int64)
-    keep = lens > 0
-    starts, lens = starts[keep], lens[keep]
-    step = np.ones(total, np.int64)  # +1 within a range, a jump to the next start at each range's first row
-    firsts = np.cumsum(lens)[:-1]
-    step[0] = starts[0]
-    step[firsts] = starts[1:] - (starts[:-1] + lens[:-1] - 1)
-    return np.cumsum(step)
 
 
 class CacheReader:

@@ -20,6 +20,8 @@ from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
@@ -187,3 +189,34 @@ class TeacherOutput:
 
     def arrays(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+PER_SEQ, PER_DRAW = ("sample_ids", "seq_lens"), ("draw_ids", "draw_counts")  # the rest: one row per token
+
+def ragged_arange(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Concatenated aranges [starts[i], ends[i]), int64, without a Python loop."""
+    starts, ends = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
+    lens = ends - starts
+    total = int(lens.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    keep = lens > 0
+    starts, lens = starts[keep], lens[keep]
+    step = np.ones(total, np.int64)  # +1 within a range, a jump to the next start at each range's first row
+    firsts = np.cumsum(lens)[:-1]
+    step[0] = starts[0]
+    step[firsts] = starts[1:] - (starts[:-1] + lens[:-1] - 1)
+    return np.cumsum(step)
+
+
+def take_sequences(fields: dict[str, Any], seqs: np.ndarray) -> dict[str, Any]:
+    """The sequences ``seqs`` (indices, in that order) of a flat record (``TeacherOutput`` fields or a
+    writer batch: ``seq_lens``, optional ``draw_n``), as fresh arrays; None fields stay None."""
+    seqs = np.asarray(seqs, np.int64)
+    starts = np.concatenate([[0], np.cumsum(np.asarray(fields["seq_lens"], np.int64))])
+    rows = {"tokens": ragged_arange(starts[seqs], starts[seqs + 1])}
+    if fields.get("draw_n") is not None:
+        draws = np.concatenate([[0], np.cumsum(fields["draw_n"], dtype=np.int64)])
+        rows["draws"] = ragged_arange(draws[starts[seqs]], draws[starts[seqs + 1]])
+    pick = lambda key: seqs if key in PER_SEQ else rows["draws"] if key in PER_DRAW else rows["tokens"]
+    return {key: None if value is None else value[pick(key)] for key, value in fields.items()}

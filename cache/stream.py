@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cache.reader import CacheReader, ragged_arange
+from cache.reader import CacheReader
 from cache.schema import CacheError, TeacherOutput
+from cache.schema import take_sequences as schema_take
 
 
 @dataclass(frozen=True)
@@ -65,24 +66,10 @@ class CacheSource:
         return self.reader.read_many(self.names[shard], locals_)
 
 
-PER_SEQ, PER_DRAW = ("sample_ids", "seq_lens"), ("draw_ids", "draw_counts")
-
 
 def take_sequences(out: TeacherOutput, seqs: np.ndarray) -> TeacherOutput:
     """The sequences ``seqs`` (indices into ``out``, in that order) of a decoded record, vectorised."""
-    lens = np.asarray(out.seq_lens, np.int64)
-    starts = np.concatenate([[0], np.cumsum(lens)])
-    tokens = ragged_arange(starts[seqs], starts[seqs + 1])
-    fields = {}
-    if out.draw_n is not None:
-        draws = np.concatenate([[0], np.cumsum(out.draw_n)]).astype(np.int64)
-        drawn = ragged_arange(draws[starts[seqs]], draws[starts[seqs + 1]])
-    for key, value in out.__dict__.items():
-        if value is None:
-            fields[key] = None
-            continue
-        fields[key] = value[seqs if key in PER_SEQ else drawn if key in PER_DRAW else tokens]
-    return TeacherOutput(**fields)
+    return TeacherOutput(**schema_take(out.__dict__, seqs))
 
 
 def concat_outputs(outputs: list[TeacherOutput]) -> TeacherOutput:

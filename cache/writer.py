@@ -27,14 +27,13 @@ from pathlib import Path
 import numpy as np
 
 from cache.codec import Codec, encode_topk, encode_values, router_id_dtype
-from cache.schema import CacheError, Manifest, ShardInfo, identity_mismatch, write_json_atomic, write_manifest
+from cache.schema import (PER_DRAW, PER_SEQ, CacheError, Manifest, ShardInfo, identity_mismatch, take_sequences,
+                          write_json_atomic, write_manifest)
 from cache.shards import commit_shard, open_shard, remove, shard_name
 
 SPACE_MARGIN = 1.25  # expected encoded size × this + 1 MiB must be free before a shard is written
 
 JOURNAL_DIR = "journal"
-PER_SEQ = ("sample_ids", "seq_lens")
-PER_DRAW = ("draw_ids", "draw_counts")
 
 
 def journal_path(cache_dir: Path, rank: int) -> Path:
@@ -89,21 +88,6 @@ def _draw_bounds(batch: dict[str, np.ndarray]) -> np.ndarray:
     per_token = np.concatenate([[0], np.cumsum(batch["draw_n"], dtype=np.int64)])
     return per_token[np.concatenate([[0], np.cumsum(lens)])]
 
-
-def take_sequences(batch: dict[str, np.ndarray], seqs: np.ndarray) -> dict[str, np.ndarray]:
-    """The record of the sequences ``seqs`` (indices into the batch, in order), as fresh arrays (no views
-    that would keep the whole batch alive)."""
-    seqs = np.asarray(seqs, dtype=np.int64)
-    lens = np.asarray(batch["seq_lens"], dtype=np.int64)
-    starts, draws = np.concatenate([[0], np.cumsum(lens)]), _draw_bounds(batch)
-    tokens = _ranges(starts[seqs], starts[seqs + 1])
-    drawn = _ranges(draws[seqs], draws[seqs + 1])
-    return {key: a[seqs] if key in PER_SEQ else a[drawn] if key in PER_DRAW else a[tokens] for key, a in batch.items()}
-
-
-def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Concatenated aranges [lo[i], hi[i])."""
-    return np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)] or [np.zeros(0, np.int64)]).astype(np.int64)
 
 
 def assemble_shard(batches: list[dict[str, np.ndarray]], codec: Codec, num_experts: int) -> dict[str, np.ndarray]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cache.codec import Codec
-from cache.reader import ragged_arange
+from cache.schema import ragged_arange
 from cache.schema import TeacherOutput
 from cache.stream import CacheSource, ShardStream, StreamPlan
 from cache.writer import CacheWriter, finalize
