@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from cache.schema import write_json_atomic
 from pipeline.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,7 @@ def build() -> Path:
         first = next((line for line in proc.stderr.splitlines() if "error" in line), proc.stderr.strip()[:200])
         raise KernelUnavailable(f"{compiler} could not build {SOURCE.name}: {first}")
     record = hash_record(lib)  # the hash of what this process built, written before the library is in place
-    record_tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
-    record_tmp.write_text(file_sha256(tmp) + "\n")
-    os.replace(record_tmp, record)
+    write_json_atomic(record, file_sha256(tmp) + "\n")
     os.replace(tmp, lib)
     return lib
 
