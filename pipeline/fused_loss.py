@@ -50,7 +50,7 @@ class Plan:
     tail_tau: float | None  # None: no tail column (renormalised top-k)
 
 
-def not_covered(spec: KDSpec, temperatures: tuple[float, ...]) -> str:
+def not_covered(spec: KDSpec) -> str:
     """Why the fused path cannot compute spec's loss ("" when it can)."""
     if spec.name == "bild":
         return "bild ranks the student's own top-k over the whole vocabulary"
@@ -62,7 +62,7 @@ def make_plan(spec: KDSpec | None, temperatures: tuple[float, ...]) -> Plan:
         return Plan("none", None)
     if spec.name == "sampled":
         return Plan("sampled", spec.temperature)
-    assert not not_covered(spec, temperatures), not_covered(spec, temperatures)
+    assert not not_covered(spec), not_covered(spec)
     if spec.missing_mass == "renormalize" or spec.name in RENORMALISED:
         return Plan("topk", None)
     cached = _cached_index(temperatures, spec.temperature) is not None and spec.name != "normkd"
@@ -239,8 +239,8 @@ def fused_lm_losses(hidden_TH, lm_head_weight_VH, labels_T, ce_mask_T, kd_mask_T
         spec = None
     elif spec is None:
         spec = KDSpec()
-    if spec is not None and not_covered(spec, teacher.temperatures):
-        raise ValueError(f"the fused LM loss does not cover {spec.name}: {not_covered(spec, teacher.temperatures)}")
+    if spec is not None and not_covered(spec):
+        raise ValueError(f"the fused LM loss does not cover {spec.name}: {not_covered(spec)}")
     if not any(weights):
         raise ValueError("fused_lm_losses: at least one of the (ce, kd) weights must be non-zero")
     plan = make_plan(spec, teacher.temperatures if teacher is not None else (1.0,))
@@ -249,12 +249,12 @@ def fused_lm_losses(hidden_TH, lm_head_weight_VH, labels_T, ce_mask_T, kd_mask_T
         tuple(float(w) for w in weights), chunk_tokens, vocab_limit)))
 
 
-def choose(mode: str, spec: KDSpec | None, temperatures: tuple[float, ...]) -> bool:
+def choose(mode: str, spec: KDSpec | None) -> bool:
     """train.fused_loss: True for the fused path. 'auto' falls back (one stderr line) where it
     does not cover the loss, 'always' refuses such a loss, 'never' is the chunked path."""
     if mode not in FUSED_LOSS:
         raise ValueError(f"train.fused_loss={mode!r}; allowed: {', '.join(FUSED_LOSS)}")
-    reason = "" if spec is None or mode == "never" else not_covered(spec, temperatures)
+    reason = "" if spec is None or mode == "never" else not_covered(spec)
     if reason and mode == "always":
         raise ValueError(f"train.fused_loss=always does not cover train.kd_loss={spec.name}: {reason}; "
                          f"use train.fused_loss=auto (falls back to the chunked loss) or never")

@@ -45,7 +45,7 @@ class DistillStudent(nn.Module):
         self.vocab_limit, self.chunk_tokens = vocab_limit, chunk_tokens
         # train.fused_loss: the fused LM head + CE + KD (pipeline/fused_loss.py) forms the gradient in forward
         # for the trainer's (ce, kd) weights; the prompt KL (forward KL at tau = 1) is always covered.
-        self.fused = fused_loss.choose(fused, spec, temperatures)
+        self.fused = fused_loss.choose(fused, spec)
         self.fused_prompt_kl, self.loss_weights = fused != "never" and prompt_kl, tuple(loss_weights)
         self.routers, self.layer_map, self.teacher_experts = routers, layer_map or [], teacher_experts
         self.router_spec = router_spec or RouterLossSpec(parts=frozenset({"router"} if self.layer_map else ()),

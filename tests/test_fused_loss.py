@@ -139,7 +139,7 @@ def spec_id(spec: KDSpec) -> str:
 
 @pytest.mark.parametrize("spec", COVERED, ids=spec_id)
 def test_fused_matches_float64_dense(case, spec):
-    assert not not_covered(spec, TEMPS)
+    assert not not_covered(spec)
     assert_matches_reference(case, spec)
 
 
@@ -207,16 +207,16 @@ def test_backward_refuses_weights_it_was_not_built_for(case):
 
 
 def test_selection(capsys):
-    assert choose("auto", KDSpec("forward_kl", 2.0), TEMPS) and choose("always", None, TEMPS)
-    assert not choose("never", KDSpec("forward_kl"), TEMPS) and capsys.readouterr().err == ""
-    assert not choose("auto", KDSpec("bild"), TEMPS)
-    assert choose("auto", KDSpec("nkd", 2.0), TEMPS)  # nkd at a cached tau != 1: two tails, both fused
+    assert choose("auto", KDSpec("forward_kl", 2.0)) and choose("always", None)
+    assert not choose("never", KDSpec("forward_kl")) and capsys.readouterr().err == ""
+    assert not choose("auto", KDSpec("bild"))
+    assert choose("auto", KDSpec("nkd", 2.0))  # nkd at a cached tau != 1: two tails, both fused
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bild" in err[0] and "chunked" in err[0]
     with pytest.raises(ValueError, match="fused_loss=always"):
-        choose("always", KDSpec("bild"), TEMPS)
+        choose("always", KDSpec("bild"))
     with pytest.raises(ValueError, match="allowed"):
-        choose("yes", None, TEMPS)
+        choose("yes", None)
 
 
 
