@@ -73,10 +73,10 @@ def stage_command(args) -> None:
 
 
 def inputs_from(cfg, command: str) -> None:
-    """A run on another run's data and caches (stages/inputs_from.py) makes none of its own: `prepare`
+    """A run on another run's data and caches (pipeline/inputs_from.py) makes none of its own: `prepare`
     and `cache` are refused, `run` checks the source once and skips them."""
     from pipeline.config import ConfigError
-    from stages.inputs_from import check_inputs_from, source_stages
+    from pipeline.inputs_from import check_inputs_from, source_stages
 
     if command in ("prepare", "cache"):
         raise ConfigError(f"run.inputs_from={cfg.run.inputs_from}: this run trains and evaluates on that run's "

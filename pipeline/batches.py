@@ -22,14 +22,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from cache.schema import TeacherOutput
 from cache.stream import SequenceIndex, ShardStream
+from pipeline.splits import load_split
 
 
 class PreparedSource:
     """Sequences of a prepared split without a teacher (SFT, CE-only baselines)."""
 
     def __init__(self, run_dir: Path, split: str = "train"):
-        from stages.prepare import load_split
-
         self.ds, _ = load_split(run_dir, split)
 
     def index(self) -> SequenceIndex:

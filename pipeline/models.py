@@ -1,4 +1,5 @@
-"""Models from from_pretrained: loading (teacher, student, evaluated checkpoints) and their fingerprints."""
+"""Models and tokenizers from from_pretrained: loading (teacher, student, evaluated checkpoints) and their
+fingerprints."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import ConfigError, fingerprint
+from pipeline.data import tokenizer_fingerprint
 
 # config keys that say nothing about the function the model computes
 _VOLATILE = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "attn_implementation",
@@ -17,11 +19,28 @@ def own_tokenizer_fingerprint(path: str) -> str | None:
     """Fingerprint of the tokenizer saved with the model; None when the model directory has none."""
     from transformers import AutoTokenizer
 
-    from pipeline.data import tokenizer_fingerprint
-
     if not any((Path(path) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
         return None
     return tokenizer_fingerprint(AutoTokenizer.from_pretrained(path))
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer  # lazy: transformers costs seconds at CLI start
+
+    if not path:
+        raise ConfigError("no tokenizer: set data.tokenizer, teacher.path or student.path")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot load tokenizer {path!r}: {str(err).splitlines()[0]}") from None
+
+
+def student_tokenizer(student_path: str, data_tokenizer_path: str):
+    """The student's own tokenizer if its directory has one, else the data's (PipelineConfig.tokenizer_path())."""
+    try:
+        return load_tokenizer(student_path)
+    except ConfigError:
+        return load_tokenizer(data_tokenizer_path)
 
 
 def config_fingerprint(config) -> str:

@@ -11,7 +11,7 @@ stage's output (``SAVED``), and its new one.
 Every config key is decided here: a key of a section in ``PARTS`` counts unless ``NO_EFFECT``
 lists it for that stage; ``run.name``, ``run.root``, ``run.device`` and ``run.inputs_from``
 count for no stage (where a run lives and runs, not what it computes; run.inputs_from's
-source is checked by identity instead, stages/inputs_from.py). The init stage hashes its init
+source is checked by identity instead, pipeline/inputs_from.py). The init stage hashes its init
 section as it runs it (paths filled from teacher.path and student.path).
 """
 
@@ -24,6 +24,8 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import fingerprint, to_dict
+from pipeline.data import sources_stamp
+from pipeline.run_paths import data_dir
 from pipeline.state import Inputs
 
 # The parts of each stage's fingerprint, in the order they are hashed (the order of the
@@ -86,7 +88,7 @@ def tokenizer_path(cfg: dict) -> str:
 
 def prepared_data(data_run: Path) -> dict | None:
     """The prepared splits' fingerprints: a re-prepared dataset must not reuse an old cache."""
-    path = Path(data_run) / "data" / "manifest.json"
+    path = data_dir(data_run) / "manifest.json"
     return {s: v["fingerprint"] for s, v in json.loads(path.read_text())["splits"].items()} if path.exists() else None
 
 
@@ -106,8 +108,6 @@ def part_values(stage: str, cfg, data_run: Path, rule: str) -> list:
         if name == "tokenizer_path":
             values.append(cfg.tokenizer_path())
         elif name == "source_stamp":
-            from pipeline.data import sources_stamp
-
             values.append(sources_stamp(cfg.data))  # data.source's files, and data.eval_source's when set
         elif name == "prepared_data":
             values.append(prepared_data(data_run))

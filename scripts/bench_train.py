@@ -253,8 +253,9 @@ def worker_synthetic(variant: str, args) -> dict:
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
     from pipeline.losses import KDSpec
+    from pipeline.optim import build_optimizer
     from pipeline.student import DistillStudent
-    from stages.train_student import TrainConfig, build_optimizer
+    from stages.train_student import TrainConfig
 
     torch.manual_seed(0)
     accelerator = Accelerator(cpu=not args.gpu, mixed_precision="bf16" if args.gpu else "no")

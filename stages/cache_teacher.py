@@ -28,6 +28,8 @@ from cache.writer import CacheWriter, check_identity, committed_sample_ids, comm
 from pipeline import state
 from pipeline.config import ConfigError, choice, ranged, save_config
 from pipeline.distributed import Dist, use_cpu
+from pipeline.run_paths import cache_dir
+from pipeline.splits import load_split
 from pipeline.stage_inputs import stage_inputs
 from pipeline.teachers.base import TeacherBatch, build_teacher
 from pipeline.teachers.extract import TARGETS, ExtractSpec
@@ -94,10 +96,6 @@ class CacheConfig:
                               f"allowed: in [{levels[0]}, {levels[1]}]")
 
 
-def cache_dir(run_dir: Path, split: str) -> Path:
-    return Path(run_dir) / ("cache" if split == "train" else f"cache_{split}")
-
-
 def extract_spec(cfg: CacheConfig, vocab_limit: int) -> ExtractSpec:
     temps = tuple([1.0] + [t for t in cfg.temperatures if t != 1.0])
     return ExtractSpec(k=cfg.k, temperatures=temps, targets=cfg.targets, num_draws=cfg.num_draws,
@@ -150,8 +148,6 @@ def identity(cfg, teacher, spec: ExtractSpec, data_manifest: dict, split: str) -
 
 
 def cache_split(cfg, teacher, spec: ExtractSpec, split: str, dist: Dist) -> Manifest | None:
-    from stages.prepare import load_split
-
     ds, data_manifest = load_split(cfg.run_dir, split, allow_empty=True)  # an empty split is not cached
     out_dir = cache_dir(cfg.run_dir, split)
     if len(ds) == 0:
@@ -221,8 +217,6 @@ def run(cfg, force: bool = False) -> dict[str, Manifest]:
                                     defer=True, committed=committed_outputs(outputs)):
         return {s: read_manifest(cache_dir(cfg.run_dir, s)) for s in cfg.cache.splits
                 if (cache_dir(cfg.run_dir, s) / "manifest.json").exists()}
-    from stages.prepare import load_split
-
     _, data_manifest = load_split(cfg.run_dir, "train")
     spec = extract_spec(cfg.cache, vocab_limit=data_manifest["vocab_size"])
     # vLLM sizes its KV cache by max_model_len; 0 means the prepared length (+1 for the one generated token)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pipeline.config import load_config
 from pipeline.demo import save_tiny_model, stdlib_docstrings, tiny_config, train_tokenizer, write_jsonl
+from pipeline.run_paths import cache_dir
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TEACHER = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
@@ -62,7 +63,7 @@ def main(root: str = "runs") -> dict:
     results = evaluate.run(cfg)
     from stages import inspect_cache
 
-    stats = inspect_cache.inspect(cache_teacher.cache_dir(cfg.run_dir, "train"))
+    stats = inspect_cache.inspect(cache_dir(cfg.run_dir, "train"))
     print(summary(stats, results), flush=True)
     return {"stats": stats, "results": results}
 
@@ -80,7 +81,7 @@ def summary(stats: dict, results: dict) -> str:
 
 def inputs_from(demo_dir: Path) -> str:
     """The override that makes a study variant train and evaluate on the demo's prepared data and caches,
-    in place (run.inputs_from: checked by identity, never copied; stages/inputs_from.py)."""
+    in place (run.inputs_from: checked by identity, never copied; pipeline/inputs_from.py)."""
     return f"run.inputs_from={demo_dir}"
 
 

@@ -26,13 +26,22 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cache.schema import read_manifest, write_json_atomic
 from cache.stream import CacheSource, ShardStream, StreamPlan
-from cache.schema import write_json_atomic
 from pipeline import state
-from pipeline.config import choice, ranged, save_config
-from pipeline.batches import to_device
-from pipeline.distributed import use_cpu
+from pipeline.batches import PreparedSource, collate, to_device
+from pipeline.config import ConfigError, choice, ranged, save_config
+from pipeline.data import tokenizer_fingerprint
+from pipeline.distributed import Dist, use_cpu
 from pipeline.generation import rouge_l
+from pipeline.inputs_from import check_inputs_from
+from pipeline.models import load_causal_lm, own_tokenizer_fingerprint, student_tokenizer
+from pipeline.router import RouterCapture, num_experts, router_family
+from pipeline.router_losses import expert_counts, load_summary
+from pipeline.run_paths import cache_dir
+from pipeline.splits import load_split
+from pipeline.stage_inputs import stage_inputs
+from pipeline.teachers.base import resolve_dtype
 
 
 @dataclass
@@ -64,9 +73,7 @@ def eval_device(setting: str) -> torch.device:
     """run.device: 'auto' = CUDA when available (the local rank's GPU under a launcher)."""
     if use_cpu(setting):
         return torch.device("cpu")
-    from accelerate import PartialState
-
-    return PartialState().device
+    return Dist.from_env(cpu=False).device
 
 
 def valid_logits(model, batch: dict, vocab_limit: int) -> torch.Tensor:
@@ -199,9 +206,6 @@ def evaluate_model(model, batches: list[dict], vocab_limit: int, ks: list[int], 
 
 def router_capture(model):
     """A RouterCapture on a MoE model of a supported family, else None (dense or unsupported)."""
-    from pipeline.config import ConfigError
-    from pipeline.router import RouterCapture, num_experts, router_family
-
     try:
         family = router_family(model.config) if num_experts(model.config) else None
     except ConfigError:
@@ -211,8 +215,6 @@ def router_capture(model):
 
 def batch_load(logits_LNE: list[torch.Tensor], batch: dict, top_k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(expert token counts [L, E], summed router entropy [L], routed rows) of one batch, padding excluded."""
-    from pipeline.router_losses import expert_counts
-
     valid_N = batch["attention_mask"].reshape(-1).bool()
     pairs = [expert_counts(g, valid_N, top_k) for g in logits_LNE]
     return torch.stack([c for c, _ in pairs]).cpu(), torch.stack([h for _, h in pairs]).cpu(), float(valid_N.sum())
@@ -221,17 +223,12 @@ def batch_load(logits_LNE: list[torch.Tensor], batch: dict, top_k: int) -> tuple
 def expert_load_results(loads: list) -> dict:
     """Layer means of load CV, router entropy, dead-expert share; per-layer values and the load
     histogram (share of top-k assignments per expert) under 'expert_load'."""
-    from pipeline.router_losses import load_summary
-
     per_layer = load_summary(sum(c for c, _, _ in loads), sum(h for _, h, _ in loads), sum(r for _, _, r in loads))
     means = {k: float(np.mean(per_layer[k])) for k in ("load_cv", "router_entropy", "dead_experts")}
     return means | {"expert_load": per_layer}
 
 
 def eval_batches(cfg) -> tuple[list[dict], int]:
-    from pipeline.batches import PreparedSource, collate
-    from stages.cache_teacher import cache_dir
-
     directory = cache_dir(cfg.inputs_dir, cfg.eval.split)
     if (directory / "manifest.json").exists():
         source = CacheSource(directory)
@@ -249,11 +246,6 @@ def eval_batches(cfg) -> tuple[list[dict], int]:
 
 def eval_teacher(cfg, device: torch.device, vocab_limit: int, tokenizer):
     """(the teacher model, '') for the full-vocabulary metrics, or (None, why it is not run)."""
-    from pipeline.config import ConfigError
-    from pipeline.data import tokenizer_fingerprint
-    from pipeline.models import load_causal_lm, own_tokenizer_fingerprint
-    from pipeline.teachers.base import resolve_dtype
-
     if not cfg.eval.run_teacher:
         return None, "eval.run_teacher=false"
     if not cfg.teacher.path:
@@ -276,12 +268,6 @@ def eval_teacher(cfg, device: torch.device, vocab_limit: int, tokenizer):
 
 
 def run(cfg, force: bool = False) -> dict:
-    from stages.prepare import load_split
-    from stages.train_setup import student_tokenizer
-    from pipeline.models import load_causal_lm
-    from pipeline.stage_inputs import stage_inputs
-    from stages.inputs_from import check_inputs_from
-
     out_dir = cfg.run_dir / "eval"
     check_inputs_from(cfg)  # data/ and caches of another run (run.inputs_from): refused unless they are this config's
     inputs = stage_inputs("evaluate", cfg)
@@ -289,7 +275,7 @@ def run(cfg, force: bool = False) -> dict:
         return json.loads((out_dir / "results.json").read_text())
     device = eval_device(cfg.run.device)
     batches, vocab = eval_batches(cfg)
-    tokenizer = student_tokenizer(cfg)
+    tokenizer = student_tokenizer(cfg.student.path, cfg.tokenizer_path())
     vocab_limit = vocab or len(tokenizer)
     teacher, missing = eval_teacher(cfg, device, vocab_limit, tokenizer)
     identity = cache_identity(cfg)
@@ -321,9 +307,6 @@ def run(cfg, force: bool = False) -> dict:
 
 def cache_identity(cfg) -> dict:
     """The identity of the evaluated split's cache ({} without one)."""
-    from cache.schema import read_manifest
-    from stages.cache_teacher import cache_dir
-
     directory = cache_dir(cfg.inputs_dir, cfg.eval.split)
     return read_manifest(directory).identity if (directory / "manifest.json").exists() else {}
 

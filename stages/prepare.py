@@ -19,22 +19,12 @@ from tqdm.auto import tqdm
 from cache.schema import write_json_atomic
 from pipeline import state
 from pipeline.config import ConfigError, save_config
-from pipeline.data import (is_eval, load_records, pack, resolve_mode, sequences_fingerprint, to_position_mask,
-                           tokenize_batch, tokenizer_fingerprint)
+from pipeline.data import (is_eval, load_records, pack, resolve_mode, to_position_mask, tokenize_batch,
+                           tokenizer_fingerprint)
+from pipeline.models import load_tokenizer
+from pipeline.run_paths import data_dir
+from pipeline.splits import SPLITS, save_split
 from pipeline.stage_inputs import stage_inputs
-
-SPLITS = ("train", "eval")
-
-
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    if not path:
-        raise ConfigError("no tokenizer: set data.tokenizer, teacher.path or student.path")
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"cannot load tokenizer {path!r}: {str(err).splitlines()[0]}") from None
 
 
 def documents(records, tokenizer, cfg, mode: str):
@@ -106,28 +96,11 @@ def check_counts(data_cfg, rows: dict, counts: dict) -> str:
             f"{counts['no_trained_position']} with no trained position; {counts['dropped']} dropped (under 2 tokens)")
 
 
-def save_split(out_dir: Path, rows: dict[str, list]) -> dict:
-    import datasets
-
-    features = datasets.Features({
-        "sample_id": datasets.Value("int64"),
-        "input_ids": datasets.Sequence(datasets.Value("int32")),
-        "loss_mask": datasets.Sequence(datasets.Value("uint8")),
-    })
-    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(out_dir))
-    return {
-        "sequences": len(rows["sample_id"]),
-        "tokens": int(sum(len(x) for x in rows["input_ids"])),
-        "trained_tokens": int(sum(int(m.sum()) for m in rows["loss_mask"])),
-        "fingerprint": sequences_fingerprint(rows["sample_id"], rows["input_ids"], rows["loss_mask"]),
-    }
-
-
 def run(cfg, force: bool = False) -> dict:
     run_dir, data_cfg = cfg.run_dir, cfg.data
     tok_path = cfg.tokenizer_path()
     inputs = stage_inputs("prepare", cfg)
-    out_dir = run_dir / "data"
+    out_dir = data_dir(run_dir)
     if not state.begin(run_dir, "prepare", inputs, [out_dir], force, defer=True, committed=[out_dir / "manifest.json"]):
         return json.loads((out_dir / "manifest.json").read_text())
     tokenizer = load_tokenizer(tok_path)
@@ -156,24 +129,3 @@ def run(cfg, force: bool = False) -> dict:
     if int(os.environ.get("RANK", "0")) == 0:  # one summary under a launcher too
         print(report, flush=True)
     return manifest
-
-
-def load_split(run_dir: Path, split: str, allow_empty: bool = False):
-    """A prepared split as a datasets.Dataset in numpy format, plus the data manifest.
-
-    An empty split (data.eval_fraction=0 leaves 'eval' empty) is an empty Dataset with
-    ``allow_empty``, else one line: ``datasets`` cannot load back the empty split it saved.
-    """
-    import datasets
-
-    manifest_path = Path(run_dir) / "data" / "manifest.json"
-    if not manifest_path.exists():
-        raise ConfigError(f"{run_dir} has no prepared data; run the 'prepare' stage first")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest["splits"][split]["sequences"] == 0:
-        if not allow_empty:
-            raise ConfigError(f"the prepared '{split}' split of {run_dir} holds no sequences; set data.eval_fraction "
-                              f"> 0 and re-run prepare with --force, or set eval.split=train")
-        return datasets.Dataset.from_dict({k: [] for k in ("sample_id", "input_ids", "loss_mask")}), manifest
-    ds = datasets.load_from_disk(str(Path(run_dir) / "data" / split)).with_format("numpy")
-    return ds, manifest

@@ -19,23 +19,14 @@ from pathlib import Path
 from cache.schema import MANIFEST_NAME
 from cache.writer import committed_shards
 from pipeline.config import ConfigError
+from pipeline.run_paths import cache_dirs, data_dir, split_of
 from pipeline.state import STAGES, lock_holder, read_state
 
 RECORD_KEYS = ("stage", "status", "inputs", "updated", "aside_for", "aside")
 
 
-def cache_dirs(run_dir: Path) -> list[Path]:
-    """runs/<name>/cache (train split) and cache_<split>; not the ones set aside by --force."""
-    found = [p for p in run_dir.glob("cache*") if p.is_dir() and (p.name == "cache" or p.name.startswith("cache_"))]
-    return sorted(p for p in found if ".old-" not in p.name)
-
-
-def split_of(cache_dir: Path) -> str:
-    return "train" if cache_dir.name == "cache" else cache_dir.name[len("cache_"):]
-
-
 def prepared_tokens(run_dir: Path) -> dict[str, int]:
-    path = run_dir / "data" / "manifest.json"
+    path = data_dir(run_dir) / "manifest.json"
     if not path.exists():
         return {}
     return {split: info["tokens"] for split, info in json.loads(path.read_text())["splits"].items()}

@@ -10,15 +10,20 @@ import math
 import sys
 from dataclasses import dataclass
 
+import torch
+
 from cache.schema import read_manifest
 from cache.stream import CacheSource, ShardStream, StreamPlan
+from pipeline.batches import PreparedSource
 from pipeline.config import ConfigError
 from pipeline.data import tokenizer_fingerprint
 from pipeline.losses import KDSpec, approximates_tail
+from pipeline.models import load_causal_lm, student_tokenizer
+from pipeline.optim import build_optimizer
 from pipeline.router import RouterCapture, num_experts, router_family, uniform_layer_map
 from pipeline.router_losses import TEACHER_PARTS, RouterLossSpec
+from pipeline.run_paths import cache_dir
 from pipeline.student import DistillStudent
-from stages.cache_teacher import cache_dir
 
 
 @dataclass
@@ -31,10 +36,6 @@ class TrainJob:
 
 
 def load_student(cfg):
-    import torch
-
-    from pipeline.models import load_causal_lm
-
     if not cfg.student.path:
         raise ConfigError("student.path is empty; set it to a model directory or hub id")
     model = load_causal_lm(cfg.student.path, getattr(torch, cfg.student.dtype), torch.device("cpu"),
@@ -42,16 +43,6 @@ def load_student(cfg):
     if cfg.student.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.train()
-
-
-def student_tokenizer(cfg):
-    """The student's own tokenizer if its directory has one, else the data's."""
-    from stages.prepare import load_tokenizer
-
-    try:
-        return load_tokenizer(cfg.student.path)
-    except ConfigError:
-        return load_tokenizer(cfg.tokenizer_path())
 
 
 def check_cache_fits(identity: dict, tokenizer, model) -> None:
@@ -204,13 +195,8 @@ def stream_plan(cfg, accelerator) -> StreamPlan:
 
 
 def setup(cfg, accelerator) -> TrainJob:
-    import torch
-
-    from pipeline.batches import PreparedSource
-    from stages.train_student import build_optimizer
-
     torch.manual_seed(cfg.run.seed)
-    model, tokenizer = load_student(cfg), student_tokenizer(cfg)
+    model, tokenizer = load_student(cfg), student_tokenizer(cfg.student.path, cfg.tokenizer_path())
     if cfg.train.uses_cache():
         source = CacheSource(cache_dir(cfg.inputs_dir, "train"))
         identity = source.reader.manifest.identity

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +21,14 @@ from pathlib import Path
 import torch
 
 from pipeline import checkpoint, state
-from pipeline.batches import host_view, to_device
+from pipeline.batches import host_view, to_device, train_batches
 from pipeline.config import ConfigError, choice, ranged, save_config
+from pipeline.inputs_from import check_inputs_from
 from pipeline.metrics import MetricsLogger
+from pipeline.optim import drop_frozen_grads
 from pipeline.router_losses import MC_TARGETS
+from pipeline.stage_inputs import stage_inputs
+from stages.train_setup import check_kd_targets, setup
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -186,65 +188,6 @@ class TrainConfig:
                 or self.router_mc_weight > 0)
 
 
-# --- optimizer and schedule -----------------------------------------------------------------
-
-
-def lr_multiplier(name: str, phase: TrainPhase) -> float:
-    for pattern, mult in phase.param_groups.items():
-        if re.search(pattern, name):
-            return float(mult)
-    return phase.default_lr_multiplier
-
-
-def param_groups(model, cfg: TrainConfig) -> list[dict]:
-    """Groups by (multiplier in every phase, decay or not); norms, biases and 1-D tensors get no decay."""
-    groups: dict[tuple, dict] = {}
-    for name, param in model.named_parameters():
-        mults = tuple(lr_multiplier(name, p) for p in cfg.all_phases())
-        decay = param.ndim >= 2 and "norm" not in name.lower()
-        group = groups.setdefault((mults, decay), {"params": [], "mults": mults,
-                                                   "weight_decay": cfg.weight_decay if decay else 0.0})
-        group["params"].append(param)
-    return list(groups.values())
-
-
-def phase_of(step: int, phases: list[TrainPhase]) -> int:
-    for i, phase in enumerate(phases):
-        if step < phase.steps:
-            return i
-        step -= phase.steps
-    return len(phases) - 1
-
-
-def schedule(cfg: TrainConfig, mults: tuple[float, ...]):
-    """Warmup + cosine over all phases, times this group's multiplier in the current phase."""
-    total, phases = cfg.total_steps, cfg.all_phases()
-
-    def factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
-        progress = min(1.0, max(0, step - cfg.warmup_steps) / max(total - cfg.warmup_steps, 1))
-        cosine = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-        return warm * cosine * mults[phase_of(step, phases)]
-
-    return factor
-
-
-def drop_frozen_grads(optimizer) -> None:
-    """Parameters at lr 0 in this phase lose their gradient: clipping ignores them, AdamW keeps no moments."""
-    for group in optimizer.param_groups:
-        if group["lr"] == 0.0:
-            for param in group["params"]:
-                param.grad = None
-
-
-def build_optimizer(model, cfg: TrainConfig):
-    groups = param_groups(model, cfg)
-    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "mults"} for g in groups], lr=cfg.lr,
-                                  betas=tuple(cfg.betas))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule(cfg, g["mults"]) for g in groups])
-    return optimizer, scheduler
-
-
 # --- the stage ------------------------------------------------------------------------------
 
 
@@ -306,11 +249,6 @@ def train_step(model, micro: list[dict], cfg: TrainConfig, accelerator, step: in
 
 
 def run(cfg, force: bool = False) -> Path:
-    from stages.train_setup import check_kd_targets, setup
-
-    from pipeline.stage_inputs import stage_inputs
-    from stages.inputs_from import check_inputs_from
-
     out_dir = cfg.run_dir / "train"
     check_inputs_from(cfg)  # data/ and caches of another run (run.inputs_from): refused unless they are this config's
     inputs = stage_inputs("train", cfg)
@@ -357,8 +295,6 @@ def resume(out_dir: Path, accelerator, model, optimizer, job) -> int:
 
 
 def train_loop(cfg, accelerator, model, optimizer, job, step: int, logger, out_dir: Path) -> None:
-    from pipeline.batches import train_batches
-
     tcfg, total = cfg.train, cfg.train.total_steps
     if step >= total:
         return

@@ -298,7 +298,7 @@ def test_empty_eval_split_is_one_line(cli):
     assert cli("cache", "cache.splits=[train,eval]")[0] == 0, "an empty split is not cached (it used to crash)"
     assert not (cli.run_dir / "cache_eval").exists()
     from pipeline.config import ConfigError
-    from stages.prepare import load_split
+    from pipeline.splits import load_split
 
     with pytest.raises(ConfigError, match="'eval' split .* holds no sequences"):
         load_split(cli.run_dir, "eval")

@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM
 
 from cache.stream import CacheSource, ShardStream
 from pipeline.config import ConfigError, validate
+from pipeline.run_paths import cache_dir
 from stages import train_student
-from stages.cache_teacher import cache_dir
 from stages.train_setup import stream_plan
 from stages.train_student import TrainConfig
 

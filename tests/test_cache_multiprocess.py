@@ -17,6 +17,7 @@ import pytest
 from cache_helpers import assert_same_cache, by_sample
 
 from cache.schema import read_manifest
+from pipeline.run_paths import cache_dir
 from stages import cache_teacher, prepare
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,8 +50,8 @@ def test_two_ranks_equal_one(make_config):
     assert done.returncode == 0, done.stderr[-4000:]
 
     for split in ("train", "eval"):
-        one = cache_teacher.cache_dir(single.run_dir, split)
-        two = cache_teacher.cache_dir(multi.run_dir, split)
+        one = cache_dir(single.run_dir, split)
+        two = cache_dir(multi.run_dir, split)
         assert_same_cache(by_sample(two), by_sample(one))
         manifest = read_manifest(two)
         names = [s.name for s in manifest.shards]

@@ -20,6 +20,7 @@ from cache_helpers import assert_same_cache, by_sample
 
 from cache.schema import read_manifest
 from cache.writer import committed_shards
+from pipeline.run_paths import cache_dir
 from stages import cache_teacher, prepare
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,15 +65,15 @@ def test_killed_cache_resumes_to_the_uninterrupted_result(make_config, tmp_path)
     reference_cfg = make_config(*SETTINGS, "run.name=reference")
     prepare.run(reference_cfg)
     cache_teacher.run(reference_cfg)
-    reference = by_sample(cache_teacher.cache_dir(reference_cfg.run_dir, "train"))
-    reference_shards = read_manifest(cache_teacher.cache_dir(reference_cfg.run_dir, "train")).shards
+    reference = by_sample(cache_dir(reference_cfg.run_dir, "train"))
+    reference_shards = read_manifest(cache_dir(reference_cfg.run_dir, "train")).shards
     total_shards = len(reference_shards)
 
     cfg = make_config(*SETTINGS, "run.name=killed")
     prepare.run(cfg)
     overrides = [f"run.root={cfg.run.root}", f"data.source={cfg.data.source}", f"teacher.path={cfg.teacher.path}",
                  *SETTINGS, "run.name=killed"]
-    cache = cache_teacher.cache_dir(cfg.run_dir, "train")
+    cache = cache_dir(cfg.run_dir, "train")
 
     # 1. very early: the teacher is loaded, the stage is running, nothing is committed yet
     kill_when(start(overrides), lambda: state_status(cfg.run_dir) == "running")
@@ -102,7 +103,7 @@ def test_shard_bytes_bounds_the_shards_and_the_stage_ends_with_a_summary(make_co
         cfg = make_config(*base, *limit, f"run.name={name}")
         prepare.run(cfg)
         manifest = cache_teacher.run(cfg)["train"]
-        caches[name] = (cache_teacher.cache_dir(cfg.run_dir, "train"), manifest)
+        caches[name] = (cache_dir(cfg.run_dir, "train"), manifest)
     out = [line for line in capsys.readouterr().out.splitlines() if line.startswith("cache: ")]
     assert len(out) == 2
     (tokens_dir, by_tokens), (bytes_dir, by_bytes) = caches["tokens"], caches["bytes"]

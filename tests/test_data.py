@@ -13,8 +13,8 @@ import pytest
 
 from pipeline.config import ConfigError
 from pipeline.data import DataConfig, load_records
+from pipeline.splits import load_split
 from stages import cache_teacher, prepare
-from stages.prepare import load_split
 
 MAX_LEN = 48
 

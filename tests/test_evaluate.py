@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from pipeline import generation
+from pipeline.splits import load_split
 from stages import evaluate, train_student
-from stages.prepare import load_split
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,7 +15,7 @@ from cache.reader import CacheReader
 from cache.schema import CacheError, read_manifest
 from cache.stream import CacheSource, ShardStream, StreamPlan
 from fault_helpers import Payload, flip_byte, one_line_error, rewrite_checksums
-from stages.cache_teacher import cache_dir
+from pipeline.run_paths import cache_dir
 
 SHARD_ARRAYS = ("draw_ids", "router_probs", "topk_logprobs", "log_partition")
 

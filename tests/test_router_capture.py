@@ -20,6 +20,7 @@ from cache_helpers import by_sample
 from cache.schema import read_manifest
 from pipeline.config import ConfigError
 from pipeline.router import ROUTER_FAMILIES, check_raw_logits, router_family
+from pipeline.run_paths import cache_dir
 from stages import cache_teacher, prepare
 
 PROB_ATOL, SUM_ATOL = 1e-3, 5e-3
@@ -32,7 +33,7 @@ def run_cache(make_config, *overrides, teacher="qwen3_moe"):
                       "cache.batch_size=3", *overrides, teacher=teacher)
     prepare.run(cfg)
     cache_teacher.run(cfg)
-    out_dir = cache_teacher.cache_dir(cfg.run_dir, "train")
+    out_dir = cache_dir(cfg.run_dir, "train")
     return cfg, by_sample(out_dir), read_manifest(out_dir)
 
 

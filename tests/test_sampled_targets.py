@@ -17,6 +17,7 @@ import torch
 from cache_helpers import by_sample
 from scipy.stats import chi2
 
+from pipeline.run_paths import cache_dir
 from stages import cache_teacher, prepare
 
 DRAWS = 64
@@ -27,7 +28,7 @@ def run_cache(make_config, *overrides):
                       f"cache.num_draws={DRAWS}", *overrides)
     prepare.run(cfg)
     cache_teacher.run(cfg)
-    return by_sample(cache_teacher.cache_dir(cfg.run_dir, "train"))
+    return by_sample(cache_dir(cfg.run_dir, "train"))
 
 
 def draws_of(seq: dict) -> list[dict[int, int]]:
@@ -99,7 +100,7 @@ def test_draws_follow_the_teacher_at_draw_temperature(make_config, sharp_teacher
                       f"teacher.path={sharp_teacher}")
     prepare.run(cfg)
     cache_teacher.run(cfg)
-    cache = by_sample(cache_teacher.cache_dir(cfg.run_dir, "train"))
+    cache = by_sample(cache_dir(cfg.run_dir, "train"))
     model = AutoModelForCausalLM.from_pretrained(sharp_teacher, dtype=torch.float32).eval()
     positions = 0
     for seq in cache.values():

@@ -10,7 +10,7 @@ import torch
 from cache.schema import CacheError
 from cache.stream import CacheSource, SequenceIndex, ShardStream, StreamPlan
 from pipeline.batches import epoch_steps
-from stages.cache_teacher import cache_dir
+from pipeline.run_paths import cache_dir
 
 STORES = ("zarr", "hdf5")
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 from cache_helpers import by_sample
 
+from pipeline.run_paths import cache_dir
 from stages import cache_teacher, prepare
 
 FP16_RTOL, FP16_ATOL = 2e-3, 1e-4
@@ -28,7 +29,7 @@ def run_cache(make_config, *overrides, teacher="qwen3_moe"):
                       "cache.splits=[train]", "cache.temperatures=[1.0,2.0]", *overrides, teacher=teacher)
     prepare.run(cfg)
     cache_teacher.run(cfg)
-    return cfg, by_sample(cache_teacher.cache_dir(cfg.run_dir, "train"))
+    return cfg, by_sample(cache_dir(cfg.run_dir, "train"))
 
 
 @pytest.fixture(scope="module")

@@ -81,7 +81,7 @@ def assert_same_topk_ids(ids_h: np.ndarray, ids_v: np.ndarray, lp_h: np.ndarray)
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_vllm_cache_equals_hf_cache(caches):
-    from stages.cache_teacher import cache_dir
+    from pipeline.run_paths import cache_dir
 
     for split in ("train", "eval"):
         hf, vl = (read_all(cache_dir(cfg.run_dir, split)) for cfg in caches)
@@ -100,7 +100,7 @@ def test_vllm_cache_equals_hf_cache(caches):
 @needs_vllm
 @pytest.mark.slow
 def test_vllm_manifest_names_backend_and_fields(caches):
-    from stages.cache_teacher import cache_dir
+    from pipeline.run_paths import cache_dir
 
     hf, vl = (read_manifest(cache_dir(cfg.run_dir, "train")) for cfg in caches)
     assert vl.identity["teacher_backend"] == "vllm" and hf.identity.get("teacher_backend", "hf") != "vllm"

@@ -16,11 +16,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from cache.schema import CacheError
 from cache.stream import CacheSource, ShardStream
 from pipeline.config import ConfigError
+from pipeline.optim import build_optimizer, param_groups
+from pipeline.run_paths import cache_dir
+from pipeline.splits import load_split
 from stages import train_student
-from stages.cache_teacher import cache_dir
-from stages.prepare import load_split
 from stages.train_setup import setup, stream_plan
-from stages.train_student import TrainConfig, TrainPhase, build_optimizer, param_groups
+from stages.train_student import TrainConfig, TrainPhase
 
 
 def metrics(cfg) -> list[dict]:
@@ -207,7 +208,7 @@ def test_phase_multiplier_scales_the_schedule():
 
 
 def test_frozen_parameters_get_no_gradient_and_no_adam_moments():
-    from stages.train_student import drop_frozen_grads
+    from pipeline.optim import drop_frozen_grads
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     cfg = TrainConfig(lr=1.0, warmup_steps=0, phases=[TrainPhase(steps=2, param_groups={"^0\\.": 0.0})])

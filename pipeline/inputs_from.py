@@ -14,14 +14,16 @@ cache_eval/ (PipelineConfig.inputs_dir) and `run` skips prepare and cache.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from cache.schema import MANIFEST_NAME, read_manifest
 from pipeline.config import ConfigError
+from pipeline.data import tokenizer_fingerprint
+from pipeline.models import load_tokenizer, teacher_identity
+from pipeline.run_paths import cache_dir
+from pipeline.splits import read_data_manifest
 from pipeline.stage_inputs import stage_inputs
 from pipeline.state import read_state
-from stages.cache_teacher import cache_dir
 
 
 def source_stages(cfg) -> tuple[str, ...]:
@@ -57,10 +59,7 @@ def check_inputs_from(cfg) -> None:
 
 def check_tokenizer(cfg, source: Path, head: str) -> None:
     """The tokenizer at this config's path still has the content the source's data was prepared with."""
-    from pipeline.data import tokenizer_fingerprint
-    from stages.prepare import load_tokenizer
-
-    prepared = json.loads((source / "data" / "manifest.json").read_text())["tokenizer"]
+    prepared = read_data_manifest(source)["tokenizer"]
     if tokenizer_fingerprint(load_tokenizer(cfg.tokenizer_path())) != prepared:
         raise ConfigError(f"{head}: the tokenizer at {cfg.tokenizer_path()!r} is not the one {source}'s data was "
                           f"prepared with (its content changed); prepare and cache this run itself")
@@ -68,9 +67,7 @@ def check_tokenizer(cfg, source: Path, head: str) -> None:
 
 def check_teacher(cfg, source: Path, head: str) -> None:
     """The teacher at teacher.path still has the config (architecture, vocabulary) its caches were made from."""
-    from transformers import AutoConfig
-
-    from pipeline.models import teacher_identity
+    from transformers import AutoConfig  # lazy: transformers costs seconds at CLI start
 
     if not cfg.teacher.path:
         return  # a cache read without a teacher: its fingerprint (teacher.path) already matched
