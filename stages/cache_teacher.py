@@ -31,7 +31,8 @@ from pipeline.distributed import Dist, use_cpu
 from pipeline.run_paths import cache_dir
 from pipeline.splits import load_split
 from pipeline.stage_inputs import stage_inputs
-from pipeline.teachers.base import TeacherBatch, build_teacher
+from pipeline.teachers.backends import build_teacher
+from pipeline.teachers.base import TeacherBatch
 from pipeline.teachers.extract import TARGETS, ExtractSpec
 from pipeline.teachers.native import KERNELS
 
@@ -130,8 +131,7 @@ def check_teacher_fits(teacher, data_manifest: dict, spec: ExtractSpec) -> None:
                           f"tokenizer/teacher mismatch; use the teacher's own tokenizer (data.tokenizer)")
     if spec.wants_topk and spec.k > vocab:
         raise ConfigError(f"cache.k={spec.k} is larger than the vocabulary ({vocab}); use cache.k<={vocab}")
-    teacher_tok = getattr(teacher, "tokenizer_fingerprint", None)
-    if teacher_tok and teacher_tok != data_manifest["tokenizer"]:
+    if teacher.tokenizer_fingerprint not in (None, data_manifest["tokenizer"]):
         raise ConfigError("the prepared data used another tokenizer than the teacher's own; "
                           "set data.tokenizer to the teacher's and re-run prepare")
 
@@ -185,7 +185,7 @@ def cached_fields(spec: ExtractSpec, teacher) -> set[str]:
     if spec.wants_draws:
         out |= {"draw_offsets", "draw_ids", "draw_counts"}
     if teacher.router_topk:
-        out |= {"router_ids", "router_probs"} if getattr(teacher, "router_has_probs", True) else {"router_ids"}
+        out |= {"router_ids", "router_probs"} if teacher.router_has_probs else {"router_ids"}
     return out
 
 
@@ -228,8 +228,7 @@ def run(cfg, force: bool = False) -> dict[str, Manifest]:
     dist.barrier()  # no rank looks at the cache directories before that
     start = time.time()
     manifests = {s: m for s in cfg.cache.splits if (m := cache_split(cfg, teacher, spec, s, dist)) is not None}
-    if hasattr(teacher, "close"):
-        teacher.close()  # an engine (vLLM) frees its memory now, not whenever its object is collected
+    teacher.close()  # an engine (vLLM) frees its memory now, not whenever its object is collected
     if dist.is_main:
         tokens = {s: m.n_tokens for s, m in manifests.items()}
         state.write_state(cfg.run_dir, "cache", "done", inputs, tokens=tokens, seconds=round(time.time() - start, 1))

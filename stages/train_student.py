@@ -343,7 +343,7 @@ def finish(cfg, accelerator, model, job, out_dir: Path, inputs: str) -> Path:
 
 def save_router_temperature(wrapped, final: Path) -> None:
     """save_pretrained keeps only the HF model: the learnt τ_r goes beside it (docs/router.md)."""
-    tau_L = wrapped.router_tau() if hasattr(wrapped, "router_tau") else None
+    tau_L = wrapped.router_tau()
     if tau_L is None:
         return
     record = {"router_temperature": [round(t, 6) for t in tau_L.detach().tolist()],

@@ -1,27 +1,26 @@
-"""The teacher protocol: ``score(batch) -> TeacherOutput`` plus ``identity()``.
+"""The teacher protocol (``score(batch) -> TeacherOutput``, ``identity()``, ``close()`` and what the
+cache stage checks), its config and its input batch.
 
-Backends are picked by ``teacher.backend`` from ``TEACHERS``; each is imported only when
-chosen, so the vLLM backend costs nothing to users of the HF one.
+Backends are picked by ``teacher.backend`` from ``TEACHERS`` (pipeline/teachers/backends.py).
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from cache.schema import TeacherOutput
-from pipeline.config import ConfigError, choice, ranged
+from pipeline.config import choice, ranged
 
-TEACHERS = {"hf": "pipeline.teachers.hf:HFTeacher", "vllm": "pipeline.teachers.vllm:VLLMTeacher"}
+BACKENDS = ("hf", "vllm")  # the names of backends.TEACHERS (which imports this module, so cannot be read here)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
 class TeacherConfig:
-    backend: str = choice("hf", tuple(TEACHERS))
+    backend: str = choice("hf", BACKENDS)
     """Which engine runs the teacher."""
     path: str = ""
     """Model directory or hub id, loaded with from_pretrained."""
@@ -54,17 +53,18 @@ class TeacherBatch:
 
 
 class Teacher(Protocol):
+    vocab_size: int  # rows of the output embedding (>= the tokenizer's)
+    num_experts: int  # experts per MoE layer (0: dense, or router data not asked)
+    router_topk: int  # router entries cached per MoE layer (0: none)
+    router_has_probs: bool  # False: router ids only (vLLM)
+    tokenizer_fingerprint: str | None  # of the tokenizer saved with the model; None when it has none
+
     def score(self, batch: TeacherBatch) -> TeacherOutput: ...
 
     def identity(self) -> dict: ...
 
-
-def build_teacher(cfg: TeacherConfig, extract, device: torch.device) -> Teacher:
-    module_name, cls_name = TEACHERS[cfg.backend].split(":")
-    if not cfg.path:
-        raise ConfigError("teacher.path is empty; set it to a model directory or hub id")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    return cls(cfg, extract, device)
+    def close(self) -> None:
+        """Free the backend's memory now (an engine's GPU memory the next stage needs)."""
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -45,7 +45,11 @@ class HFTeacher:
         self.router_topk = resolve_router_topk(spec.router_topk, self.num_experts)
         self.capture = RouterCapture(self.model, self.family) if self.router_topk else None
         self.tokenizer_fingerprint = own_tokenizer_fingerprint(cfg.path)
+        self.router_has_probs = True
         self._checked = False
+
+    def close(self) -> None:
+        """Nothing to stop: the model's memory goes with the teacher object."""
 
     def identity(self) -> dict:
         config = self.model.config
