@@ -7,6 +7,7 @@ when no launcher set the environment.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -31,9 +32,7 @@ class Dist:
     def from_env(cls, cpu: bool | None = None, timeout_s: float | None = None) -> "Dist":
         """``timeout_s``: how long a collective (a barrier) waits for the other ranks; it applies
         when this call creates the process group (the first in a process), else torch's default."""
-        from datetime import timedelta
-
-        from accelerate import PartialState
+        from accelerate import PartialState  # lazy: ~2 s of import beyond torch; use_cpu alone needs none of it
 
         cpu = not torch.cuda.is_available() if cpu is None else cpu
         st = PartialState(cpu=cpu, **({"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}))

@@ -13,11 +13,18 @@ Running it again skips finished stages and resumes interrupted ones.
 
 from __future__ import annotations
 
+import os
+import platform
 from pathlib import Path
+
+import torch
 
 from pipeline.config import load_config
 from pipeline.demo import save_tiny_model, stdlib_docstrings, tiny_config, train_tokenizer, write_jsonl
 from pipeline.run_paths import cache_dir
+from stages import cache_teacher, evaluate, inspect_cache, prepare, train_student
+from stages.config import PipelineConfig
+from stages.evaluate import format_results
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TEACHER = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
@@ -40,14 +47,10 @@ def build_assets(root: Path) -> dict[str, Path]:
 
 
 def run_config(name: str, overrides: list[str]):
-    from stages.config import PipelineConfig
-
     return load_config(PipelineConfig, [CONFIGS / name], overrides)
 
 
 def main(root: str = "runs") -> dict:
-    from stages import cache_teacher, evaluate, prepare, train_student
-
     assets = build_assets(Path(root) / "demo_assets")
     teacher_cfg = run_config("demo_teacher.yaml", [f"run.root={root}", f"data.source={assets['data']}",
                                                    f"student.path={assets['teacher_init']}", "eval.before=false"])
@@ -61,16 +64,12 @@ def main(root: str = "runs") -> dict:
     cache_teacher.run(cfg)
     train_student.run(cfg)
     results = evaluate.run(cfg)
-    from stages import inspect_cache
-
     stats = inspect_cache.inspect(cache_dir(cfg.run_dir, "train"))
     print(summary(stats, results), flush=True)
     return {"stats": stats, "results": results}
 
 
 def summary(stats: dict, results: dict) -> str:
-    from stages.evaluate import format_results
-
     keys = [k for k in ("tokens", "sequences", "bytes_per_token", "topk_mass_mean", "target_in_topk") if k in stats]
     cache_lines = "\n".join(f"  {k:<20} {stats[k]:,.4g}" for k in keys)
     return f"\n== demo summary\ncache (train split):\n{cache_lines}\nstudent vs teacher (held-out):\n{format_results(results)}"
@@ -95,11 +94,6 @@ def link_student(demo_dir: Path, run_dir: Path) -> None:
 
 def machine() -> str:
     """CPU model, cores and torch threads, for the tables the studies commit."""
-    import os
-    import platform
-
-    import torch
-
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
     model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),

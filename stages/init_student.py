@@ -23,12 +23,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline import state
 from pipeline.config import ConfigError, choice, fingerprint, ranged, save_config
 from pipeline.distributed import Dist
 from pipeline.expert_init import MOE_NAMES, init_moe_layer, moe_names
-from pipeline.lora_extract import save_adapter
-from pipeline.router import num_experts
 from pipeline.layer_map import LayerSource, layer_map
+from pipeline.lora_extract import save_adapter
+from pipeline.models import check_model_dir
+from pipeline.router import num_experts
+from pipeline.stage_inputs import stage_inputs
 from pipeline.weight_init import BLENDS, PROJECTIONS, blend, layer_name, project_tensor, student_layer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -85,8 +88,6 @@ class InitConfig:
             raise ConfigError(f"init.mode=lora needs init.student_path with weights; got {self.student_path!r}")
         if self.mode == "lora" and self.student_overrides:
             raise ConfigError("init.student_overrides must be empty with init.mode=lora (the adapter needs the student as saved)")
-        from pipeline.models import check_model_dir
-
         for path in filter(None, (self.teacher_path, self.student_path)):
             check_model_dir(path)  # one line for a missing path or a directory without config.json
 
@@ -330,9 +331,6 @@ def run_stage(pipeline_cfg, force: bool = False) -> Path:
 
         python run_pipeline.py init --config configs/my.yaml init.mode=lora
     """
-    from pipeline import state
-    from pipeline.stage_inputs import stage_inputs
-
     cfg = pipeline_cfg.init_config()
     cfg.validate()
     cfg.check_paths()

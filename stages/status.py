@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
+
 from cache.schema import MANIFEST_NAME
 from cache.writer import committed_shards
 from pipeline.config import ConfigError
@@ -40,7 +42,7 @@ def cache_progress(cache_dir: Path, expected_tokens: int | None) -> dict:
 
 
 def latest_checkpoint_step(run_dir: Path) -> int | None:
-    from pipeline import checkpoint
+    from pipeline import checkpoint  # lazy: it imports torch, which `status` needs for nothing else (~1 s)
 
     latest = checkpoint.latest(run_dir / "train" / "checkpoints")
     return int(latest.name.split("-")[1]) if latest else None
@@ -48,8 +50,6 @@ def latest_checkpoint_step(run_dir: Path) -> int | None:
 
 def inputs_from(run_dir: Path) -> str:
     """run.inputs_from in the run's saved train (or eval) config: '' when it reads its own data and caches."""
-    import yaml
-
     for name in ("train", "eval"):
         path = run_dir / name / "config.yaml"
         if path.exists():
