@@ -114,7 +114,7 @@ def count_syncs(monkeypatch, cfg) -> SyncCounter:
         real_step(self, step, *args, **kwargs)
         counter.step = step
 
-    monkeypatch.setattr(batches_module, "train_batches", host_batches)
+    monkeypatch.setattr(train_student, "train_batches", host_batches)  # the name the stage calls
     monkeypatch.setattr(MetricsLogger, "step", logger_step)
     monkeypatch.setattr(train_student, "to_device", copying_to_device(train_student.to_device))
     with counter:
@@ -189,7 +189,7 @@ def test_no_cuda_sync_on_steps_that_are_not_logged(monkeypatch, train_config):
         real_step(self, step, *args, **kwargs)
         marks[f"after {step}"] = len(caught)
 
-    monkeypatch.setattr(batches_module, "train_batches", marked_batches)
+    monkeypatch.setattr(train_student, "train_batches", marked_batches)
     monkeypatch.setattr(MetricsLogger, "step", logger_step)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
