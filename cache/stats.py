@@ -106,14 +106,22 @@ def router_entropy(router_probs_TLR: np.ndarray) -> np.ndarray:
     return bucket_entropy(router_probs_TLR.reshape(T * L, R)).reshape(T, L)
 
 
-def load_shares(load_LE: np.ndarray) -> np.ndarray:
-    total_L1 = load_LE.sum(axis=1, keepdims=True)
-    return load_LE / np.where(total_L1 > 0, total_L1, 1.0)
+# load_shares and coefficient_of_variation are the one home of the expert-load balance: inspect calls
+# them on numpy arrays, training and evaluation (pipeline/router_losses.py) on torch tensors on the
+# device (so training reads nothing back). Hence only the operators and methods both types share.
 
 
-def coefficient_of_variation(shares_LE: np.ndarray) -> np.ndarray:
-    """std / mean of the expert shares of each layer (0 = perfectly balanced)."""
-    return shares_LE.std(axis=1) / shares_LE.mean(axis=1)
+def load_shares(load_LE):
+    """Each expert's share of its layer's load [L, E] (a layer without load: zeros)."""
+    total_L = load_LE.sum(-1)
+    return load_LE / (total_L + (total_L == 0))[..., None]
+
+
+def coefficient_of_variation(shares_LE):
+    """std / mean of the expert shares (or loads) of each layer [L] (0 = perfectly balanced, or no load)."""
+    mean_L = shares_LE.mean(-1)
+    std_L = (((shares_LE - mean_L[..., None]) ** 2).mean(-1)) ** 0.5
+    return std_L / (mean_L + (mean_L == 0))
 
 
 # --- one decoded piece ------------------------------------------------------------------

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cache.stats import coefficient_of_variation, load_shares
 from pipeline.batches import valid_rows
 from pipeline.router import map_experts, router_kl, teacher_router_dense
 
@@ -192,9 +193,8 @@ def load_per_layer(counts_LE: torch.Tensor, entropy_sum_L: torch.Tensor, rows) -
     """Per layer, float64 on the counts' device: load share histogram [L, E], coefficient of
     variation of the load, mean router entropy (nats), share of experts that received no token [L]."""
     counts_LE, entropy_sum_L = counts_LE.double(), entropy_sum_L.double()
-    mean_L = counts_LE.mean(-1)
-    return {"load_histogram": counts_LE / counts_LE.sum(-1, keepdim=True).clamp(min=1e-12),
-            "load_cv": counts_LE.std(-1, unbiased=False) / mean_L.clamp(min=1e-12),
+    shares_LE = load_shares(counts_LE)
+    return {"load_histogram": shares_LE, "load_cv": coefficient_of_variation(shares_LE),
             "router_entropy": entropy_sum_L / max(float(rows), 1.0),
             "dead_experts": (counts_LE == 0).double().mean(-1)}
 

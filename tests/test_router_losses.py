@@ -192,6 +192,25 @@ def test_load_summary_by_hand():
     assert out["dead_experts"] == [0.25] and out["router_entropy"] == [0.75]
 
 
+def test_load_balance_is_one_formula_for_inspect_and_training():
+    """cache/stats.py's load shares and CV serve numpy (inspect) and device tensors (training,
+    evaluation) alike: both equal numpy's std / mean, in float64, a layer without load gives 0."""
+    from cache.stats import coefficient_of_variation, load_shares
+
+    counts_LE = np.random.default_rng(0).integers(0, 9, size=(3, 8)).astype(np.float64)
+    counts_LE[2] = 0  # a layer no token was routed through
+    reference_cv = np.std(counts_LE[:2], axis=1) / np.mean(counts_LE[:2], axis=1)
+    for xp_counts in (counts_LE, torch.from_numpy(counts_LE)):
+        shares = load_shares(xp_counts)
+        cv = np.asarray(coefficient_of_variation(shares), dtype=np.float64)
+        np.testing.assert_allclose(cv[:2], reference_cv, rtol=1e-12)
+        assert cv[2] == 0 and np.asarray(shares)[2].sum() == 0
+        np.testing.assert_allclose(np.asarray(shares)[:2].sum(1), 1.0, rtol=1e-12)
+    per_layer = load_summary(torch.from_numpy(counts_LE), torch.zeros(3), 1)
+    assert per_layer["load_cv"] == pytest.approx(list(coefficient_of_variation(load_shares(counts_LE))), rel=1e-12)
+    assert isinstance(coefficient_of_variation(load_shares(torch.from_numpy(counts_LE))), torch.Tensor)
+
+
 # --- the family's aux loss vs the model's own path ----------------------------------------------
 
 
