@@ -23,6 +23,7 @@ Formulas and what is covered: docs/losses.md, "Fused LM head + CE + KD".
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import sys
 from dataclasses import dataclass, replace
@@ -38,7 +39,8 @@ from pipeline.losses import (
     bucket_logprobs,
 )
 
-FUSED_LOSS = ("auto", "always", "never")  # not on/off: YAML reads those as booleans
+FUSED_LOSS = ("auto", "always", "never", "triton")  # not on/off: YAML reads those as booleans
+KERNELS = ("torch", "triton")  # how a chunk is computed (fused_lm_losses)
 RENORMALISED = frozenset({"top_kl"})  # never looks at the tail bucket
 
 
@@ -129,43 +131,70 @@ def _small_losses(a_CK, u1_C, ut_C, s_y_C, sd_CD, ce_C, kd_C, teacher, spec, pla
     return ce, torch.where(kd_C, kd_row, 0.0).sum()
 
 
+def loss_and_grads(a_CK, u1_C, ut_C, sd_CD, s_y_C, ce_C, kd_C, teacher, spec, plan, weights, vocab):
+    """(ce sum, kd sum, g_a_CK, g_u1_C, g_ut_C, g_sd_CD): the chunk's sums and the gradient of
+    weights[0] * ce + weights[1] * kd w.r.t. the surrogate statistics (ut_C, sd_CD may be None:
+    then so are their gradients). Shared by the torch chunk below and the Triton one
+    (pipeline/kernels/fused_ce_kd.py), which differ only in how the statistics are formed."""
+    leaves = [a_CK, u1_C] + ([ut_C] if ut_C is not None else []) + ([sd_CD] if sd_CD is not None else [])
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_() for x in leaves]
+        a, u1 = leaves[:2]
+        ut = leaves[2] if ut_C is not None else u1
+        sd = leaves[-1] if sd_CD is not None else None
+        ce, kd = _small_losses(a, u1, ut, s_y_C, sd, ce_C, kd_C, teacher, spec, plan, vocab)
+        total = weights[0] * ce + weights[1] * kd
+        grads = torch.autograd.grad(total, leaves, allow_unused=True) if total.requires_grad else [None] * len(leaves)
+    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+    g_ut = grads[2] if ut_C is not None else None
+    return ce.detach(), kd.detach(), grads[0], grads[1], g_ut, grads[-1] if sd_CD is not None else None
+
+
+def gathered_ids(teacher, plan: Plan, rows: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(ids_CK the tail excludes: the cached top-k or none, the draws' ids or None) of a chunk."""
+    ids_CK = teacher.topk_ids_TK if plan.kd == "topk" else torch.zeros(rows, 0, dtype=torch.long, device=device)
+    return ids_CK, teacher.draw_ids_TD if plan.kd == "sampled" else None
+
+
+def other_tail(plan: Plan) -> bool:
+    """True when the KD term needs a second tail logit, at plan.tail_tau != 1."""
+    return plan.tail_tau is not None and plan.tail_tau != 1.0
+
+
 def _chunk(h_CH, w_VH, dW_VH, labels_C, ce_C, kd_C, teacher, spec, plan, weights):
     """(ce sum, kd sum, dH_CH) of one chunk; adds the chunk's d weight into dW_VH."""
     s_CV = h_CH @ w_VH.T
     C, V = s_CV.shape
     y_C = torch.where(ce_C, labels_C, 0)
     s_y_C = s_CV.gather(-1, y_C[:, None])[:, 0]
-    ids_CK = teacher.topk_ids_TK if plan.kd == "topk" else torch.zeros(C, 0, dtype=torch.long, device=s_CV.device)
-    draw_ids_CD = teacher.draw_ids_TD if plan.kd == "sampled" else None
+    ids_CK, draw_ids_CD = gathered_ids(teacher, plan, C, s_CV.device)
     a_CK = s_CV.gather(-1, ids_CK)
     sd_CD = None if draw_ids_CD is None else s_CV.gather(-1, draw_ids_CD)
     s_CV.scatter_(-1, ids_CK, float("-inf"))  # the uncached logits
     m_C = s_CV.amax(-1)
     m_C = torch.where(torch.isfinite(m_C), m_C, 0.0)  # every id cached (K = V): no tail
-    other = plan.tail_tau is not None and plan.tail_tau != 1.0
+    other = other_tail(plan)
     ut_C, et_CV, sumt_C = _tail_logit(s_CV, m_C, plan.tail_tau, in_place=False) if other else (None,) * 3
     u1_C, e1_CV, sum1_C = _tail_logit(s_CV, m_C, 1.0, in_place=True)
-    leaves = [a_CK, u1_C] + ([ut_C] if other else []) + ([sd_CD] if sd_CD is not None else [])
-    with torch.enable_grad():
-        leaves = [x.detach().requires_grad_() for x in leaves]
-        a, u1 = leaves[:2]
-        ut = leaves[2] if other else u1
-        sd = leaves[-1] if sd_CD is not None else None
-        ce, kd = _small_losses(a, u1, ut, s_y_C, sd, ce_C, kd_C, teacher, spec, plan, V)
-        total = weights[0] * ce + weights[1] * kd
-        grads = torch.autograd.grad(total, leaves, allow_unused=True) if total.requires_grad else [None] * len(leaves)
-    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+    ce, kd, g_a, g_u1, g_ut, g_sd = loss_and_grads(a_CK, u1_C, ut_C, sd_CD, s_y_C, ce_C, kd_C, teacher, spec, plan,
+                                                   weights, V)
     tiny = torch.finfo(s_CV.dtype).tiny
-    d_CV = e1_CV.mul_((grads[1] / sum1_C.clamp_min(tiny))[:, None])  # in place: s_CV -> e1 -> d logits
+    d_CV = e1_CV.mul_((g_u1 / sum1_C.clamp_min(tiny))[:, None])  # in place: s_CV -> e1 -> d logits
     if other:
-        d_CV.add_(et_CV.mul_((grads[2] / sumt_C.clamp_min(tiny))[:, None]))
+        d_CV.add_(et_CV.mul_((g_ut / sumt_C.clamp_min(tiny))[:, None]))
         del et_CV
-    d_CV.scatter_add_(-1, ids_CK, grads[0])  # 0 at the cached ids so far
+    d_CV.scatter_add_(-1, ids_CK, g_a)  # 0 at the cached ids so far
     d_CV.scatter_add_(-1, y_C[:, None], torch.where(ce_C, -weights[0], 0.0).to(d_CV.dtype)[:, None])
     if sd_CD is not None:
-        d_CV.scatter_add_(-1, draw_ids_CD, grads[-1])
+        d_CV.scatter_add_(-1, draw_ids_CD, g_sd)
     dW_VH.addmm_(d_CV.T, h_CH)
-    return ce.detach(), kd.detach(), d_CV @ w_VH
+    return ce, kd, d_CV @ w_VH
+
+
+def _triton_chunk(w_VH: torch.Tensor, hidden_dtype: torch.dtype):
+    from pipeline.kernels.fused_ce_kd import TritonChunk  # imports triton: only when selected
+
+    return TritonChunk(w_VH, hidden_dtype)
 
 
 # --- the autograd Function --------------------------------------------------------------------
@@ -176,10 +205,11 @@ class FusedLMLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden_TH, weight_VH, labels_T, ce_mask_T, kd_mask_T, teacher, spec, plan, weights,
-                chunk_tokens, vocab_limit):
+                chunk_tokens, vocab_limit, kernel):
         dtype = torch.float64 if hidden_TH.dtype == torch.float64 else torch.float32
         with torch.autocast(hidden_TH.device.type, enabled=False), torch.no_grad():
             w_VH = weight_VH[:vocab_limit].to(dtype)
+            chunk = _chunk if kernel == "torch" else _triton_chunk(w_VH, hidden_TH.dtype)
             dW_VH = torch.zeros(weight_VH.shape, dtype=dtype, device=weight_VH.device)
             dH_TH = torch.empty(hidden_TH.shape, dtype=dtype, device=hidden_TH.device)
             ce, kd = (torch.zeros((), dtype=dtype, device=hidden_TH.device) for _ in range(2))  # two outputs
@@ -187,7 +217,7 @@ class FusedLMLoss(torch.autograd.Function):
                 rows = slice(start, min(start + chunk_tokens, hidden_TH.shape[0]))
                 t = None if teacher is None else _safe_teacher(teacher.slice(rows.start, rows.stop),
                                                                kd_mask_T[rows], plan)
-                ce_c, kd_c, dH_TH[rows] = _chunk(hidden_TH[rows].to(dtype), w_VH, dW_VH[:vocab_limit], labels_T[rows],
+                ce_c, kd_c, dH_TH[rows] = chunk(hidden_TH[rows].to(dtype), w_VH, dW_VH[:vocab_limit], labels_T[rows],
                                                  ce_mask_T[rows], kd_mask_T[rows], t, spec, plan, weights)
                 ce, kd = ce + ce_c, kd + kd_c
         ctx.save_for_backward(dH_TH, dW_VH)
@@ -201,7 +231,7 @@ class FusedLMLoss(torch.autograd.Function):
         ctx.done = True
         dH_TH, dW_VH = ctx.saved_tensors
         c = _common_factor(g_ce, g_kd, ctx.weights)
-        return (dH_TH.mul_(c).to(ctx.dtypes[0]), dW_VH.mul_(c).to(ctx.dtypes[1])) + (None,) * 9
+        return (dH_TH.mul_(c).to(ctx.dtypes[0]), dW_VH.mul_(c).to(ctx.dtypes[1])) + (None,) * 10
 
 
 def _common_factor(g_ce, g_kd, weights) -> torch.Tensor:
@@ -224,12 +254,17 @@ def _common_factor(g_ce, g_kd, weights) -> torch.Tensor:
 
 def fused_lm_losses(hidden_TH, lm_head_weight_VH, labels_T, ce_mask_T, kd_mask_T, teacher: TeacherTargets | None,
                     spec: KDSpec | None, weights: tuple[float, float] = (1.0, 1.0), chunk_tokens: int = 1024,
-                    vocab_limit: int = 0) -> dict[str, torch.Tensor]:
+                    vocab_limit: int = 0, kernel: str = "torch") -> dict[str, torch.Tensor]:
     """losses.chunked_lm_losses' contract ({"ce", "kd"} sums, fp32, vocab_limit, masks), fused.
 
     weights: the (ce, kd) factors of the loss that will be differentiated (its grad outputs may
     be any common multiple of them, e.g. the trainer's 1 / global token count).
+    kernel: "torch" (the chunk below) or "triton" (pipeline/kernels/fused_ce_kd.py: the same
+    statistics and gradients from two Triton sweeps over vocabulary tiles; CUDA, or CPU under
+    TRITON_INTERPRET=1).
     """
+    if kernel not in KERNELS:
+        raise ValueError(f"fused_lm_losses: kernel={kernel!r}; allowed: {', '.join(KERNELS)}")
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     vocab_limit = vocab_limit or lm_head_weight_VH.shape[0]
@@ -246,19 +281,28 @@ def fused_lm_losses(hidden_TH, lm_head_weight_VH, labels_T, ce_mask_T, kd_mask_T
     plan = make_plan(spec, teacher.temperatures if teacher is not None else (1.0,))
     return dict(zip(("ce", "kd"), FusedLMLoss.apply(
         hidden_TH, lm_head_weight_VH, labels_T, ce_mask_T.bool(), kd_mask_T.bool(), teacher, spec, plan,
-        tuple(float(w) for w in weights), chunk_tokens, vocab_limit)))
+        tuple(float(w) for w in weights), chunk_tokens, vocab_limit, kernel)))
 
 
 def choose(mode: str, spec: KDSpec | None) -> bool:
     """train.fused_loss: True for the fused path. 'auto' falls back (one stderr line) where it
-    does not cover the loss, 'always' refuses such a loss, 'never' is the chunked path."""
+    does not cover the loss, 'always' and 'triton' refuse such a loss, 'never' is the chunked path.
+    'auto' keeps the torch kernel: no GPU measurement of the Triton one exists yet (docs/kernels.md)."""
     if mode not in FUSED_LOSS:
         raise ValueError(f"train.fused_loss={mode!r}; allowed: {', '.join(FUSED_LOSS)}")
+    if mode == "triton" and importlib.util.find_spec("triton") is None:
+        raise ValueError("train.fused_loss=triton: triton is not installed (pip install triton); "
+                         "use train.fused_loss=auto")
     reason = "" if spec is None or mode == "never" else not_covered(spec)
-    if reason and mode == "always":
-        raise ValueError(f"train.fused_loss=always does not cover train.kd_loss={spec.name}: {reason}; "
+    if reason and mode in ("always", "triton"):
+        raise ValueError(f"train.fused_loss={mode} does not cover train.kd_loss={spec.name}: {reason}; "
                          f"use train.fused_loss=auto (falls back to the chunked loss) or never")
     if reason:
         print(f"train.fused_loss=auto: {spec.name} uses the chunked LM-head loss, not the fused one ({reason})",
               file=sys.stderr, flush=True)
     return mode != "never" and not reason
+
+
+def kernel_for(mode: str) -> str:
+    """The fused_lm_losses kernel train.fused_loss selects."""
+    return "triton" if mode == "triton" else "torch"

@@ -46,6 +46,7 @@ class DistillStudent(nn.Module):
         # train.fused_loss: the fused LM head + CE + KD (pipeline/fused_loss.py) forms the gradient in forward
         # for the trainer's (ce, kd) weights; the prompt KL (forward KL at tau = 1) is always covered.
         self.fused = fused_loss.choose(fused, spec)
+        self.kernel = fused_loss.kernel_for(fused)  # torch, or triton (train.fused_loss=triton)
         self.fused_prompt_kl, self.loss_weights = fused != "never" and prompt_kl, tuple(loss_weights)
         self.routers, self.layer_map, self.teacher_experts = routers, layer_map or [], teacher_experts
         self.router_spec = router_spec or RouterLossSpec(parts=frozenset({"router"} if self.layer_map else ()),
@@ -63,7 +64,7 @@ class DistillStudent(nn.Module):
         mask_T = batch["loss_mask"]
         wants_teacher = self.spec is not None or self.prompt_kl
         teacher = teacher_targets(batch["teacher"], self.temperatures) if wants_teacher else None
-        lm_losses = partial(fused_loss.fused_lm_losses, weights=self.loss_weights) if self.fused else chunked_lm_losses
+        lm_losses = partial(fused_loss.fused_lm_losses, weights=self.loss_weights, kernel=self.kernel) if self.fused else chunked_lm_losses
         out = lm_losses(hidden_TH, self.model.get_output_embeddings().weight, batch["labels"], mask_T, mask_T,
                         teacher if self.spec is not None else None, self.spec,
                         chunk_tokens=self.chunk_tokens, vocab_limit=self.vocab_limit)
@@ -83,7 +84,7 @@ class DistillStudent(nn.Module):
             raise ValueError("train.prompt_kl_weight > 0 needs a cache with top-k targets (cache.targets=topk...)")
         rows_R = batch["prompt_rows"] if "prompt_rows" in batch else prompt_positions(batch).nonzero()[:, 0]
         kd_R = torch.ones_like(rows_R, dtype=torch.bool)
-        lm_losses = partial(fused_loss.fused_lm_losses, weights=(0.0, 1.0)) if self.fused_prompt_kl else chunked_lm_losses
+        lm_losses = partial(fused_loss.fused_lm_losses, weights=(0.0, 1.0), kernel=self.kernel) if self.fused_prompt_kl else chunked_lm_losses
         return lm_losses(hidden_TH.index_select(0, rows_R), self.model.get_output_embeddings().weight,
                          batch["labels"].index_select(0, rows_R), ~kd_R, kd_R, teacher.index(rows_R),
                          PROMPT_KL, chunk_tokens=self.chunk_tokens, vocab_limit=self.vocab_limit)["kd"]

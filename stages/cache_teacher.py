@@ -72,7 +72,7 @@ class CacheConfig:
     extract_chunk_tokens: int = ranged(1024, min=1)
     """Positions per extraction step (bounds the fp32 vocab-sized temporary)."""
     extract_kernel: str = choice("auto", KERNELS)
-    """Top-k + log-partition on CPU: 'native' (one-pass C++ kernel, built on first use), 'torch', or 'auto' (native when it builds)."""
+    """Extraction kernel: 'native' (CPU one-pass C++ kernel, built on first use), 'torch', 'triton' (CUDA, one kernel per row of bf16/fp32 logits: docs/kernels.md), or 'auto' (native on CPU when it builds, torch on a GPU)."""
     seed: int = ranged(0, min=0)
     """Seed of the sampled targets (with each sample id)."""
     splits: list[str] = field(default_factory=lambda: ["train", "eval"])

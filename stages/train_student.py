@@ -149,8 +149,8 @@ class TrainConfig:
     """Sequences shuffled together."""
     loss_chunk_tokens: int = ranged(1024, min=1)
     """Tokens per chunk of the lm_head + loss (memory bound)."""
-    fused_loss: str = choice("auto", ("auto", "always", "never"))
-    """LM head + CE + KD fused, gradients in forward (docs/losses.md); auto: where covered, else chunked; always: refuse uncovered."""
+    fused_loss: str = choice("auto", ("auto", "always", "never", "triton"))
+    """LM head + CE + KD fused, gradients in forward (docs/losses.md); auto: where covered, else chunked; always: refuse uncovered; triton: always, with the Triton kernel (CUDA; docs/kernels.md)."""
     tracker: str = choice("none", ("none", "tensorboard"))
     """Experiment tracker through accelerate."""
     source: str = choice("auto", ("auto", "cache", "prepared"))

@@ -20,6 +20,8 @@ from pipeline.demo import save_tiny_model, stdlib_docstrings, tiny_config, train
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+if not torch.cuda.is_available():  # tests/test_triton_*.py run the Triton kernels interpreted on CPU; triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # reads this when first imported, so before any test imports it
 VOCAB = 512
 
 

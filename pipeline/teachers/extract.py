@@ -31,7 +31,7 @@ class ExtractSpec:
     vocab_limit: int = 0  # ids >= this are vocabulary padding and never a target
     chunk_tokens: int = 1024
     router_topk: str = "all"  # 'all' | 'none' | an integer
-    kernel: str = "auto"  # the teacher resolves it to 'native' (CPU kernel) or 'torch': native.resolve_kernel
+    kernel: str = "auto"  # the teacher resolves it to 'native' (CPU kernel), 'torch' or 'triton': native.resolve_kernel
 
     @property
     def wants_topk(self) -> bool:
@@ -125,19 +125,35 @@ def draw(zf_CV: torch.Tensor, u_CN: torch.Tensor, temperature: float) -> dict[st
     }
 
 
+def torch_chunk(z_CV: torch.Tensor, targets_C: torch.Tensor, u_CN: torch.Tensor | None,
+                spec: ExtractSpec) -> dict[str, torch.Tensor]:
+    out = topk_and_partitions(z_CV, spec)
+    zf_CV = out.pop("zf")
+    out["target_logprob"] = target_logprob(zf_CV, out["log_partition"][:, 0], targets_C)
+    if u_CN is not None:
+        out.update(draw(zf_CV, u_CN.to(zf_CV.device), spec.draw_temperature))
+    return out
+
+
+def triton_chunk(z_CV: torch.Tensor, targets_C: torch.Tensor, u_CN: torch.Tensor | None,
+                 spec: ExtractSpec) -> dict[str, torch.Tensor]:
+    """The same fields from one Triton kernel over the logits in their own dtype (pipeline/kernels/extract.py)."""
+    from pipeline.kernels.extract import extract_chunk  # imports triton: only when selected
+
+    return extract_chunk(z_CV, targets_C, u_CN, spec.k if spec.wants_topk else 0, spec.temperatures,
+                         spec.draw_temperature)
+
+
 def extract_sequence(z_LV: torch.Tensor, targets_L: torch.Tensor, u_LN: torch.Tensor | None,
                      spec: ExtractSpec) -> dict[str, torch.Tensor]:
     """All cache fields for one sequence's L positions, computed chunk by chunk."""
     if spec.vocab_limit:
         z_LV = z_LV[:, : spec.vocab_limit]
     parts: dict[str, list[torch.Tensor]] = {}
+    chunk = triton_chunk if spec.kernel == "triton" else torch_chunk
     for start in range(0, z_LV.shape[0], spec.chunk_tokens):
         stop = min(start + spec.chunk_tokens, z_LV.shape[0])
-        out = topk_and_partitions(z_LV[start:stop], spec)
-        zf_CV = out.pop("zf")
-        out["target_logprob"] = target_logprob(zf_CV, out["log_partition"][:, 0], targets_L[start:stop])
-        if u_LN is not None:
-            out.update(draw(zf_CV, u_LN[start:stop].to(zf_CV.device), spec.draw_temperature))
+        out = chunk(z_LV[start:stop], targets_L[start:stop], None if u_LN is None else u_LN[start:stop], spec)
         for key, value in out.items():
             parts.setdefault(key, []).append(value)
     return {key: torch.cat(values) for key, values in parts.items()}

@@ -36,7 +36,7 @@ from pipeline.config import ConfigError
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("topk_lse.cpp")
-KERNELS = ("auto", "native", "torch")
+KERNELS = ("auto", "native", "torch", "triton")
 MIN_ROWS_PER_THREAD = 16
 
 
@@ -126,9 +126,18 @@ def available() -> str | None:
 
 
 def resolve_kernel(setting: str, device: torch.device) -> str:
-    """'native' or 'torch' for this device; 'native' on a GPU or without a compiler is an error."""
+    """'native', 'torch' or 'triton' for this device; 'native' on a GPU or without a compiler is an
+    error, and so is 'triton' where it cannot run. 'auto' never picks triton: no GPU measurement
+    of it exists yet (docs/kernels.md)."""
     if setting not in KERNELS:
         raise ConfigError(f"cache.extract_kernel={setting!r} is not allowed; allowed: {', '.join(KERNELS)}")
+    if setting == "triton":
+        from pipeline.kernels import unavailable
+
+        why = unavailable(device)
+        if why:
+            raise ConfigError(f"cache.extract_kernel=triton: {why}; use cache.extract_kernel=auto")
+        return "triton"
     if setting == "torch" or (setting == "auto" and device.type != "cpu"):
         return "torch"
     if device.type != "cpu":
