@@ -16,12 +16,12 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from cache.stats import coefficient_of_variation, load_shares
 from pipeline.batches import valid_rows
 from pipeline.router import map_experts, router_kl, teacher_router_dense
+from pipeline.seeding import sequence_generator
 
 TAU_RANGE = (0.5, 1.5)  # the learnable router temperature is projected into this range
 TEACHER_PARTS = ("router", "erd", "mc", "coverage")  # the parts that need the cached teacher router
@@ -86,14 +86,12 @@ def erd_loss(student_logits_TE: torch.Tensor, teacher_TE: torch.Tensor, tau: tor
 
 
 def draw_uniforms(sample_ids_B, lengths_B, seed: int, step: int, draws: int) -> torch.Tensor:
-    """Uniforms [T, K] on the CPU, one generator per sequence seeded from (seed, step, sample id):
-    the same sequence at the same step gets the same draws whatever the batching, rank count or
-    resume point. Sample ids and lengths: host sequences of ints (or CPU tensors)."""
+    """Uniforms [T, K] on the CPU, one generator per sequence keyed by (seed, step, sample id)
+    (pipeline/seeding.py): the same sequence at the same step gets the same draws whatever the
+    batching, rank count or resume point. Sample ids and lengths: host sequences of ints (or CPU tensors)."""
     rows = []
     for sid, n in zip([int(x) for x in sample_ids_B], [int(x) for x in lengths_B]):
-        state = np.random.SeedSequence([seed, step, sid]).generate_state(2, np.uint32)
-        gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-        rows.append(torch.rand(int(n), draws, generator=gen))
+        rows.append(torch.rand(int(n), draws, generator=sequence_generator(seed, step, sid)))
     return torch.cat(rows) if rows else torch.zeros(0, draws)
 
 

@@ -9,7 +9,6 @@ Shapes: C positions in a chunk, V vocabulary, K top-k, N draws, P temperatures.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -40,12 +39,6 @@ class ExtractSpec:
     @property
     def wants_draws(self) -> bool:
         return "sampled" in self.targets
-
-
-def sequence_generator(seed: int, sample_id: int) -> torch.Generator:
-    """The draws of a sequence depend on (seed, sample id) only: resume- and rank-proof."""
-    digest = hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
 def log_partitions(zf_CV: torch.Tensor, temperatures: tuple[float, ...]) -> torch.Tensor:

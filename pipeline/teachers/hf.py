@@ -17,9 +17,11 @@ from cache.schema import TeacherOutput
 from pipeline.config import ConfigError
 from pipeline.models import load_causal_lm, own_tokenizer_fingerprint, teacher_identity
 from pipeline.router import RouterCapture, check_raw_logits, num_experts, router_family
+from pipeline.seeding import sequence_generator
 from pipeline.teachers.base import TeacherBatch, TeacherConfig, resolve_dtype
-from pipeline.teachers.extract import ExtractSpec, extract_sequence, sequence_generator
+from pipeline.teachers.extract import ExtractSpec, extract_sequence
 from pipeline.teachers.native import resolve_kernel
+
 
 def resolve_router_topk(setting: str, experts: int) -> int:
     """'all' → every expert, 'none' → no router data, an integer → that many (≤ experts)."""
