@@ -12,6 +12,7 @@ entries per layer (k_r), D stored draw entries, P cached temperatures.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -115,14 +116,26 @@ def content_checksum(content: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+@contextlib.contextmanager
+def atomic_file(path: Path):
+    """Yield a temporary path beside ``path`` to write a file at; on leaving, the file is synced to
+    disk and renamed onto ``path``, so readers see the old file or the whole new one; after an
+    error it is removed. The one write-then-rename for files (a shard or checkpoint directory
+    commits by its own rename: cache/shards.py, pipeline/checkpoint.py)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # per process: ranks writing at once never share one
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_json_atomic(path: Path, text: str) -> None:
     """Write ``text`` so that readers see either the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_manifest(cache_dir: Path, manifest: Manifest) -> None:

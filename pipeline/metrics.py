@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from cache.schema import atomic_file
+
 
 def format_eta(seconds: float) -> str:
     seconds = int(max(seconds, 0))
@@ -79,9 +81,8 @@ class MetricsLogger:
         if not self.enabled or not self.path.exists():
             return
         keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        tmp.replace(self.path)
+        with atomic_file(self.path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in keep))
 
     def due(self, step: int) -> bool:
         """Whether step ``step`` (counted from 1) writes a line: every ``every`` steps and the last."""

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from cache.schema import atomic_file
 from pipeline import state
 from pipeline.config import ConfigError, choice, fingerprint, ranged, save_config
 from pipeline.distributed import Dist
@@ -243,9 +244,8 @@ def compute_shard(cfg: InitConfig, rank: int, world_size: int) -> Path:
         tensors.update(compute_group(group, inputs, cfg))
     path = shard_dir(cfg) / f"rank{rank:04d}-of-{world_size:04d}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    tmp.replace(path)  # atomic: rank 0 never reads a half-written shard
+    with atomic_file(path) as tmp:  # rank 0 never reads a half-written shard
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
     return path
 
 

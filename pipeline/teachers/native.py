@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from cache.schema import write_json_atomic
+from cache.schema import atomic_file, write_json_atomic
 from pipeline.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -71,15 +71,13 @@ def build() -> Path:
             return lib
         log.warning("not loading %s: %s; rebuilding it", lib, why)
     lib.parent.mkdir(parents=True, exist_ok=True)
-    tmp = lib.with_name(f".{lib.name}.{os.getpid()}.tmp")  # ranks building at once: last rename wins
-    proc = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        first = next((line for line in proc.stderr.splitlines() if "error" in line), proc.stderr.strip()[:200])
-        raise KernelUnavailable(f"{compiler} could not build {SOURCE.name}: {first}")
-    record = hash_record(lib)  # the hash of what this process built, written before the library is in place
-    write_json_atomic(record, file_sha256(tmp) + "\n")
-    os.replace(tmp, lib)
+    with atomic_file(lib) as tmp:  # ranks building at once: last rename wins
+        proc = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            first = next((line for line in proc.stderr.splitlines() if "error" in line), proc.stderr.strip()[:200])
+            raise KernelUnavailable(f"{compiler} could not build {SOURCE.name}: {first}")
+        # the hash of what this process built, written before the library is in place
+        write_json_atomic(hash_record(lib), file_sha256(tmp) + "\n")
     return lib
 
 
