@@ -19,14 +19,20 @@ run, not per chunk), and one top-k decode; no Python loop per sequence or positi
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from cache.codec import Codec, decode_topk
+from cache.location import Location, objects_digest
 from cache.schema import CacheError, Manifest, ShardInfo, TeacherOutput, ragged_arange, read_manifest
-from cache.shards import checksum, open_shard
+from cache.shards import open_shard, require_local
+from cache.zarr_store import open_shard as open_fetched
+
+PREFETCH_SHARDS = 2  # shards opened (object store: fetched whole and verified) ahead of the reads
 
 TOKEN_FIELDS = ("input_ids", "loss_mask", "target_logprob", "log_partition", "topk_ids", "topk_logprobs",
                 "router_ids", "router_probs")
@@ -34,11 +40,17 @@ TOKEN_FIELDS = ("input_ids", "loss_mask", "target_logprob", "log_partition", "to
 
 
 class CacheReader:
-    def __init__(self, cache_dir: str | Path, block_cache_bytes: int = 256 << 20, verify: bool = True):
-        self.cache_dir = Path(cache_dir)
-        self.manifest: Manifest = read_manifest(self.cache_dir)
-        if not self.manifest.complete:
+    def __init__(self, cache_dir: Location | str | Path, block_cache_bytes: int = 256 << 20, verify: bool = True,
+                 manifest: Manifest | None = None):
+        """``manifest``: the shards to read when the cache is still growing (follow mode, cache/follow.py)."""
+        self.location = Location.of(cache_dir)
+        self.manifest: Manifest = manifest or read_manifest(self.location)
+        if not self.manifest.complete and manifest is None:
             raise CacheError(f"{cache_dir} is not complete; finish the cache stage first")
+        try:
+            require_local(self.location, self.manifest.store)
+        except ValueError as err:
+            raise CacheError(str(err)) from None
         self.codec = Codec(**self.manifest.identity["codec"])
         self._handles: dict[str, object] = {}
         self._offsets: dict[str, np.ndarray] = {}
@@ -48,6 +60,16 @@ class CacheReader:
         self._verify = verify
         self._verified: set[str] = set()
         self._infos = {s.name: s for s in self.manifest.shards}
+        self._ahead: dict[str, Future] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
+
+    def add_shards(self, infos: list[ShardInfo]) -> None:
+        """Shards committed since (follow mode): readable from now on."""
+        for info in infos:
+            if info.name not in self._infos:
+                self.manifest.shards.append(info)
+                self._infos[info.name] = info
 
     @property
     def shards(self) -> list[ShardInfo]:
@@ -55,31 +77,63 @@ class CacheReader:
 
     def shard(self, name: str):
         if name not in self._handles:
+            future = self._ahead.pop(name, None)
+            self._handles[name] = future.result() if future is not None else self._open(name)
+        return self._handles[name]
+
+    def _open(self, name: str):
+        """A verified handle. On an object store the shard is fetched whole (concurrent GETs), checked, and
+        read from memory: the bytes hashed are the bytes decoded, and no chunk is fetched twice."""
+        if self.location.local:
             if self._verify and name not in self._verified:
                 self.check_shard(name)
-            self._handles[name] = open_shard(self.cache_dir, self.manifest.store, name)
-        return self._handles[name]
+            return open_shard(self.location, self.manifest.store, name)
+        objects = self.location.fetch(name)
+        if self._verify and name not in self._verified:
+            self._check(name, objects_digest(name, objects) if objects else None)
+        return open_fetched(objects)
+
+    def prefetch(self, names: list[str]) -> None:
+        """Open the next shards (at most PREFETCH_SHARDS) in background threads: on an object store their
+        download and hash overlap the reads of the current one."""
+        if self._pool is None or self._pool_pid != os.getpid():  # threads do not survive fork
+            self._pool, self._pool_pid, self._ahead = ThreadPoolExecutor(PREFETCH_SHARDS), os.getpid(), {}
+        for name in names[:PREFETCH_SHARDS]:
+            if name not in self._handles and name not in self._ahead:
+                self._ahead[name] = self._pool.submit(self._open, name)
 
     def check_shard(self, name: str) -> None:
         """A CacheError (one line: the shard, what is wrong, what to do) unless its bytes match the manifest."""
-        path = self.cache_dir / name
-        problem = "missing" if not path.exists() else None
-        if problem is None and checksum(path) != self._infos[name].checksum:
+        self._check(name, self.location.checksum(name) if self.location.exists(name) else None)
+
+    def _check(self, name: str, digest: str | None) -> None:
+        problem = "missing" if digest is None else None
+        if problem is None and digest != self._infos[name].checksum:
             problem = "checksum mismatch: its bytes changed after the cache was written"
         if problem:
-            raise CacheError(f"shard {path} is damaged ({problem}); list every damaged shard with "
-                             f"`run_pipeline.py inspect {self.cache_dir} --verify`, then re-create the cache "
+            raise CacheError(f"shard {self.location / name} is damaged ({problem}); list every damaged shard with "
+                             f"`run_pipeline.py inspect {self.location} --verify`, then re-create the cache "
                              f"with `run_pipeline.py cache --force` (sets the old cache aside)")
         self._verified.add(name)
 
+    def _index_handle(self, name: str):
+        """What the index reads (offsets, sample ids) from: the verified handle, or on an object store a lazy one
+        over the two small arrays (the whole shard is fetched and checked before any teacher value is read)."""
+        if name in self._handles or self.location.local:
+            return self.shard(name)
+        try:
+            return open_shard(self.location, self.manifest.store, name)  # two small arrays: not kept
+        except Exception:  # missing or damaged metadata: the verified open names what is wrong
+            return self.shard(name)
+
     def seq_offsets(self, name: str) -> np.ndarray:
         if name not in self._offsets:
-            self._offsets[name] = np.asarray(self.shard(name)["seq_offsets"][:])
+            self._offsets[name] = np.asarray(self._index_handle(name)["seq_offsets"][:])
         return self._offsets[name]
 
     def sample_ids(self, name: str) -> np.ndarray:
         if name not in self._sample_ids:
-            self._sample_ids[name] = np.asarray(self.shard(name)["sample_ids"][:])
+            self._sample_ids[name] = np.asarray(self._index_handle(name)["sample_ids"][:])
         return self._sample_ids[name]
 
     def _block(self, name: str, key: str, index: int, rows: int) -> np.ndarray:
@@ -191,14 +245,16 @@ class CacheReader:
         """Names of the shards whose bytes no longer match their recorded checksum."""
         bad = []
         for info in self.shards:
-            path = self.cache_dir / info.name
-            if not path.exists() or checksum(path) != info.checksum:
+            if not self.location.exists(info.name) or self.location.checksum(info.name) != info.checksum:
                 bad.append(info.name)
             else:
                 self._verified.add(info.name)
         return bad
 
     def close(self) -> None:
+        for future in self._ahead.values():
+            future.cancel()
+        self._ahead.clear()
         for handle in self._handles.values():
             handle.close()
         self._handles.clear()

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from cache.location import Location
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
@@ -138,19 +140,22 @@ def write_json_atomic(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def write_manifest(cache_dir: Path, manifest: Manifest) -> None:
-    write_json_atomic(Path(cache_dir) / MANIFEST_NAME, manifest.to_json())
+def write_manifest(cache_dir, manifest: Manifest) -> None:
+    """``cache_dir``: a path or a cache.location.Location; written whole (rename, or one PUT)."""
+    Location.of(cache_dir).write_whole(MANIFEST_NAME, manifest.to_json().encode())
 
 
-def read_manifest(cache_dir: str | Path) -> Manifest:
-    """The manifest of a cache; a CacheError naming the file when it is missing, unreadable or altered."""
-    path = Path(cache_dir) / MANIFEST_NAME
-    if not path.exists():
+def read_manifest(cache_dir) -> Manifest:
+    """The manifest of a cache (a path or a Location); a CacheError naming the file when it is missing,
+    unreadable or altered."""
+    location = Location.of(cache_dir)
+    if not location.exists(MANIFEST_NAME):
         raise CacheError(f"{cache_dir} holds no {MANIFEST_NAME}: not a finished kdcache cache")
+    path = location / MANIFEST_NAME
     damaged = (f"{path} is damaged ({{}}); re-create the cache: run_pipeline.py cache --force "
                f"(sets the old cache aside)")
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(location.read_bytes(MANIFEST_NAME).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CacheError(damaged.format(f"not valid JSON: {str(err).splitlines()[0]}")) from None
     if not isinstance(data, dict):

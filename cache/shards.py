@@ -1,15 +1,13 @@
-"""What both stores share: the store map, shard naming, checksums and atomic commits."""
+"""What both stores share: the store map, shard naming, checksums and whole-shard commits."""
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from cache import h5_store, zarr_store
+from cache.location import Location
 from cache.schema import ShardInfo
 
 STORES = {"zarr": zarr_store, "hdf5": h5_store}
@@ -40,43 +38,32 @@ def shard_name(store: str, rank: int, index: int) -> str:
 
 
 def checksum(path: Path) -> str:
-    """sha256 over every file of a shard (a file, or a directory walked in sorted order)."""
-    digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for file in files:
-        digest.update(str(file.relative_to(path.parent)).encode())
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    """sha256 over every file of a local shard (its keys relative to the cache, then its bytes; cache/location.py)."""
+    path = Path(path)
+    return Location(path.parent).checksum(path.name)
 
 
-def disk_bytes(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
-
-
-def commit_shard(cache_dir: Path, store: str, name: str, rank: int, arrays: dict[str, np.ndarray],
+def commit_shard(cache_dir: Location | Path, store: str, name: str, rank: int, arrays: dict[str, np.ndarray],
                  chunk_rows: int, compression: str, level: int) -> ShardInfo:
-    """Write a shard under a temporary name, then rename it: a shard is whole or absent."""
-    final = cache_dir / name
-    tmp = cache_dir / f".{name}.tmp{os.getpid()}"
-    remove(tmp)
-    get_store(store).write_shard(tmp, arrays, chunk_rows, compression, level)
-    remove(final)  # an orphan from a crash between rename and journal: not listed, so not data
-    os.replace(tmp, final)
-    n_seqs = len(arrays["sample_ids"])
-    return ShardInfo(name=name, rank=rank, n_tokens=len(arrays["input_ids"]), n_seqs=n_seqs,
-                     nbytes=disk_bytes(final), checksum=checksum(final))
+    """Write a shard whole (renamed into place locally, uploaded object by object on an object store):
+    it becomes data only once the journal that names it is written (cache/writer.py)."""
+    module = get_store(store)
+    write = lambda target: module.write_shard(target, arrays, chunk_rows, compression, level)  # noqa: E731
+    nbytes, digest = Location.of(cache_dir).put_shard(name, write)
+    return ShardInfo(name=name, rank=rank, n_tokens=len(arrays["input_ids"]), n_seqs=len(arrays["sample_ids"]),
+                     nbytes=nbytes, checksum=digest)
 
 
-def open_shard(cache_dir: Path, store: str, name: str):
-    return get_store(store).open_shard(Path(cache_dir) / name)
+def open_shard(cache_dir: Location | Path, store: str, name: str):
+    """A lazy read handle on a committed shard (HDF5: a local file; Zarr: a path or fsspec's store)."""
+    location = Location.of(cache_dir)
+    if store == "hdf5":
+        return get_store(store).open_shard(location.path(name))
+    return get_store(store).open_shard(location.zarr_store(name))
+
+
+def require_local(location: Location, store: str) -> None:
+    """HDF5 writes and reads files through libhdf5: an object store is refused with one line."""
+    if store == "hdf5" and not location.local:
+        raise ValueError(f"cache.store=hdf5 needs a local cache directory, not {location}; use cache.store=zarr "
+                         f"for object storage (or a local cache.dir)")

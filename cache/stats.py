@@ -288,7 +288,7 @@ def cache_stats(reader, max_tokens: int, piece_tokens: int = PIECE_TOKENS) -> di
     vocab_size, num_experts = int(identity.get("vocab_size") or 0), int(identity.get("num_experts") or 0)
     plan = sample_plan(reader, max_tokens, piece_tokens)
     if not plan:
-        raise CacheError(f"{reader.cache_dir} lists no shard: there is nothing to inspect")
+        raise CacheError(f"{reader.location} lists no shard: there is nothing to inspect")
     parts = [piece_stats(on_shard(piece[0], reader.read, *piece), vocab_size, num_experts, routed_experts(identity))
              for piece in plan]
     totals = merge(parts)
@@ -296,7 +296,7 @@ def cache_stats(reader, max_tokens: int, piece_tokens: int = PIECE_TOKENS) -> di
              "tokens": manifest.n_tokens, "sequences": manifest.n_seqs, "shards": len(manifest.shards),
              "sampled_tokens": totals["tokens"], "sampled_sequences": totals["sequences"],
              "sampled_shards": len({name for name, _, _ in plan})}
-    sizes = storage(reader.cache_dir, manifest.store, [s.name for s in manifest.shards])
+    sizes = storage(reader.location, manifest.store, [s.name for s in manifest.shards])
     stats.update(storage_summary(sizes, manifest.n_tokens, sum(s.nbytes for s in manifest.shards)))
     stats.update(teacher_summary(totals))
     if "router_load" in totals:

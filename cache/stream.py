@@ -15,13 +15,16 @@ torch DataLoader wrapper (workers, tensors) lives in pipeline/batches.py.
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from cache.reader import CacheReader
+from cache.reader import PREFETCH_SHARDS, CacheReader
 from cache.schema import CacheError, TeacherOutput
 from cache.schema import take_sequences as schema_take
+
+INDEX_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -45,19 +48,31 @@ class SequenceIndex:
 
 
 class CacheSource:
-    """Sequences of a finished cache, with the teacher's signal."""
+    """Sequences of a finished cache (a path or a cache.location.Location), with the teacher's signal."""
 
     def __init__(self, cache_dir):
         self.reader = CacheReader(cache_dir)
         self.names = [s.name for s in self.reader.shards]
 
     def index(self) -> SequenceIndex:
-        parts = []
-        for i, name in enumerate(self.names):
-            lengths = np.diff(self.reader.seq_offsets(name))
-            parts.append((self.reader.sample_ids(name), lengths, np.full(len(lengths), i), np.arange(len(lengths))))
+        return self.index_of(range(len(self.names)))
+
+    def index_of(self, shards) -> SequenceIndex:
+        """The sequences of some shards (indices into ``names``), shard after shard: their small index arrays
+        are read in INDEX_THREADS threads (on an object store each is a few round trips)."""
+        def part(i: int):
+            lengths = np.diff(self.reader.seq_offsets(self.names[i]))
+            return self.reader.sample_ids(self.names[i]), lengths, np.full(len(lengths), i), np.arange(len(lengths))
+
+        with ThreadPoolExecutor(INDEX_THREADS) as pool:
+            parts = list(pool.map(part, shards))
         self.reader.close()  # handles must be opened again inside each worker
+        if not parts:
+            return SequenceIndex(*(np.zeros(0, np.int64) for _ in range(4)))
         return SequenceIndex(*(np.concatenate(col) for col in zip(*parts)))
+
+    def prefetch(self, shards: list[int]) -> None:
+        self.reader.prefetch([self.names[i] for i in shards])
 
     def read(self, shard: int, local: int) -> TeacherOutput:
         return self.reader.read(self.names[shard], local, local + 1)
@@ -84,6 +99,7 @@ class ShardStream:
         self.source, self.plan = source, plan
         self.index = source.index()
         self.epoch, self.position = 0, 0
+        self._shard_order: tuple = ((None, 0), None, None)  # (epoch, size) → the epoch's shards in order of use
 
     def __len__(self) -> int:
         return len(self.index.sample_ids)
@@ -127,19 +143,35 @@ class ShardStream:
         mine = step[self.plan.rank::self.plan.world_size]
         return [part for part in np.array_split(mine, self.plan.micro_batches)]
 
-    def load(self, seqs: np.ndarray) -> TeacherOutput:
+    def load(self, seqs: np.ndarray, epoch: int | None = None) -> TeacherOutput:
         """The sequences ``seqs`` decoded, in that order: one ``read_many`` per shard they touch, then
-        one reorder (a source without ``read_many``, prepared data, reads sequence by sequence)."""
+        one reorder (a source without ``read_many``, prepared data, reads sequence by sequence). With
+        ``epoch`` (the epoch whose plan they come from), the source reads the shards that come next ahead."""
         idx, seqs = self.index, np.asarray(seqs, np.int64)
         if not hasattr(self.source, "read_many"):
             return concat_outputs([self.source.read(int(idx.shard[i]), int(idx.local[i])) for i in seqs])
         shards = idx.shard[seqs]
+        if epoch is not None and len(shards):
+            self.source.prefetch(self.shards_after(epoch, shards))
         by_shard = np.argsort(shards, kind="stable")
         groups = np.split(by_shard, np.flatnonzero(np.diff(shards[by_shard])) + 1)
         parts = [self.source.read_many(int(shards[g[0]]), idx.local[seqs[g]]) for g in groups]
         if len(parts) == 1:  # the stable sort left the order as it was
             return parts[0]
         return take_sequences(concat_outputs(parts), np.argsort(by_shard, kind="stable"))
+
+    def shards_after(self, epoch: int, shards: np.ndarray) -> list[int]:
+        """The PREFETCH_SHARDS shards the epoch's order reaches after the last of ``shards``."""
+        if self._shard_order[0] != (epoch, len(self)):
+            in_order = self.index.shard[self.order(epoch)]
+            _, first = np.unique(in_order, return_index=True)
+            sequence = in_order[np.sort(first)]
+            rank = np.zeros(int(self.index.shard.max(initial=0)) + 1, np.int64)
+            rank[sequence] = np.arange(len(sequence))
+            self._shard_order = ((epoch, len(self)), sequence, rank)
+        _, sequence, rank = self._shard_order
+        last = int(rank[shards].max())
+        return sequence[last + 1:last + 1 + PREFETCH_SHARDS].tolist()
 
     def advance(self, step: np.ndarray) -> None:
         """Record that ``step`` was consumed (call once the optimizer step is done)."""

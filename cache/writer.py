@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import errno
 import json
-import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -27,25 +26,27 @@ from pathlib import Path
 import numpy as np
 
 from cache.codec import Codec, encode_topk, encode_values, router_id_dtype
+from cache.location import Location
 from cache.schema import (PER_DRAW, PER_SEQ, CacheError, Manifest, ShardInfo, identity_mismatch, take_sequences,
-                          write_json_atomic, write_manifest)
-from cache.shards import commit_shard, open_shard, remove, shard_name
+                          write_manifest)
+from cache.shards import commit_shard, open_shard, shard_name
 
 SPACE_MARGIN = 1.25  # expected encoded size × this + 1 MiB must be free before a shard is written
 
 JOURNAL_DIR = "journal"
 
 
-def journal_path(cache_dir: Path, rank: int) -> Path:
-    return Path(cache_dir) / JOURNAL_DIR / f"rank{rank:03d}.json"
+def journal_name(rank: int) -> str:
+    return f"{JOURNAL_DIR}/rank{rank:03d}.json"
 
 
-def read_journals(cache_dir: Path) -> list[dict]:
-    folder = Path(cache_dir) / JOURNAL_DIR
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("rank*.json"))] if folder.exists() else []
+def read_journals(cache_dir: Location | Path) -> list[dict]:
+    """Every rank's journal (one listing: on an object store, one LIST request)."""
+    location = Location.of(cache_dir)
+    return [json.loads(location.read_bytes(name)) for name in location.names(f"{JOURNAL_DIR}/rank*.json")]
 
 
-def check_identity(cache_dir: Path, identity: dict) -> None:
+def check_identity(cache_dir: Location | Path, identity: dict) -> None:
     """Refuse to add to a cache made from another teacher, tokenizer, dataset or k."""
     for journal in read_journals(cache_dir):
         diff = identity_mismatch(identity, journal["identity"])
@@ -56,11 +57,11 @@ def check_identity(cache_dir: Path, identity: dict) -> None:
             )
 
 
-def committed_shards(cache_dir: Path) -> list[ShardInfo]:
+def committed_shards(cache_dir: Location | Path) -> list[ShardInfo]:
     return [ShardInfo(**s) for j in read_journals(cache_dir) for s in j["shards"]]
 
 
-def committed_sample_ids(cache_dir: Path, store: str) -> set[int]:
+def committed_sample_ids(cache_dir: Location | Path, store: str) -> set[int]:
     done: set[int] = set()
     for info in committed_shards(cache_dir):
         shard = open_shard(cache_dir, store, info.name)
@@ -122,10 +123,11 @@ class CacheWriter:
     the most it held) and one shard being written, with its encoded arrays.
     """
 
-    def __init__(self, cache_dir: Path, *, rank: int, identity: dict, store: str, codec: Codec,
+    def __init__(self, cache_dir: Location | Path, *, rank: int, identity: dict, store: str, codec: Codec,
                  shard_tokens: int, chunk_rows: int, compression: str, level: int, num_experts: int = 0,
                  shard_bytes: int = 1 << 30, skip: set[int] = frozenset()):
-        self.cache_dir, self.rank, self.identity, self.store = Path(cache_dir), rank, identity, store
+        self.location, self.rank, self.identity, self.store = Location.of(cache_dir), rank, identity, store
+        self.cache_dir = self.location.url  # for messages
         self.codec, self.num_experts = codec, num_experts
         self._skip = np.array(sorted(skip), dtype=np.int64)
         self.shard_tokens, self.chunk_rows, self.compression, self.level = shard_tokens, chunk_rows, compression, level
@@ -134,14 +136,16 @@ class CacheWriter:
         self._buffered_tokens = self._buffered_bytes = self.peak_buffered_bytes = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kdcache-writer{rank}")
         self._pending: Future | None = None
-        path = journal_path(self.cache_dir, rank)
-        self._shards = [ShardInfo(**s) for s in json.loads(path.read_text())["shards"]] if path.exists() else []
+        journal = journal_name(rank)
+        self._shards = ([ShardInfo(**s) for s in json.loads(self.location.read_bytes(journal))["shards"]]
+                        if self.location.exists(journal) else [])
 
     def __enter__(self) -> "CacheWriter":
-        journal_path(self.cache_dir, self.rank).parent.mkdir(parents=True, exist_ok=True)
-        # a killed run leaves half-written shards under a temporary name: never data, only bytes
-        for stale in self.cache_dir.glob(f".r{self.rank:03d}-*.tmp*"):
-            remove(stale)
+        self.location.makedirs()
+        # a killed local run leaves half-written shards under a temporary name: never data, only bytes (on an
+        # object store a partial shard sits under its final name, unlisted, and its commit overwrites it)
+        for stale in self.location.names(f".r{self.rank:03d}-*.tmp*"):
+            self.location.remove(stale)
         return self
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
@@ -177,19 +181,20 @@ class CacheWriter:
         arrays = assemble_shard(batches, self.codec, self.num_experts)
         name = shard_name(self.store, self.rank, len(self._shards))
         needed = self._expected_bytes(arrays)
-        free = shutil.disk_usage(self.cache_dir).free
-        if free < needed:
+        free = self.location.free_bytes()
+        if free is not None and free < needed:
             raise disk_full(self.cache_dir, name, needed, free)
         try:
-            info = commit_shard(self.cache_dir, self.store, name, self.rank, arrays,
+            info = commit_shard(self.location, self.store, name, self.rank, arrays,
                                 self.chunk_rows, self.compression, self.level)
             journal = {"identity": self.identity, "shards": [asdict(s) for s in self._shards + [info]]}
-            write_json_atomic(journal_path(self.cache_dir, self.rank), json.dumps(journal, indent=1))
+            # the commit point: the shard is data from this object on (written whole: rename, or one PUT)
+            self.location.write_whole(journal_name(self.rank), json.dumps(journal, indent=1).encode())
         except Exception as err:  # zarr's async store may wrap the OSError
             if not is_disk_full(err):
                 raise
             self._remove_uncommitted(name)
-            raise disk_full(self.cache_dir, name, needed, shutil.disk_usage(self.cache_dir).free, writing=True) from None
+            raise disk_full(self.cache_dir, name, needed, self.location.free_bytes(), writing=True) from None
         self._shards.append(info)
 
     def _expected_bytes(self, arrays: dict[str, np.ndarray]) -> int:
@@ -204,9 +209,9 @@ class CacheWriter:
 
     def _remove_uncommitted(self, name: str) -> None:
         """A shard the journal does not list, its temporary form and a half-written journal: bytes, not data."""
-        for path in [self.cache_dir / name, *self.cache_dir.glob(f".{name}.tmp*"),
-                     *journal_path(self.cache_dir, self.rank).parent.glob(f".rank{self.rank:03d}.json.tmp*")]:
-            remove(path)
+        for stale in [name, *self.location.names(f".{name}.tmp*"),
+                      *self.location.names(f"{JOURNAL_DIR}/.rank{self.rank:03d}.json.tmp*")]:
+            self.location.remove(stale)
 
     def _wait(self) -> None:
         if self._pending is not None:
@@ -231,17 +236,17 @@ def is_disk_full(err: BaseException) -> bool:
     return False
 
 
-def disk_full(cache_dir: Path, name: str, needed: int, free: int, writing: bool = False) -> CacheError:
+def disk_full(cache_dir, name: str, needed: int, free: int, writing: bool = False) -> CacheError:
     what = "the disk filled up while writing" if writing else "no space left for the cache in"
     return CacheError(f"{what} {cache_dir}: shard {name} needs about {needed / 2**20:,.1f} MiB, "
                       f"{free / 2**20:,.1f} MiB {'free now' if writing else 'free'}; free some space and re-run "
                       f"the same command (the committed shards are kept and the cache resumes)")
 
 
-def finalize(cache_dir: Path, identity: dict, store: str, fields: list[str]) -> Manifest:
+def finalize(cache_dir: Location | Path, identity: dict, store: str, fields: list[str]) -> Manifest:
     """Merge every rank's journal into the manifest, written last and atomically."""
     check_identity(cache_dir, identity)
     shards = sorted(committed_shards(cache_dir), key=lambda s: s.name)
     manifest = Manifest(identity=identity, store=store, fields=fields, shards=shards, complete=True)
-    write_manifest(Path(cache_dir), manifest)
+    write_manifest(cache_dir, manifest)
     return manifest

@@ -1,4 +1,8 @@
-"""Zarr v3 shard store: one shard is one Zarr group (a directory), numcodecs compressors."""
+"""Zarr v3 shard store: one shard is one Zarr group (a directory or a key prefix), numcodecs compressors.
+
+A shard is written to and read from anything zarr takes as a store: a local path, an in-memory
+store (the objects an object-store commit uploads, or a fetched shard) or fsspec's store.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.core.buffer.cpu import Buffer
+from zarr.storage import MemoryStore
 
 try:  # zarr 3.1 ships numcodecs' codecs here; later releases moved them to numcodecs.zarr3
     from zarr.codecs.numcodecs import GZip, Shuffle, Zstd
@@ -27,8 +33,9 @@ def _compressors(compression: str, level: int, itemsize: int) -> list:
     return [Shuffle(elementsize=itemsize), codec] if itemsize > 1 else [codec]
 
 
-def write_shard(path: Path, arrays: dict[str, np.ndarray], chunk_rows: int, compression: str, level: int) -> None:
-    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+def write_shard(target, arrays: dict[str, np.ndarray], chunk_rows: int, compression: str, level: int) -> None:
+    """``target``: a path or a zarr store."""
+    group = zarr.open_group(_store(target), mode="w", zarr_format=3)
     for name, data in arrays.items():
         chunks = (max(1, min(chunk_rows, len(data))),) + data.shape[1:]
         group.create_array(  # write_empty_chunks: skip zarr's compare of every chunk with the fill value
@@ -40,8 +47,8 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], chunk_rows: int, comp
 class ZarrShard:
     """Read side: ``shard[name][a:b]`` decodes only the chunks it touches."""
 
-    def __init__(self, path: Path):
-        self._group = zarr.open_group(str(path), mode="r", zarr_format=3)
+    def __init__(self, source):
+        self._group = zarr.open_group(_store(source), mode="r", zarr_format=3)
         self._arrays: dict[str, zarr.Array] = {}
 
     def __getitem__(self, name: str):
@@ -64,5 +71,14 @@ class ZarrShard:
         pass
 
 
-def open_shard(path: Path) -> ZarrShard:
-    return ZarrShard(path)
+def open_shard(source) -> ZarrShard:
+    """``source``: a path, a zarr store, or a fetched shard's {key: bytes}."""
+    return ZarrShard(source)
+
+
+def _store(target):
+    if isinstance(target, Path):
+        return str(target)
+    if isinstance(target, dict):  # a shard fetched whole: its objects, served from memory
+        return MemoryStore({key: Buffer.from_bytes(data) for key, data in target.items()}, read_only=True)
+    return target

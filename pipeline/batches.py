@@ -95,14 +95,15 @@ def collate(out: TeacherOutput, pad_id: int = 0) -> dict:
 
 
 class MicroBatches(Dataset):
-    """A micro-batch is named by its sequence indices (what the sampler yields), so one loader
-    serves every epoch."""
+    """A micro-batch is named by its epoch and sequence indices (what the sampler yields), so one loader
+    serves every epoch; the epoch tells the stream which shards to read ahead."""
 
     def __init__(self, stream: ShardStream):
         self.stream = stream
 
-    def __getitem__(self, seqs: np.ndarray) -> dict:
-        return collate(self.stream.load(seqs))
+    def __getitem__(self, item: tuple[int, np.ndarray]) -> dict:
+        epoch, seqs = item
+        return collate(self.stream.load(seqs, epoch))
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -173,7 +174,7 @@ def train_batches(stream: ShardStream, num_workers: int = 0, pin_memory: bool = 
     The caller calls ``stream.next_epoch()`` when the epoch changes and ``stream.advance(step)``
     after the optimizer step, so a checkpoint records the position; prefetching never moves it.
     """
-    micro = (mb for _, step in planned_steps(stream) for mb in stream.rank_micro_batches(step))
+    micro = ((epoch, mb) for epoch, step in planned_steps(stream) for mb in stream.rank_micro_batches(step))
     it = iter(loader(stream, micro, num_workers, pin_memory))
     per_step = stream.plan.micro_batches
     for epoch, step in planned_steps(stream):
@@ -184,6 +185,7 @@ def epoch_steps(stream: ShardStream, num_workers: int = 0):
     """Yield (global step sequences, this rank's micro-batches) of the current epoch from the
     stream's position on (the caller advances the stream as in ``train_batches``)."""
     steps = stream.steps(stream.epoch, stream.position)
-    it = iter(loader(stream, [mb for step in steps for mb in stream.rank_micro_batches(step)], num_workers))
+    micro = [(stream.epoch, mb) for step in steps for mb in stream.rank_micro_batches(step)]
+    it = iter(loader(stream, micro, num_workers))
     for step in steps:
         yield step, [next(it) for _ in range(stream.plan.micro_batches)]

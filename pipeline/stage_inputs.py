@@ -49,6 +49,7 @@ NO_EFFECT: dict[str, tuple[str, ...]] = {
     "teacher.gpu_memory_utilization": STAGES,  # vLLM: memory
     "teacher.max_num_batched_tokens": STAGES,  # vLLM: scheduling
     "teacher.max_model_len": STAGES,  # vLLM: a capacity; too small is an error, not another cache
+    "cache.storage_options": STAGES,  # how to reach the bucket (endpoint, profile), not what it holds
     "cache.batch_size": STAGES,  # sequences per teacher forward: the same values per position
     "cache.extract_chunk_tokens": STAGES,  # positions per extraction step: memory
     "cache.extract_kernel": STAGES,  # native and torch give the same cache (docs/benchmarks.md)

@@ -62,9 +62,9 @@ def build(cache_dir: Path, store: str, n_seqs: int) -> None:
     finalize(cache_dir, identity, store, fields)
 
 
-def micro_batches(stream: ShardStream, micro: int) -> list[np.ndarray]:
+def micro_batches(stream: ShardStream, micro: int) -> list[tuple[int, np.ndarray]]:
     order = stream.order(0)
-    return [order[i:i + micro] for i in range(0, len(order) - micro + 1, micro)]
+    return [(0, order[i:i + micro]) for i in range(0, len(order) - micro + 1, micro)]
 
 
 def time_store(cache_dir: Path, micro: int, profile: bool) -> dict:
@@ -76,7 +76,7 @@ def time_store(cache_dir: Path, micro: int, profile: bool) -> dict:
     if profiler:
         profiler.enable()
     for seqs in mbs:
-        tokens += int(data[seqs]["valid"].sum())
+        tokens += int(data[seqs]["valid"].sum())  # seqs: (epoch, sequence indices)
     if profiler:
         profiler.disable()
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(18)

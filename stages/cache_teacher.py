@@ -16,19 +16,23 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from fsspec.core import split_protocol
+from fsspec.registry import known_implementations
 from tqdm.auto import tqdm
 
 from cache.codec import ID_CODECS, VALUE_DTYPES, Codec
-from cache.schema import Manifest, read_manifest
+from cache.location import Location
+from cache.schema import MANIFEST_NAME, Manifest, read_manifest
 from cache.shards import STORES, resolve_compression
 from cache.writer import CacheWriter, check_identity, committed_sample_ids, committed_shards, finalize
 from pipeline import state
-from pipeline.config import ConfigError, choice, ranged, save_config
+from pipeline.config import ConfigError, choice, ranged, to_yaml
 from pipeline.distributed import Dist, use_cpu
-from pipeline.run_paths import cache_dir
+from pipeline.run_paths import cache_location
 from pipeline.splits import load_split
 from pipeline.stage_inputs import stage_inputs
 from pipeline.teachers.backends import build_teacher
@@ -77,6 +81,10 @@ class CacheConfig:
     """Seed of the sampled targets (with each sample id)."""
     splits: list[str] = field(default_factory=lambda: ["train", "eval"])
     """Prepared splits to cache: train → cache/, others → cache_<split>/."""
+    dir: str = ""
+    """Folder of cache/ and cache_<split>/: '' = the run directory, else a local path or an fsspec URL (s3://bucket/prefix; zarr only)."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options for a URL cache.dir (e.g. endpoint_url, profile); credentials come from the usual AWS env/config."""
 
     def validate(self) -> None:
         if self.k == 0 and "topk" in self.targets:
@@ -91,10 +99,27 @@ class CacheConfig:
             compression = resolve_compression(self.store, self.compression)
         except ValueError as err:  # cache/ raises plain ValueError; users get a ConfigError like every key
             raise ConfigError(str(err)) from None
+        self.validate_location()
         levels = {"zstd": (1, 22), "gzip": (0, 9)}.get(compression)
         if levels and not levels[0] <= self.compression_level <= levels[1]:
             raise ConfigError(f"cache.compression_level={self.compression_level} is out of range for {compression}; "
                               f"allowed: in [{levels[0]}, {levels[1]}]")
+
+
+    def validate_location(self) -> None:
+        protocol = split_protocol(self.dir)[0] if self.dir else None
+        remote = protocol not in (None, "file", "local")
+        if remote and protocol not in known_implementations:
+            raise ConfigError(f"cache.dir={self.dir!r}: fsspec knows no protocol {protocol!r}; use a local path or "
+                              f"a URL such as s3://bucket/prefix")
+        if remote and self.store == "hdf5":
+            raise ConfigError(f"cache.store=hdf5 needs a local cache.dir, not {self.dir}; use cache.store=zarr for "
+                              f"object storage")
+        if self.storage_options and not remote:
+            raise ConfigError("cache.storage_options is set but cache.dir is not a URL; leave it empty for a local cache")
+        bad = [k for k, v in self.storage_options.items() if not isinstance(v, (str, int, float, bool, dict))]
+        if bad:
+            raise ConfigError(f"cache.storage_options.{bad[0]} must be a string, number, boolean or mapping")
 
 
 def extract_spec(cfg: CacheConfig, vocab_limit: int) -> ExtractSpec:
@@ -149,17 +174,17 @@ def identity(cfg, teacher, spec: ExtractSpec, data_manifest: dict, split: str) -
 
 def cache_split(cfg, teacher, spec: ExtractSpec, split: str, dist: Dist) -> Manifest | None:
     ds, data_manifest = load_split(cfg.run_dir, split, allow_empty=True)  # an empty split is not cached
-    out_dir = cache_dir(cfg.run_dir, split)
+    out_dir = cache_location(cfg, split)
     if len(ds) == 0:
         return None
     ident = identity(cfg, teacher, spec, data_manifest, split)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.makedirs()
     check_identity(out_dir, ident)
-    if (out_dir / "manifest.json").exists() and read_manifest(out_dir).identity == ident:
+    if out_dir.exists(MANIFEST_NAME) and read_manifest(out_dir).identity == ident:
         return read_manifest(out_dir)
 
     if dist.is_main:  # beside the output from the start: a refusal names the keys changed since (stage_inputs)
-        save_config(cfg, out_dir / "config.yaml")
+        save_cache_config(cfg, out_dir)
     c = cfg.cache
     done = committed_sample_ids(out_dir, c.store)
     sample_ids = np.asarray(ds["sample_id"])
@@ -173,9 +198,13 @@ def cache_split(cfg, teacher, spec: ExtractSpec, split: str, dist: Dist) -> Mani
     dist.barrier()
     if dist.is_main:
         finalize(out_dir, ident, c.store, sorted(cached_fields(spec, teacher)))
-        save_config(cfg, out_dir / "config.yaml")
+        save_cache_config(cfg, out_dir)
     dist.barrier()
     return read_manifest(out_dir)
+
+
+def save_cache_config(cfg, location: Location) -> None:
+    location.write_whole("config.yaml", to_yaml(cfg).encode())
 
 
 def cached_fields(spec: ExtractSpec, teacher) -> set[str]:
@@ -203,20 +232,30 @@ def run_batches(teacher, ds, todo: list[np.ndarray], writer: CacheWriter, dist: 
     bar.close()
 
 
-def committed_outputs(cache_dirs: list[Path]) -> list[Path]:
+def committed_outputs(cache_dirs: list[Location]) -> list[Location]:
     """What a cache run finished: manifests and the journalled shards still on disk (a journal, or one
     whose shards are gone, is no finished work: a re-run with other inputs starts afresh)."""
-    return [p for d in cache_dirs for p in [d / "manifest.json", *(d / s.name for s in committed_shards(d))]]
+    return [p for d in cache_dirs for p in [d / MANIFEST_NAME, *(d / s.name for s in committed_shards(d))]]
+
+
+def set_aside_outputs(locations: list[Location], force: bool) -> list[Path]:
+    """The cache folders --force may set aside (renamed): local ones. An object store cannot rename, so
+    --force over an existing remote cache is refused rather than deleting anything."""
+    remote = [loc for loc in locations if not loc.local]
+    if force and any(loc.exists(MANIFEST_NAME) or loc.names("journal/rank*.json") for loc in remote):
+        raise ConfigError(f"--force cannot set {remote[0]} aside (an object store has no rename); delete it "
+                          f"yourself or choose another cache.dir")
+    return [loc.path() for loc in locations if loc.local]
 
 
 def run(cfg, force: bool = False) -> dict[str, Manifest]:
     dist = Dist.from_env(cpu=use_cpu(cfg.run.device))  # the device the teacher runs on
     inputs = stage_inputs("cache", cfg)  # the prepared data is an input too (pipeline/stage_inputs.py)
-    outputs = [cache_dir(cfg.run_dir, s) for s in cfg.cache.splits]
+    locations = [cache_location(cfg, s) for s in cfg.cache.splits]
+    outputs = set_aside_outputs(locations, force)
     if not state.begin_on_all_ranks(cfg.run_dir, "cache", inputs, outputs, force, dist.is_main, dist.barrier,
-                                    defer=True, committed=committed_outputs(outputs)):
-        return {s: read_manifest(cache_dir(cfg.run_dir, s)) for s in cfg.cache.splits
-                if (cache_dir(cfg.run_dir, s) / "manifest.json").exists()}
+                                    defer=True, committed=committed_outputs(locations)):
+        return {s: read_manifest(loc) for s, loc in zip(cfg.cache.splits, locations) if loc.exists(MANIFEST_NAME)}
     _, data_manifest = load_split(cfg.run_dir, "train")
     spec = extract_spec(cfg.cache, vocab_limit=data_manifest["vocab_size"])
     # vLLM sizes its KV cache by max_model_len; 0 means the prepared length (+1 for the one generated token)
@@ -224,16 +263,22 @@ def run(cfg, force: bool = False) -> dict[str, Manifest]:
     teacher = build_teacher(teacher_cfg, spec, dist.device)
     check_teacher_fits(teacher, data_manifest, spec)  # before the state records a run with these inputs
     if dist.is_main:
-        state.write_state(cfg.run_dir, "cache", "running", inputs)  # sets old outputs aside if --force
+        state.write_state(cfg.run_dir, "cache", "running", inputs, **where(cfg))  # sets old outputs aside if --force
     dist.barrier()  # no rank looks at the cache directories before that
     start = time.time()
     manifests = {s: m for s in cfg.cache.splits if (m := cache_split(cfg, teacher, spec, s, dist)) is not None}
     teacher.close()  # an engine (vLLM) frees its memory now, not whenever its object is collected
     if dist.is_main:
         tokens = {s: m.n_tokens for s, m in manifests.items()}
-        state.write_state(cfg.run_dir, "cache", "done", inputs, tokens=tokens, seconds=round(time.time() - start, 1))
+        state.write_state(cfg.run_dir, "cache", "done", inputs, tokens=tokens, seconds=round(time.time() - start, 1),
+                          **where(cfg))
         print(summary(manifests, data_manifest, spec, time.time() - start), flush=True)
     return manifests
+
+
+def where(cfg) -> dict:
+    """cache.dir in the stage's record, when set: `status` finds the caches there."""
+    return {"cache_dir": cfg.cache.dir} if cfg.cache.dir else {}
 
 
 def summary(manifests: dict[str, Manifest], data_manifest: dict, spec: ExtractSpec, seconds: float) -> str:

@@ -38,7 +38,7 @@ from pipeline.inputs_from import check_inputs_from
 from pipeline.models import load_causal_lm, own_tokenizer_fingerprint, student_tokenizer
 from pipeline.router import RouterCapture, num_experts, router_family
 from pipeline.router_losses import expert_counts, load_summary
-from pipeline.run_paths import cache_dir
+from pipeline.run_paths import cache_location
 from pipeline.splits import load_split
 from pipeline.stage_inputs import stage_inputs
 from pipeline.teachers.base import resolve_dtype
@@ -229,8 +229,8 @@ def expert_load_results(loads: list) -> dict:
 
 
 def eval_batches(cfg) -> tuple[list[dict], int]:
-    directory = cache_dir(cfg.inputs_dir, cfg.eval.split)
-    if (directory / "manifest.json").exists():
+    directory = cache_location(cfg, cfg.eval.split, cfg.inputs_dir)
+    if directory.exists("manifest.json"):
         source = CacheSource(directory)
         vocab = source.reader.manifest.identity["vocab_size"]
     else:
@@ -307,8 +307,8 @@ def run(cfg, force: bool = False) -> dict:
 
 def cache_identity(cfg) -> dict:
     """The identity of the evaluated split's cache ({} without one)."""
-    directory = cache_dir(cfg.inputs_dir, cfg.eval.split)
-    return read_manifest(directory).identity if (directory / "manifest.json").exists() else {}
+    directory = cache_location(cfg, cfg.eval.split, cfg.inputs_dir)
+    return read_manifest(directory).identity if directory.exists("manifest.json") else {}
 
 
 def result_notes(ks: list[int], identity: dict, live: bool, vocab: int) -> dict[str, str]:

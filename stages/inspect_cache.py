@@ -34,7 +34,7 @@ def verify_shards(cache_dir: str | Path) -> int:
     reader = CacheReader(cache_dir)
     bad = reader.verify()
     if bad:
-        what = [f"{name} ({'missing' if not (reader.cache_dir / name).exists() else 'checksum mismatch'})"
+        what = [f"{name} ({'missing' if not reader.location.exists(name) else 'checksum mismatch'})"
                 for name in bad]
         raise CacheError(f"{len(bad)} of {len(reader.shards)} shards of {cache_dir} fail verification: "
                          f"{', '.join(what)}; the cache is damaged, re-create it with "

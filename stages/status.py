@@ -18,10 +18,11 @@ from pathlib import Path
 
 import yaml
 
+from cache.location import Location
 from cache.schema import MANIFEST_NAME
 from cache.writer import committed_shards
 from pipeline.config import ConfigError
-from pipeline.run_paths import cache_dirs, data_dir, split_of
+from pipeline.run_paths import cache_locations, data_dir, split_of
 from pipeline.state import STAGES, lock_holder, read_state
 
 RECORD_KEYS = ("stage", "status", "inputs", "updated", "aside_for", "aside")
@@ -34,11 +35,11 @@ def prepared_tokens(run_dir: Path) -> dict[str, int]:
     return {split: info["tokens"] for split, info in json.loads(path.read_text())["splits"].items()}
 
 
-def cache_progress(cache_dir: Path, expected_tokens: int | None) -> dict:
+def cache_progress(cache_dir: Location, expected_tokens: int | None) -> dict:
     shards = committed_shards(cache_dir)
     return {"split": split_of(cache_dir), "shards": len(shards), "tokens": sum(s.n_tokens for s in shards),
             "sequences": sum(s.n_seqs for s in shards), "expected_tokens": expected_tokens,
-            "complete": (cache_dir / MANIFEST_NAME).exists()}
+            "complete": cache_dir.exists(MANIFEST_NAME)}
 
 
 def latest_checkpoint_step(run_dir: Path) -> int | None:
@@ -70,7 +71,7 @@ def status(run_dir: str | Path) -> dict:
     tokens = prepared_tokens(inputs_dir)
     return {"stages": {stage: read_state(run_dir, stage) for stage in STAGES},
             "locks": {stage: holder for stage in STAGES if (holder := lock_holder(run_dir, stage))},
-            "caches": {p.name: cache_progress(p, tokens.get(split_of(p))) for p in cache_dirs(inputs_dir)},
+            "caches": {p.name: cache_progress(p, tokens.get(split_of(p))) for p in cache_locations(inputs_dir)},
             "checkpoint_step": latest_checkpoint_step(run_dir), "inputs_from": source}
 
 

@@ -22,7 +22,7 @@ from pipeline.models import load_causal_lm, student_tokenizer
 from pipeline.optim import build_optimizer
 from pipeline.router import RouterCapture, num_experts, router_family, uniform_layer_map
 from pipeline.router_losses import TEACHER_PARTS, RouterLossSpec
-from pipeline.run_paths import cache_dir
+from pipeline.run_paths import cache_location
 from pipeline.student import DistillStudent
 
 
@@ -61,7 +61,7 @@ def check_kd_targets(cfg, is_main: bool = True) -> None:
     t = cfg.train
     if not t.uses_cache() or (t.alpha == 0 and t.prompt_kl_weight == 0):
         return
-    identity = read_manifest(cache_dir(cfg.inputs_dir, "train")).identity
+    identity = read_manifest(cache_location(cfg, "train", cfg.inputs_dir)).identity
     if t.prompt_kl_weight > 0 and "topk" not in identity["targets"]:
         raise ConfigError(f"train.prompt_kl_weight > 0 needs the teacher's top-k but the cache holds "
                           f"cache.targets={identity['targets']}; re-cache with cache.targets=topk+sampled")
@@ -198,7 +198,7 @@ def setup(cfg, accelerator) -> TrainJob:
     torch.manual_seed(cfg.run.seed)
     model, tokenizer = load_student(cfg), student_tokenizer(cfg.student.path, cfg.tokenizer_path())
     if cfg.train.uses_cache():
-        source = CacheSource(cache_dir(cfg.inputs_dir, "train"))
+        source = CacheSource(cache_location(cfg, "train", cfg.inputs_dir))
         identity = source.reader.manifest.identity
         check_cache_fits(identity, tokenizer, model)
         spec = kd_spec(cfg.train)

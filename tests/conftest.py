@@ -23,6 +23,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 if not torch.cuda.is_available():  # tests/test_triton_*.py run the Triton kernels interpreted on CPU; triton
     os.environ.setdefault("TRITON_INTERPRET", "1")  # reads this when first imported, so before any test imports it
 VOCAB = 512
+pytest_plugins = ("s3_server",)  # s3_endpoint / s3_bucket: moto's S3 server for tests/test_s3*.py
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -73,11 +73,11 @@ def test_a_removed_shard_is_named(cache_copy):
 
 
 def test_a_clean_cache_is_hashed_once_per_shard(cache_copy, monkeypatch):
-    import cache.reader as reader_module
+    from cache.location import Location
 
     calls = []
-    real = reader_module.checksum
-    monkeypatch.setattr(reader_module, "checksum", lambda path: calls.append(path.name) or real(path))
+    real = Location.checksum
+    monkeypatch.setattr(Location, "checksum", lambda self, name: calls.append(name) or real(self, name))
     source = CacheSource(cache_copy)
     stream = ShardStream(source, StreamPlan(batch_size=2, shuffle_window=0))  # index(): reads, then closes
     stream.load(np.arange(len(stream)))  # every sequence, after the handles were closed and reopened

@@ -71,7 +71,7 @@ def decoded(cache_dir: Path):
 
 def test_counts_and_storage(full):
     stats, reader, outs = full
-    cache_dir = reader.cache_dir
+    cache_dir = reader.location.path()
     tokens = sum(len(o.input_ids) for o in outs)
     assert stats["tokens"] == stats["sampled_tokens"] == tokens
     assert stats["sequences"] == stats["sampled_sequences"] == sum(len(o.seq_lens) for o in outs)
