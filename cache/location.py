@@ -18,6 +18,7 @@ copied between them still verifies.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -98,12 +99,8 @@ class Location:
             return
         path = self.path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            tmp.write_bytes(data)
 
     def names(self, pattern: str) -> list[str]:
         """Names (relative to this location) matching a glob such as ``journal/rank*.json``, sorted."""
@@ -196,6 +193,22 @@ class Location:
         from zarr.storage import FsspecStore
 
         return FsspecStore.from_url(f"{self.url}/{name}", storage_options=self.storage_options, read_only=True)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path):
+    """Yield a temporary path beside ``path`` to write a file at; on leaving, the file is synced to
+    disk and renamed onto ``path``, so readers see the old file or the whole new one; after an
+    error it is removed. The one write-then-rename for files (a local shard or checkpoint
+    directory commits by its own rename: Location.put_shard, pipeline/checkpoint.py)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # per process: ranks writing at once never share one
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _blocks(path: Path) -> Iterable[bytes]:

@@ -12,10 +12,8 @@ entries per layer (k_r), D stored draw entries, P cached temperatures.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
@@ -23,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from cache.location import Location
+from cache.location import Location, atomic_file  # noqa: F401  (atomic_file lives where bytes go)
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -116,22 +114,6 @@ def content_checksum(content: dict) -> str:
     """sha256 of the canonical JSON of a manifest's content (everything but the checksum itself)."""
     canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path):
-    """Yield a temporary path beside ``path`` to write a file at; on leaving, the file is synced to
-    disk and renamed onto ``path``, so readers see the old file or the whole new one; after an
-    error it is removed. The one write-then-rename for files (a shard or checkpoint directory
-    commits by its own rename: cache/shards.py, pipeline/checkpoint.py)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # per process: ranks writing at once never share one
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: Path, text: str) -> None:
