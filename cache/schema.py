@@ -54,9 +54,6 @@ FIELDS: dict[str, FieldSpec] = {
     ]
 }
 
-REQUIRED_FIELDS = ("input_ids", "loss_mask", "seq_offsets", "sample_ids")
-
-
 class CacheError(ValueError):
     """A cache that cannot be used as asked (wrong version, other teacher, corrupt shard)."""
 

@@ -50,6 +50,7 @@ class ZarrShard:
     def __init__(self, source):
         self._group = zarr.open_group(_store(source), mode="r", zarr_format=3)
         self._arrays: dict[str, zarr.Array] = {}
+        self._keys: list[str] | None = None  # listed on first use: a listing is a store round trip
 
     def __getitem__(self, name: str):
         if name not in self._arrays:  # each lookup is a metadata read through zarr's event loop
@@ -57,7 +58,7 @@ class ZarrShard:
         return self._arrays[name]
 
     def keys(self) -> list[str]:
-        if not hasattr(self, "_keys"):
+        if self._keys is None:
             self._keys = sorted(self._group.array_keys())
         return self._keys
 

@@ -176,7 +176,7 @@ def validate(cfg: Any, prefix: str = "") -> None:
             for i, item in enumerate(value):
                 if dataclasses.is_dataclass(item):
                     validate(item, prefix=f"{key}[{i}].")
-    if hasattr(cfg, "validate"):
+    if hasattr(cfg, "validate"):  # a section's own cross-field checks; most need only choice() and ranged()
         cfg.validate()
 
 
