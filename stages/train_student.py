@@ -23,10 +23,11 @@ import torch
 from pipeline import checkpoint, state
 from pipeline.batches import host_view, to_device, train_batches
 from pipeline.config import ConfigError, choice, ranged, save_config
+from pipeline.distributed import PARALLEL, prepare, training_accelerator
 from pipeline.inputs_from import check_inputs_from
 from pipeline.metrics import MetricsLogger
 from pipeline.optim import drop_frozen_grads
-from pipeline.router_losses import MC_TARGETS
+from pipeline.router_losses import MC_TARGETS, TAU_RANGE
 from pipeline.stage_inputs import stage_inputs
 from stages.train_setup import check_kd_targets, setup
 
@@ -151,6 +152,8 @@ class TrainConfig:
     """Tokens per chunk of the lm_head + loss (memory bound)."""
     fused_loss: str = choice("auto", ("auto", "always", "never", "triton"))
     """LM head + CE + KD fused, gradients in forward (docs/losses.md); auto: where covered, else chunked; always: refuse uncovered; triton: always, with the Triton kernel (CUDA; docs/kernels.md)."""
+    parallel: str = choice("ddp", PARALLEL)
+    """Several processes: 'ddp' replicates the student; 'fsdp' shards it (FSDP2: weights, gradients, optimizer state; docs/multinode.md)."""
     tracker: str = choice("none", ("none", "tensorboard"))
     """Experiment tracker through accelerate."""
     source: str = choice("auto", ("auto", "cache", "prepared"))
@@ -192,13 +195,10 @@ class TrainConfig:
 
 
 def make_accelerator(cfg, out_dir: Path):
-    from accelerate import Accelerator
-
     cpu = cfg.run.device == "cpu" or not torch.cuda.is_available()
     precision = cfg.train.precision if cfg.train.precision != "auto" else ("fp32" if cpu else "bf16")
     tracker = None if cfg.train.tracker == "none" else cfg.train.tracker
-    acc = Accelerator(cpu=cpu, mixed_precision="no" if precision == "fp32" else "bf16", log_with=tracker,
-                      project_dir=str(out_dir))
+    acc = training_accelerator(cfg.train.parallel, cpu, "no" if precision == "fp32" else "bf16", tracker, str(out_dir))
     if tracker:
         acc.init_trackers("kdcache")
     return acc
@@ -265,8 +265,9 @@ def run(cfg, force: bool = False) -> Path:
         state.write_state(cfg.run_dir, "train", "running", inputs)  # sets old outputs aside if --force
         save_config(cfg, out_dir / "config.yaml")
     accelerator.wait_for_everyone()  # no rank looks for checkpoints before that
-    model, optimizer = accelerator.prepare(job.model, job.optimizer)
-    step = resume(out_dir, accelerator, model, optimizer, job)
+    model, optimizer = prepare(accelerator, job.model, job.optimizer, job.scheduler)
+    checkpoint.attach(accelerator)
+    step = resume(cfg, out_dir, accelerator, model, job)
     logger = MetricsLogger(out_dir, cfg.train.total_steps, accelerator.is_main_process, accelerator,
                            every=cfg.train.log_every)
     logger.resume_at(step)
@@ -274,17 +275,17 @@ def run(cfg, force: bool = False) -> Path:
     return finish(cfg, accelerator, model, job, out_dir, inputs)
 
 
-def resume(out_dir: Path, accelerator, model, optimizer, job) -> int:
+def resume(cfg, out_dir: Path, accelerator, model, job) -> int:
     """Continue from the newest checkpoint that passes its checks (a damaged one is skipped, named)."""
     def warn(line: str) -> None:
         if accelerator.is_main_process:
             print(line, file=sys.stderr, flush=True)
 
-    unwrapped = accelerator.unwrap_model(model)
-    loaded = checkpoint.read_latest(out_dir / "checkpoints", unwrapped, accelerator.process_index, warn)
+    loaded = checkpoint.read_latest(out_dir / "checkpoints", accelerator, accelerator.unwrap_model(model),
+                                    cfg.train.parallel, warn)
     if loaded is None:
         return 0
-    progress = checkpoint.apply(loaded, unwrapped, optimizer, job.scheduler)
+    progress = checkpoint.apply(loaded, accelerator)
     job.stream.load_state_dict(progress["stream"])
     if progress.get("world_size", 1) != accelerator.num_processes:
         warn(f"warning: {loaded.path.name} was written by {progress.get('world_size', 1)} ranks, this run has "
@@ -315,37 +316,34 @@ def train_loop(cfg, accelerator, model, optimizer, job, step: int, logger, out_d
             step += 1
             logger.step(step, parts, parts.pop("tokens"), job.scheduler.get_last_lr()[0], accelerator.device)
             if step % tcfg.checkpoint_every == 0 or step == total:
-                save_checkpoint(accelerator, out_dir, step, model, optimizer, job, tcfg.keep_checkpoints)
+                checkpoint.save(accelerator, out_dir / "checkpoints", step, job.stream.state_dict(),
+                                tcfg.keep_checkpoints, tcfg.parallel)
             if step >= total:
                 return
     raise ConfigError("the training data is smaller than one optimizer step; lower train.batch_size")
 
 
-def save_checkpoint(accelerator, out_dir: Path, step: int, model, optimizer, job, keep: int) -> None:
-    accelerator.wait_for_everyone()  # every rank saves its own RNG state; rank 0 the rest
-    checkpoint.save(out_dir / "checkpoints", step, accelerator.unwrap_model(model), optimizer, job.scheduler,
-                    job.stream.state_dict(), keep, rank=accelerator.process_index,
-                    world_size=accelerator.num_processes, barrier=accelerator.wait_for_everyone)
-
-
 def finish(cfg, accelerator, model, job, out_dir: Path, inputs: str) -> Path:
     final = out_dir / "final"
     accelerator.wait_for_everyone()
+    full = accelerator.get_state_dict(model)  # every rank takes part: FSDP gathers the shards to rank 0
     if accelerator.is_main_process:
-        student = accelerator.unwrap_model(model).model
-        student.save_pretrained(final)
-        save_router_temperature(accelerator.unwrap_model(model), final)
+        wrapped = accelerator.unwrap_model(model)
+        wrapped.model.save_pretrained(final, state_dict={k.removeprefix("model."): v for k, v in full.items()
+                                                         if k.startswith("model.")})
+        save_router_temperature(wrapped, full.get("router_temperature"), final)
         job.tokenizer.save_pretrained(final)
         state.write_state(cfg.run_dir, "train", "done", inputs, steps=cfg.train.total_steps)
     accelerator.end_training()
     return final
 
 
-def save_router_temperature(wrapped, final: Path) -> None:
-    """save_pretrained keeps only the HF model: the learnt τ_r goes beside it (docs/router.md)."""
-    tau_L = wrapped.router_tau()
+def save_router_temperature(wrapped, tau_L: torch.Tensor | None, final: Path) -> None:
+    """save_pretrained keeps only the HF model: the learnt τ_r (from the full state dict) goes beside it
+    (docs/router.md), projected into its range as the loss uses it."""
     if tau_L is None:
         return
+    tau_L = tau_L.clamp(*TAU_RANGE)
     record = {"router_temperature": [round(t, 6) for t in tau_L.detach().tolist()],
               "student_moe_layers": wrapped.routers.layers, "teacher_moe_layers": list(wrapped.layer_map)}
     (final / "router_temperature.json").write_text(json.dumps(record, indent=1))

@@ -38,5 +38,6 @@ def rewrite_checksums(path: Path) -> None:
     """What an attacker who edits a checkpoint also does: make COMPLETE agree with the new bytes."""
     from pipeline import checkpoint
 
-    sums = {p.name: checkpoint.sha256(p) for p in sorted(path.iterdir()) if p.name != checkpoint.COMPLETE}
+    sums = {str(p.relative_to(path)): checkpoint.sha256(p) for p in sorted(path.rglob("*"))
+            if p.is_file() and p.name != checkpoint.COMPLETE}
     (path / checkpoint.COMPLETE).write_text(json.dumps(sums))

@@ -151,13 +151,20 @@ def test_a_corrupt_manifest_stops_inspect_and_train(train_config, capsys):
 
 
 def tiny_trainer(seed: int = 0):
+    """(accelerator, model, optimizer, scheduler) of one process, prepared as the train stage prepares them."""
     import torch
+
+    from pipeline import checkpoint
+    from pipeline.distributed import prepare, training_accelerator
 
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
-    return model, optimizer, scheduler
+    accelerator = training_accelerator("ddp", True, "no", None, "unused")
+    model, optimizer = prepare(accelerator, model, optimizer, scheduler)
+    checkpoint.attach(accelerator)
+    return accelerator, model, optimizer, scheduler
 
 
 def train_steps(model, optimizer, scheduler, n: int) -> None:
@@ -174,17 +181,27 @@ def checkpoints_at(root: Path, steps=(1, 2)) -> dict[int, dict]:
     """Checkpoints of a tiny trainer at ``steps``; returns each step's weights."""
     from pipeline import checkpoint
 
-    model, optimizer, scheduler = tiny_trainer()
+    accelerator, model, optimizer, scheduler = tiny_trainer()
     weights, done = {}, 0
     for step in steps:
         train_steps(model, optimizer, scheduler, step - done)
         done = step
-        checkpoint.save(root, step, model, optimizer, scheduler, {"epoch": 0, "position": step}, keep=5)
+        checkpoint.save(accelerator, root, step, {"epoch": 0, "position": step}, keep=5, parallel="ddp")
         weights[step] = {k: v.clone() for k, v in model.state_dict().items()}
     return weights
 
 
-@pytest.mark.parametrize("victim", ["model.safetensors", "trainer.pt", "progress.json", "rng-rank000.pt", "COMPLETE"])
+def read_latest(root: Path, seed: int = 1, warnings: list | None = None):
+    """(loaded, accelerator, model) for a fresh tiny trainer."""
+    from pipeline import checkpoint
+
+    accelerator, model, _, _ = tiny_trainer(seed)
+    warn = warnings.append if warnings is not None else print
+    return checkpoint.read_latest(root, accelerator, model, "ddp", warn=warn), accelerator, model
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", "optimizer.bin", "custom_checkpoint_0.pkl", "progress.json",
+                                    "random_states_0.pkl", "COMPLETE"])
 def test_a_flipped_byte_in_the_newest_checkpoint_falls_back_to_the_previous(tmp_path, victim):
     import torch
 
@@ -193,13 +210,12 @@ def test_a_flipped_byte_in_the_newest_checkpoint_falls_back_to_the_previous(tmp_
     weights = checkpoints_at(tmp_path)
     target = tmp_path / "step-000002" / victim
     flip_byte(target, target.stat().st_size // 2)
-    model, _, _ = tiny_trainer(seed=1)
     warnings = []
-    loaded = checkpoint.read_latest(tmp_path, model, warn=warnings.append)
+    loaded, accelerator, model = read_latest(tmp_path, warnings=warnings)
     assert loaded.path.name == "step-000001" and len(warnings) == 1
     assert "step-000002" in warnings[0] and "\n" not in warnings[0]
     assert victim in warnings[0] or victim == "COMPLETE"  # a flipped recorded hash names the file it guards
-    model.load_state_dict(loaded.model)
+    checkpoint.apply(loaded, accelerator)
     assert all(torch.equal(model.state_dict()[k], weights[1][k]) for k in weights[1])
 
 
@@ -211,30 +227,44 @@ def test_no_good_checkpoint_is_one_line_and_changes_nothing(tmp_path):
     checkpoints_at(tmp_path)
     for path in checkpoint.complete_checkpoints(tmp_path):
         flip_byte(path / "model.safetensors", 100)
-    model, optimizer, scheduler = tiny_trainer(seed=1)
+    accelerator, model, optimizer, scheduler = tiny_trainer(seed=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     warnings = []
     with pytest.raises(checkpoint.CheckpointError) as err:
-        checkpoint.read_latest(tmp_path, model, warn=warnings.append)
+        checkpoint.read_latest(tmp_path, accelerator, model, "ddp", warn=warnings.append)
     assert "no usable checkpoint" in str(err.value) and "\n" not in str(err.value) and len(warnings) == 1
     assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
 
 
-def test_a_planted_pickle_payload_is_refused_not_executed(tmp_path):
+@pytest.mark.parametrize("victim", ["optimizer.bin", "custom_checkpoint_0.pkl", "random_states_0.pkl"])
+def test_a_planted_pickle_payload_is_refused_not_executed(tmp_path, victim):
     import torch
-
-    from pipeline import checkpoint
+    from accelerate.utils import load
 
     checkpoints_at(tmp_path)
     newest, marker = tmp_path / "step-000002", tmp_path / "pwned"
-    trainer = torch.load(newest / "trainer.pt", weights_only=True)
-    torch.save({**trainer, "extra": Payload(marker)}, newest / "trainer.pt")
+    torch.save({**load(newest / victim), "extra": Payload(marker)}, newest / victim)
     rewrite_checksums(newest)
     warnings = []
-    loaded = checkpoint.read_latest(tmp_path, tiny_trainer()[0], warn=warnings.append)
+    loaded, _, _ = read_latest(tmp_path, warnings=warnings)
     assert not marker.exists(), "the checkpoint ran code"
     assert loaded.path.name == "step-000001"
-    assert "trainer.pt" in warnings[0] and "refused" in warnings[0]
+    assert victim in warnings[0] and "refused" in warnings[0]
+
+
+def test_a_planted_payload_in_fsdp_metadata_is_refused_not_executed(tmp_path):
+    """DCP unpickles its .metadata freely: the check admits its metadata classes only."""
+    import pickle
+
+    from pipeline import checkpoint
+
+    dcp = tmp_path / "pytorch_model_fsdp_0"
+    dcp.mkdir()
+    marker = tmp_path / "pwned"
+    (dcp / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(checkpoint.CheckpointError, match="refused unloaded"):
+        checkpoint.check_dcp(dcp)
+    assert not marker.exists(), "the checkpoint ran code"
 
 
 def test_missing_or_unexpected_model_keys_are_named(tmp_path):
@@ -249,45 +279,23 @@ def test_missing_or_unexpected_model_keys_are_named(tmp_path):
     state["2.weight"] = state.pop("1.weight")
     save_file(state, path / "model.safetensors")
     rewrite_checksums(path)
-    model, optimizer, scheduler = tiny_trainer(seed=1)
+    accelerator, model, optimizer, scheduler = tiny_trainer(seed=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(checkpoint.CheckpointError, match=r"missing keys 1\.weight; unexpected keys 2\.weight"):
-        checkpoint.load(path, model, optimizer, scheduler)
+        checkpoint.read(path, accelerator, model, "ddp")
     assert all(torch.equal(model.state_dict()[k], before[k]) for k in before), "a refused checkpoint was applied"
 
 
-def _rank_process(rank: int, root: str, barrier, results) -> None:
-    import random
-
-    import torch
-
+def test_a_checkpoint_of_another_layout_is_one_line_not_skipped(tmp_path):
+    """train.parallel=fsdp on a DDP checkpoint: a ConfigError naming both (no fallback to an older one)."""
     from pipeline import checkpoint
+    from pipeline.config import ConfigError
 
-    model, optimizer, scheduler = tiny_trainer()
-    random.seed(100 + rank), np.random.seed(100 + rank), torch.manual_seed(100 + rank)  # ranks differ
-    checkpoint.save(Path(root), 1, model, optimizer, scheduler, {}, keep=2, rank=rank, world_size=2,
-                    barrier=barrier.wait)
-    after_save = (random.random(), float(np.random.rand()), float(torch.rand(1)))
-    random.seed(0), np.random.seed(0), torch.manual_seed(0)
-    checkpoint.load(Path(root) / "step-000001", model, optimizer, scheduler, rank=rank)
-    results[rank] = (after_save, (random.random(), float(np.random.rand()), float(torch.rand(1))))
-
-
-def test_each_rank_resumes_its_own_rng_state(tmp_path):
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("fork")
-    barrier, results = ctx.Barrier(2), ctx.Manager().dict()
-    procs = [ctx.Process(target=_rank_process, args=(r, str(tmp_path), barrier, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    assert [p.exitcode for p in procs] == [0, 0]
-    for rank in range(2):
-        want, got = results[rank]
-        assert want == got, f"rank {rank} resumed another rank's RNG"
-    assert results[0][0] != results[1][0]
+    checkpoints_at(tmp_path)
+    accelerator, model, _, _ = tiny_trainer()
+    with pytest.raises(ConfigError, match="train.parallel=ddp .* train.parallel=fsdp") as err:
+        checkpoint.read_latest(tmp_path, accelerator, model, "fsdp")
+    assert not isinstance(err.value, checkpoint.CheckpointError) and "\n" not in str(err.value)
 
 
 def test_twelve_random_flips_of_model_safetensors_are_all_caught(tmp_path):
@@ -302,6 +310,6 @@ def test_twelve_random_flips_of_model_safetensors_are_all_caught(tmp_path):
     for offset in offsets:
         flip_byte(target, int(offset))
         with pytest.raises(checkpoint.CheckpointError, match="model.safetensors does not match its checksum"):
-            checkpoint.read_latest(tmp_path, tiny_trainer()[0])
+            read_latest(tmp_path)
         target.write_bytes(intact)
-    assert checkpoint.read_latest(tmp_path, tiny_trainer()[0]).path.name == "step-000001"
+    assert read_latest(tmp_path)[0].path.name == "step-000001"

@@ -132,10 +132,10 @@ def test_a_damaged_or_planted_newest_checkpoint_resumes_bit_identically_from_the
     got = resumed_weights()
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
-    ckpts = reopen(cfg.run_dir)  # 2. code planted in the newest trainer state, its checksums made to agree
+    ckpts = reopen(cfg.run_dir)  # 2. code planted in the newest optimizer state, its checksums made to agree
     marker = cfg.run_dir / "pwned"
-    trainer = torch.load(ckpts / "step-000006" / "trainer.pt", weights_only=True)
-    torch.save({**trainer, "extra": Payload(marker)}, ckpts / "step-000006" / "trainer.pt")
+    trainer = torch.load(ckpts / "step-000006" / "optimizer.bin", weights_only=True)
+    torch.save({**trainer, "extra": Payload(marker)}, ckpts / "step-000006" / "optimizer.bin")
     rewrite_checksums(ckpts / "step-000006")
     got = resumed_weights()
     assert not marker.exists(), "resume ran code from a checkpoint"
