@@ -122,3 +122,23 @@ def test_selection():
         with pytest.raises(ConfigError, match="extract_kernel=triton"):
             native.resolve_kernel("triton", cpu)
     assert native.resolve_kernel("auto", torch.device("cuda")) == "torch"  # auto keeps torch: no GPU figure yet
+
+
+@pytest.mark.slow
+def test_teacher_scores_the_same_with_the_triton_kernel(make_model):
+    """HFTeacher.score (forward + extraction + copies to the host) with cache.extract_kernel torch and triton."""
+    from pipeline.teachers.base import TeacherBatch, TeacherConfig
+    from pipeline.teachers.hf import HFTeacher
+
+    cfg = TeacherConfig(path=str(make_model("qwen3_moe")))
+    spec = ExtractSpec(k=8, temperatures=(1.0, 2.0), targets="topk+sampled", num_draws=8, router_topk="all")
+    lengths = torch.tensor([14, 9])
+    ids = torch.randint(1, 400, (2, 14), generator=torch.Generator().manual_seed(2))
+    batch = TeacherBatch(torch.tensor([3, 8]), ids, lengths, torch.ones(2, 14, dtype=torch.uint8))
+    outs = [HFTeacher(cfg, replace(spec, kernel=kernel), DEVICE).score(batch) for kernel in ("torch", "triton")]
+    for key, ref in outs[0].arrays().items():
+        got = outs[1].arrays()[key]
+        if key in ("log_partition", "target_logprob", "topk_logprobs", "router_probs"):
+            torch.testing.assert_close(torch.as_tensor(got), torch.as_tensor(ref), rtol=0, atol=1e-5)
+        else:
+            assert (got == ref).all(), key

@@ -34,6 +34,18 @@ def resolve_router_topk(setting: str, experts: int) -> int:
     return int(setting)
 
 
+def to_host(fields: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Every field as numpy. From a GPU: all copies queued into pinned buffers (non_blocking, no
+    pageable staging), then one wait, instead of a synchronous .cpu() per field."""
+    if not any(t.device.type == "cuda" for t in fields.values()):
+        return {key: t.numpy(force=True) for key, t in fields.items()}
+    host = {key: torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for key, t in fields.items()}
+    for key, t in fields.items():
+        host[key].copy_(t, non_blocking=True)
+    torch.cuda.current_stream().synchronize()
+    return {key: t.numpy() for key, t in host.items()}
+
+
 class HFTeacher:
     def __init__(self, cfg: TeacherConfig, spec: ExtractSpec, device: torch.device):
         self.cfg, self.device = cfg, device
@@ -96,11 +108,10 @@ class HFTeacher:
         return {"router_probs": probs_NLR, "router_ids": ids_NLR.to(torch.int32)}
 
     def _output(self, batch: TeacherBatch, per_seq: list[dict], router: dict) -> TeacherOutput:
-        fields = {key: torch.cat([s[key] for s in per_seq]).cpu().numpy() for key in per_seq[0]}
+        fields = to_host({**{key: torch.cat([s[key] for s in per_seq]) for key in per_seq[0]}, **router})
         if np.isnan(fields["log_partition"]).any():
             raise ConfigError(f"the teacher's logits hold NaN (batch of sample ids {batch.sample_ids[:3].tolist()}...): "
                               "fp16 overflow or broken weights; try teacher.dtype=bfloat16 or float32")
-        fields.update({key: value.cpu().numpy() for key, value in router.items()})
         lengths = batch.lengths.numpy()
         valid = np.arange(batch.input_ids.shape[1])[None, :] < lengths[:, None]
         return TeacherOutput(
