@@ -2,14 +2,18 @@
 
     python scripts/bench_cache.py                          # CPU: tiny Qwen3-MoE, ~5 min on 2 cores
     python scripts/bench_cache.py --store hdf5 --targets topk+sampled --repeats 5
-    python scripts/bench_cache.py --gpu                    # BENCHMARKS.md reference workload
+    python scripts/bench_cache.py --gpu                    # BENCHMARKS.md reference workload, torch and Triton extraction
 
 Four variants run on the same batches, interleaved (A B C D A B C D ...) after a warm-up,
-and the table reports medians: the bare forward with logits, the forward with router
-capture, ``HFTeacher.score`` (+ extraction, no writing) and full phase one (``stages.cache_teacher.run_batches``: score + encode + compress + write
-shards through ``CacheWriter`` and the real store, the writer drained at the end). Then it
-reports bytes per token per stored field, the codec's error against the exact top-k, and
-a breakdown of phase one's time by part (each part timed alone, synchronously).
+and the table reports medians: the bare forward with logits, the forward with router capture,
+``HFTeacher.score`` (+ extraction, no writing) and full phase one
+(``stages.cache_teacher.run_batches``: score + encode + compress + write shards through
+``CacheWriter`` and the real store, the writer drained at the end); ``--extract-kernels
+torch,triton`` (the ``--gpu`` default) adds the last two with ``cache.extract_kernel=triton``
+(pipeline/kernels/extract.py), whose cache the storage and codec figures then read (the codec
+error compares it with the torch path's exact top-k). Then it reports bytes per token per stored
+field, the codec's error against the exact top-k, and a breakdown of phase one's time by part
+(each part timed alone, synchronously). The last line is one JSON object with the ratios.
 
 CPU model: a byte-level BPE trained on the stdlib's docstrings and a Qwen3-MoE built from
 its config class, saved and loaded through the real ``from_pretrained`` path. ``--gpu``
@@ -21,11 +25,14 @@ random weights measures nothing), with random token ids.
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -73,7 +80,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "262,144 holds 64 CPU batches, so smaller shards overstate the per-shard costs)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave torch's default)")
     p.add_argument("--gpu", action="store_true", help="the reference GPU workload of BENCHMARKS.md")
+    p.add_argument("--extract-kernels", default="",
+                   help="torch (the teacher's auto choice) and/or triton, comma-separated (default: torch; "
+                        "torch,triton with --gpu): each kernel's score and full phase one, side by side")
     args = p.parse_args(argv)
+    args.extract_kernels = (args.extract_kernels or ("torch,triton" if args.gpu else "torch")).split(",")
+    if not set(args.extract_kernels) <= {"torch", "triton"} or "torch" not in args.extract_kernels:
+        p.error(f"--extract-kernels {','.join(args.extract_kernels)}: torch, optionally with triton")
     args.batch_size = args.batch_size or (4 if args.gpu else 8)
     args.seq_len = args.seq_len or (2048 if args.gpu else 512)
     args.shard_batches = args.shard_batches or args.batches
@@ -119,17 +132,33 @@ def gpu_teacher(args, spec_kw: dict):
     return teacher, flat, shape
 
 
+class Columns:
+    """What the cache stage reads of a numpy-formatted datasets.Dataset (its length, a column by
+    name, rows by a list of indices), for a --gpu machine whose datasets does not import."""
+
+    def __init__(self, **columns: np.ndarray):
+        self.columns = columns
+
+    def __len__(self) -> int:
+        return len(self.columns["sample_id"])
+
+    def __getitem__(self, key):
+        return self.columns[key] if isinstance(key, str) else {k: v[key] for k, v in self.columns.items()}
+
+
 def packed_dataset(flat: np.ndarray, args):
     """Fixed-length sequences cut from the token stream, as the prepare stage stores them."""
-    import datasets
-
     n = args.batches * args.batch_size
     if len(flat) < n * args.seq_len:
         raise SystemExit(f"only {len(flat)} tokens of text for {n} x {args.seq_len}; lower --batches")
     seqs = flat[: n * args.seq_len].reshape(n, args.seq_len).astype(np.int64)
-    return datasets.Dataset.from_dict({
-        "sample_id": np.arange(n), "input_ids": list(seqs), "loss_mask": list(np.ones_like(seqs, dtype=np.uint8)),
-    }).with_format("numpy")
+    columns = {"sample_id": np.arange(n), "input_ids": seqs, "loss_mask": np.ones_like(seqs, dtype=np.uint8)}
+    try:
+        import datasets
+    except ImportError as err:  # a GPU image's pyarrow can be older than datasets wants; the batches are the same
+        print(f"datasets does not import ({err}); plain columns instead", file=sys.stderr)
+        return Columns(**columns)
+    return datasets.Dataset.from_dict({k: list(v) if v.ndim > 1 else v for k, v in columns.items()}).with_format("numpy")
 
 
 # --- timed variants ------------------------------------------------------------------------
@@ -167,6 +196,15 @@ def forward_router(teacher, batches: list[TeacherBatch]) -> None:
 def score_only(teacher, batches: list[TeacherBatch]) -> None:
     for batch in batches:
         teacher.score(batch)
+
+
+def triton_teacher(teacher):
+    """The same teacher (model, router capture) with cache.extract_kernel=triton."""
+    from pipeline.teachers.native import resolve_kernel
+
+    tri = copy.copy(teacher)
+    tri.spec = replace(teacher.spec, kernel=resolve_kernel("triton", teacher.device))
+    return tri
 
 
 def new_writer(out_dir: Path, args, teacher) -> CacheWriter:
@@ -330,6 +368,11 @@ def print_report(args, shape, n_tokens, times, cpu, storage, error, parts) -> No
     print("\n| phase-one part (alone, no overlap) | s | share |\n|---|---|---|")
     for name, t in parts.items():
         print(f"| {name} | {t:.3f} | {t / total:.1%} |")
+    device = torch.cuda.get_device_name() if args.gpu else "cpu"
+    print(json.dumps({"workload": "gpu" if args.gpu else "cpu", "device": device, "tokens": n_tokens,
+                      "forward_tok_s": round(n_tokens / base, 1),
+                      "ratio_wall": {name: round(base / t, 4) for name, t in med.items()},
+                      "ratio_cpu": {name: round(base_cpu / t, 4) for name, t in med_cpu.items()}}))
 
 
 def main(argv=None) -> None:
@@ -350,6 +393,10 @@ def main(argv=None) -> None:
             "+ extraction (score, no writer)": lambda: score_only(teacher, batches),
             "full phase one": lambda: phase_one(teacher, ds, args, tmp / f"cache{next(runs)}"),
         }
+        if "triton" in args.extract_kernels:  # last: the storage and codec figures then read its cache
+            tri = triton_teacher(teacher)
+            variants["+ extraction, triton kernel"] = lambda: score_only(tri, batches)
+            variants["full phase one, triton kernel"] = lambda: phase_one(tri, ds, args, tmp / f"cache{next(runs)}")
         times, cpu = interleaved(variants, args.repeats)
         n_tokens = len(ds) * args.seq_len
         last = tmp / f"cache{next(runs) - 1}"

@@ -11,7 +11,8 @@ batch + its cross-entropy), backward, clip, AdamW. Every other variant is the tr
 ``train_step`` on ``DistillStudent`` (α = 0.5), same student, same batch, same optimizer:
 ``chunked_ce`` (the project's CE path, α = 0), ``chunked_kd`` / ``fused_kd`` (CE + forward KL over
 the top-64 + tail bucket, train.fused_loss never / always), ``chunked_sampled`` / ``fused_sampled``
-(CE + KD on 64 draws). Each (repeat, variant) runs in a fresh subprocess, interleaved
+(CE + KD on 64 draws), and with ``--gpu`` also ``triton_ce`` / ``triton_kd`` / ``triton_sampled``
+(train.fused_loss=triton: the same fused loss from the Triton kernel, pipeline/kernels/). Each (repeat, variant) runs in a fresh subprocess, interleaved
 (hf_ce chunked_ce ... hf_ce chunked_ce ...); the table reports medians, ratios to hf_ce.
 
 Workload (default, CPU): Qwen3-MoE from its config class with random weights, vocab 32,768,
@@ -57,7 +58,11 @@ VARIANTS = {
     "fused_kd": ("forward_kl", "always"),
     "chunked_sampled": ("sampled", "never"),
     "fused_sampled": ("sampled", "always"),
+    "triton_ce": (None, "triton"),
+    "triton_kd": ("forward_kl", "triton"),
+    "triton_sampled": ("sampled", "triton"),
 }
+GPU_ONLY = ("triton_ce", "triton_kd", "triton_sampled")  # the Triton kernel runs on CUDA (docs/kernels.md)
 # --cache: the demo cache through the trainer's own setup and reader (the older end-to-end table)
 CACHE_VARIANTS = {
     "ce": ["train.alpha=0", "train.router_weight=0", "train.source=cache", "train.fused_loss=never"],
@@ -298,8 +303,9 @@ def run_worker(args, variant: str, overrides: list[str]) -> dict:
     cmd += ["--cache", "--overrides", json.dumps(overrides)] if args.cache else []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
-    if done.returncode:
-        raise SystemExit(f"worker {variant} failed:\n{done.stderr[-3000:]}")
+    if done.returncode:  # reported, and the variant left out of the table: one broken variant spoils no run
+        print(f"worker {variant} failed:\n{done.stderr[-3000:]}", file=sys.stderr, flush=True)
+        return None
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -340,6 +346,14 @@ def headline(med: dict[str, dict], baseline: str, args) -> dict:
                          | {k: round(x, 3) for k, x in ratios(m, med[baseline]).items()} for v, m in med.items()}}
 
 
+def device_name(args) -> str:
+    if not args.gpu:
+        return "cpu"
+    import torch
+
+    return torch.cuda.get_device_name()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
@@ -364,16 +378,23 @@ def main() -> None:
         print(json.dumps(out))
         return
     overrides = build_assets(Path(args.root).resolve(), args.hidden) if args.cache else []
-    variants = (args.variants or ",".join(CACHE_VARIANTS if args.cache else VARIANTS)).split(",")
+    default = CACHE_VARIANTS if args.cache else [v for v in VARIANTS if args.gpu or v not in GPU_ONLY]
+    variants = (args.variants or ",".join(default)).split(",")
     baseline = variants[0]
     results: dict[str, list[dict]] = {v: [] for v in variants}
     for r in range(args.repeats):
         for v in variants:
-            results[v].append(run_worker(args, v, overrides))
-            print(f"repeat {r + 1}/{args.repeats} {v}: {results[v][-1]}", file=sys.stderr, flush=True)
-    med = medians(results)
+            out = run_worker(args, v, overrides)
+            results[v] += [out] if out else []
+            print(f"repeat {r + 1}/{args.repeats} {v}: {out}", file=sys.stderr, flush=True)
+    failed = [v for v, rs in results.items() if not rs]
+    if baseline in failed:
+        raise SystemExit(f"the baseline {baseline} failed; no ratios to report")
+    med = medians({v: rs for v, rs in results.items() if rs})
+    if failed:
+        print(f"failed (left out): {', '.join(failed)}")
     print(table(med, args.gpu, baseline))
-    print(json.dumps(headline(med, baseline, args)))
+    print(json.dumps(headline(med, baseline, args) | {"failed": failed, "device": device_name(args)}))
 
 
 if __name__ == "__main__":

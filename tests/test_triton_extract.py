@@ -130,7 +130,7 @@ def test_teacher_scores_the_same_with_the_triton_kernel(make_model):
     from pipeline.teachers.base import TeacherBatch, TeacherConfig
     from pipeline.teachers.hf import HFTeacher
 
-    cfg = TeacherConfig(path=str(make_model("qwen3_moe")))
+    cfg = TeacherConfig(path=str(make_model("qwen3_moe")), dtype="float32")  # fp32 on a GPU too: no bf16 ties
     spec = ExtractSpec(k=8, temperatures=(1.0, 2.0), targets="topk+sampled", num_draws=8, router_topk="all")
     lengths = torch.tensor([14, 9])
     ids = torch.randint(1, 400, (2, 14), generator=torch.Generator().manual_seed(2))
