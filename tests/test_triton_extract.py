@@ -20,8 +20,9 @@ pytest.importorskip("triton")
 from pipeline.config import ConfigError  # noqa: E402
 from pipeline.kernels import interpreting  # noqa: E402
 from pipeline.kernels.extract import extract_chunk  # noqa: E402
+from pipeline.seeding import sequence_generator  # noqa: E402
 from pipeline.teachers import native  # noqa: E402
-from pipeline.teachers.extract import ExtractSpec, extract_sequence, sequence_generator  # noqa: E402
+from pipeline.teachers.extract import ExtractSpec, extract_sequence  # noqa: E402
 
 DEVICE = torch.device("cpu" if interpreting() else "cuda")
 L, V, VOCAB, N = 12, 300, 290, 32  # V - VOCAB: padded logit columns (vocab_limit)

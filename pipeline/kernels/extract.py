@@ -16,8 +16,8 @@ GPU: no fp32 copy of the chunk). One program per row, two sweeps over vocabulary
    running cumulative sum of exp((z - max) / t_draw) meets them in order, so each tile resolves the
    uniforms that fall inside it (ids = the count of cumulative sums below u * total).
 
-The uniforms are the torch path's own (``sequence_generator(seed, sample id)``, drawn on the
-host), so the draws are reproducible from (seed, sample id) on any rank and resume, and equal the
+The uniforms are the torch path's own (``pipeline.seeding.sequence_generator(seed, sample id)``,
+drawn on the host), so the draws are reproducible from (seed, sample id) on any rank and resume, and equal the
 torch path's except where fp32 rounding of the two cumulative sums puts a uniform on the other
 side of a boundary.
 """
