@@ -230,3 +230,23 @@ def test_a_two_rank_fsdp_checkpoint_resumes_on_three_ranks(runs, straight):
     want, got = final_weights(straight["fsdp"]), final_weights(run_dir)
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("env_key, parallel", [("ACCELERATE_USE_FSDP", "ddp"), ("ACCELERATE_USE_DEEPSPEED", "fsdp")])
+def test_an_accelerate_launch_config_asking_for_another_mode_is_one_line(monkeypatch, env_key, parallel):
+    """`accelerate launch --config_file` sets these; train.parallel decides, a conflict is refused."""
+    from pipeline.config import ConfigError
+    from pipeline.distributed import training_accelerator
+
+    monkeypatch.setenv(env_key, "true")
+    with pytest.raises(ConfigError, match=f"{env_key}=true.*train.parallel={parallel}") as err:
+        training_accelerator(parallel, True, "no", None, "unused")
+    assert "\n" not in str(err.value)
+
+
+def test_train_parallel_is_a_checked_choice():
+    from pipeline.config import ConfigError, load_config
+    from stages.config import PipelineConfig
+
+    with pytest.raises(ConfigError, match="train.parallel.*ddp, fsdp"):
+        load_config(PipelineConfig, [], ["train.parallel=deepspeed"])
