@@ -6,6 +6,7 @@ when no launcher set the environment.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -56,8 +57,6 @@ LAUNCHER_MODES = {"ACCELERATE_USE_FSDP": "fsdp", "ACCELERATE_USE_DEEPSPEED": "de
 
 def check_launcher(parallel: str) -> None:
     """train.parallel decides DDP or FSDP; a launcher config asking for another mode is one line, not obeyed."""
-    import os
-
     for env, mode in LAUNCHER_MODES.items():
         if os.environ.get(env, "false").lower() == "true" and mode != parallel:
             supported = "train.parallel=fsdp" if mode == "fsdp" else "train.parallel=fsdp (DeepSpeed and Megatron are not supported)"

@@ -192,9 +192,9 @@ def _chunk(h_CH, w_VH, dW_VH, labels_C, ce_C, kd_C, teacher, spec, plan, weights
 
 
 def _triton_chunk(w_VH: torch.Tensor, hidden_dtype: torch.dtype):
-    from pipeline.kernels.fused_ce_kd import TritonChunk  # imports triton: only when selected
+    from pipeline.kernels.fused_ce_kd import Surrogate, TritonChunk  # imports triton: only when selected
 
-    return TritonChunk(w_VH, hidden_dtype)
+    return TritonChunk(w_VH, hidden_dtype, Surrogate(gathered_ids, other_tail, loss_and_grads))
 
 
 # --- the autograd Function --------------------------------------------------------------------

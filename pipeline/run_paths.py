@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cache.location import Location
+from pipeline.state import read_state
 
 
 def data_dir(run_dir: Path) -> Path:
@@ -35,8 +36,6 @@ def cache_location(cfg, split: str, run_dir: Path | None = None) -> Location:
 def cache_locations(run_dir: Path) -> list[Location]:
     """The caches ``status`` shows: under the cache.dir the cache stage recorded (a folder or a URL, reached
     with the environment's credentials), else the run's own ``cache_dirs``."""
-    from pipeline.state import read_state
-
     base = (read_state(run_dir, "cache") or {}).get("cache_dir")
     if not base:
         return [Location(p) for p in cache_dirs(run_dir)]

@@ -12,8 +12,9 @@ C token rows:
    list"); a per-row pointer walks it as the tiles advance, so each tile tests only the ids that
    fall inside it (on average far below one per row and tile) instead of all K + D + 1. Their
    logits are stored as the walk meets them.
-2. The small losses: ``fused_loss.loss_and_grads`` on the [C, K + 1] surrogate (the KD catalogue,
-   unchanged, under autograd) gives the gradient w.r.t. each gathered logit and each tail logit.
+2. The small losses: ``fused_loss.loss_and_grads`` (passed in, ``Surrogate``) on the [C, K + 1]
+   surrogate (the KD catalogue, unchanged, under autograd) gives the gradient w.r.t. each gathered
+   logit and each tail logit.
 3. ``_grad_kernel`` (grid: row blocks x vocabulary tiles, all independent): recomputes the logits
    tile and writes d logits = g_u1 exp(s - m) / sum1 + g_ut exp((s - m) / tau) / sumt at uncached
    ids, plus the gathered ids' gradients, into one [C, V] fp32 buffer; dH = d @ W and dW += d^T h
@@ -32,11 +33,13 @@ are upcast to fp32 first (the interpreter's bf16 dot is wrong).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import triton
 import triton.language as tl
 
-from pipeline import fused_loss
 from pipeline.kernels import interpreting, next_pow2, unavailable
 
 BIG_ID = tl.constexpr(2**31 - 1)  # past every vocabulary id: the end of a row's gather list
@@ -146,13 +149,25 @@ def _precision(dtype: torch.dtype) -> str | None:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 and not interpreting() else "ieee"
 
 
+@dataclass(frozen=True)
+class Surrogate:
+    """pipeline/fused_loss.py's side of a chunk, which the torch chunk shares: passed in, so this
+    module does not import fused_loss back (no import cycle)."""
+
+    gathered_ids: Callable  # (teacher, plan, rows, device) -> (cached ids [C, K], draw ids [C, D] or None)
+    other_tail: Callable  # (plan) -> whether the KD tail has its own temperature
+    loss_and_grads: Callable  # the small losses on the surrogate and their gradients
+
+
 class TritonChunk:
     """fused_loss._chunk's contract, computed by the two Triton sweeps.
 
     dot_dtype: the matmuls' input dtype (fp32, or the body's bf16/fp16 under autocast);
     w_dot_VH is the LM head in that dtype, made once per loss call, not once per chunk."""
 
-    def __init__(self, w_VH: torch.Tensor, dot_dtype: torch.dtype, tiles: tuple[int, int, int] | None = None):
+    def __init__(self, w_VH: torch.Tensor, dot_dtype: torch.dtype, surrogate: Surrogate,
+                 tiles: tuple[int, int, int] | None = None):
+        self.surrogate = surrogate
         why = unavailable(w_VH.device)
         if why:
             raise ValueError(f"train.fused_loss=triton: {why}")
@@ -169,14 +184,14 @@ class TritonChunk:
         C, V, H = h_CH.shape[0], w_VH.shape[0], h_CH.shape[1]
         dev = h_CH.device
         y_C = torch.where(ce_C, labels_C, 0)
-        ids_CK, draw_ids_CD = fused_loss.gathered_ids(teacher, plan, C, dev)
+        ids_CK, draw_ids_CD = self.surrogate.gathered_ids(teacher, plan, C, dev)
         draws_CD = draw_ids_CD if draw_ids_CD is not None else torch.zeros(C, 0, dtype=torch.long, device=dev)
         K, D = ids_CK.shape[1], draws_CD.shape[1]
         # the gather list: cached ids (flag 1: not in the tail), draws, the label; sorted by id per row
         gid_CG, order_CG = torch.sort(torch.cat([ids_CK, draws_CD, y_C[:, None]], 1).to(torch.int32), dim=1, stable=True)
         flag_CG = (order_CG < K).to(torch.int32)
         G = gid_CG.shape[1]
-        other = fused_loss.other_tail(plan)
+        other = self.surrogate.other_tail(plan)
         tau = float(plan.tail_tau) if other else 1.0
         h_dot = h_CH.to(self.dot_dtype).contiguous()
         BM, BV, BK = self.tiles
@@ -191,8 +206,8 @@ class TritonChunk:
         sd_CD = g_CG[:, K:K + D] if draw_ids_CD is not None else None
         u1_C = torch.where(sum1_C > 0, m_C + sum1_C.log(), float("-inf"))
         ut_C = torch.where(sumt_C > 0, m_C + tau * sumt_C.log(), float("-inf")) if other else None
-        ce, kd, g_a, g_u1, g_ut, g_sd = fused_loss.loss_and_grads(a_CK, u1_C, ut_C, sd_CD, s_y_C, ce_C, kd_C,
-                                                                  teacher, spec, plan, weights, V)
+        ce, kd, g_a, g_u1, g_ut, g_sd = self.surrogate.loss_and_grads(a_CK, u1_C, ut_C, sd_CD, s_y_C, ce_C, kd_C,
+                                                                      teacher, spec, plan, weights, V)
         label_C1 = torch.where(ce_C, -weights[0], 0.0)[:, None].to(g_a.dtype)
         coef_CG = torch.cat([g_a, g_sd if g_sd is not None else draws_CD.new_zeros(C, 0, dtype=g_a.dtype), label_C1], 1)
         coef_CG = coef_CG.gather(1, order_CG.long()).contiguous()
