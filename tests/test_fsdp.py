@@ -250,3 +250,57 @@ def test_train_parallel_is_a_checked_choice():
 
     with pytest.raises(ConfigError, match="train.parallel.*ddp, fsdp"):
         load_config(PipelineConfig, [], ["train.parallel=deepspeed"])
+
+
+def _rng_rank(rank: int, root: str, port: int, results) -> None:
+    """One of 2 gloo ranks: save a checkpoint, scramble every RNG, resume, draw again."""
+    import random
+
+    import numpy as np
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from pipeline import checkpoint
+    from pipeline.distributed import prepare, training_accelerator
+
+    def draw() -> tuple:
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    accelerator = training_accelerator("ddp", True, "no", None, root)
+    model, optimizer = prepare(accelerator, model, optimizer, scheduler)
+    checkpoint.attach(accelerator)
+    random.seed(100 + rank), np.random.seed(100 + rank), torch.manual_seed(100 + rank)  # the ranks differ
+    checkpoint.save(accelerator, Path(root), 1, {}, keep=2, parallel="ddp")
+    after_save = draw()
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    loaded = checkpoint.read_latest(Path(root), accelerator, accelerator.unwrap_model(model), "ddp")
+    checkpoint.apply(loaded, accelerator)
+    results.put((rank, after_save, draw()))
+    accelerator.end_training()
+
+
+@pytest.mark.slow
+def test_each_rank_resumes_its_own_rng_state(tmp_path):
+    import multiprocessing
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: accelerate's state is per process
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_rng_rank, args=(r, str(tmp_path), port, queue)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    results = {rank: (want, got) for rank, want, got in (queue.get(timeout=240) for _ in procs)}
+    for proc in procs:
+        proc.join(60)
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    for rank in range(2):
+        want, got = results[rank]
+        assert want == got, f"rank {rank} resumed another rank's RNG state"
+    assert results[0][0] != results[1][0]
