@@ -78,15 +78,6 @@ def table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def header(steps: int) -> str:
-    """What was run: date, commit, machine (the tables never carry numbers of another run)."""
-    import subprocess
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    return (f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; commit: {commit.strip() or '?'}; "
-            f"steps per variant: {steps or 'the demo train.steps'}; seed 0; machine: {demo.machine()}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="runs", help="where the variants' runs go")
@@ -107,7 +98,7 @@ def main() -> None:
 
     if (read_state(demo_dir, "train") or {}).get("status") == "done":  # the demo's own student, if trained by now
         rows["demo: β·router KL 0.1"] = demo_row(base, demo_dir)
-    text = f"{header(args.steps)}\n\n{table(rows)}\n"
+    text = f"{demo.study_header(args.steps)}\n\n{table(rows)}\n"
     print(text, flush=True)
     (root / "router_ablation.json").write_text(json.dumps(rows, indent=1))
     if args.out:

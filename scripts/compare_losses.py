@@ -91,15 +91,6 @@ def table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def header(steps: int) -> str:
-    """What was run: date, commit, budget, machine (the tables never carry numbers of another run)."""
-    import subprocess
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    return (f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; commit: {commit.strip() or '?'}; "
-            f"steps per variant: {steps or 'the demo train.steps'}; seed 0; machine: {demo.machine()}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="runs", help="where the demo's runs are and the variants' go")
@@ -121,7 +112,7 @@ def main() -> None:
         raise SystemExit(f"--losses: {', '.join(unknown)} not available with the demo cache; choose from {allowed}")
     names = [n for n in allowed if n in args.losses] if args.losses else allowed
     rows = {name: run_variant(name, base, args.steps, demo_dir) for name in names}
-    text = f"{header(args.steps)}\n\n{table(rows)}\n"
+    text = f"{demo.study_header(args.steps)}\n\n{table(rows)}\n"
     print(text, flush=True)
     (root / "loss_study.json").write_text(json.dumps(rows, indent=1))
     if args.out:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -99,6 +101,14 @@ def machine() -> str:
     model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
                  platform.processor())
     return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s)"
+
+
+def study_header(steps: int) -> str:
+    """What a study ran: date, commit, steps, machine (its tables never carry numbers of another run)."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=CONFIGS.parent, capture_output=True,
+                            text=True).stdout
+    return (f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; commit: {commit.strip() or '?'}; "
+            f"steps per variant: {steps or 'the demo train.steps'}; seed 0; machine: {machine()}")
 
 
 def demo_overrides(root: Path) -> list[str]:

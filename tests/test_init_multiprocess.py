@@ -4,19 +4,14 @@ process group instead of each running a full copy, and the result is bit-identic
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from launch_helpers import torchrun
 from safetensors.torch import load_file
 
 import run_pipeline
 from pipeline import state
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
@@ -26,11 +21,7 @@ def test_two_processes_write_what_one_process_writes(tmp_path, make_model):
     paths = [f"teacher.path={teacher}", f"student.path={student}"]
     assert run_pipeline.main(["init", f"run.root={tmp_path / 'one'}", *paths]) == 0
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "run_pipeline.py", "init", f"run.root={tmp_path / 'two'}", *paths]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = torchrun("init", f"run.root={tmp_path / 'two'}", *paths)
     assert done.stdout.count("init: full student") == 1, "only rank 0 saves (not one full copy per rank)"
 
     one, two = tmp_path / "one" / "demo", tmp_path / "two" / "demo"

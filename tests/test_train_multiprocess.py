@@ -4,18 +4,15 @@ loss trajectory and the same final weights as one process."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch_helpers import torchrun
 from safetensors.torch import load_file
 
 from stages import train_student
 
-ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ("train.steps=4", "train.batch_size=4", "train.router_weight=0.1", "train.log_every=1",
          "train.checkpoint_every=100")
 
@@ -31,11 +28,7 @@ def test_two_processes_follow_one_process(train_config):
     one = train_config(*TRAIN, "train.grad_accum=1", name="one")
     train_student.run(one)
     two, overrides = train_config(*TRAIN, "train.grad_accum=2", name="two", with_overrides=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "run_pipeline.py", "train", *overrides]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun("train", *overrides)
 
     m1, m2 = metrics(one.run_dir), metrics(two.run_dir)
     assert [r["step"] for r in m2] == [1, 2, 3, 4]  # rank 0 alone writes

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+from launch_helpers import torchrun
 from torch.overrides import TorchFunctionMode
 
 from pipeline import batches as batches_module
@@ -269,11 +269,7 @@ def test_two_processes_log_the_interval_means_of_one(train_config):
     one = train_config(*common, "train.grad_accum=1", name="one")
     train_student.run(one)
     two, overrides = train_config(*common, "train.grad_accum=2", name="two", with_overrides=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "run_pipeline.py", "train", *overrides]
-    done = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun("train", *overrides)
     m1, m2 = metrics(one), metrics(two)
     assert [r["step"] for r in m2] == [2, 4]
     for a, b in zip(m1, m2):
