@@ -28,7 +28,8 @@ import numpy as np
 
 from cache.codec import Codec, decode_topk
 from cache.location import Location, objects_digest
-from cache.schema import CacheError, Manifest, ShardInfo, TeacherOutput, ragged_arange, read_manifest
+from cache.schema import (CacheError, Manifest, Sequences, ShardInfo, TeacherRecord, pad_draws, ragged_arange,
+                          read_manifest)
 from cache.shards import open_shard, require_local
 from cache.zarr_store import open_shard as open_fetched
 
@@ -36,6 +37,7 @@ PREFETCH_SHARDS = 2  # shards opened (object store: fetched whole and verified) 
 
 TOKEN_FIELDS = ("input_ids", "loss_mask", "target_logprob", "log_partition", "topk_ids", "topk_logprobs",
                 "router_ids", "router_probs")
+TEACHER_FIELDS = TOKEN_FIELDS[2:]
 
 
 
@@ -203,42 +205,50 @@ class CacheReader:
         buffer = np.concatenate(parts) if len(parts) > 1 else parts[0]
         return buffer[position]
 
-    def read_many(self, name: str, seqs: np.ndarray) -> TeacherOutput:
+    def read_many(self, name: str, seqs: np.ndarray) -> Sequences:
         """Sequences ``seqs`` of a shard (local indices, in that order), decoded in one go: equal to
         concatenating ``read(name, s, s + 1)`` over ``seqs``."""
-        shard, offsets = self.shard(name), self.seq_offsets(name)
+        offsets = self.seq_offsets(name)
         seqs = np.asarray(seqs, np.int64)
         a, b = offsets[seqs], offsets[seqs + 1]
-        fields = {k: self.gather(name, k, a, b) for k in TOKEN_FIELDS if k in shard}
-        if "topk_ids" in fields:
-            fields["topk_ids"], fields["topk_logprobs"] = decode_topk(fields["topk_ids"], fields["topk_logprobs"], self.codec)
-        if "draw_offsets" in shard:
+        fields = {k: self.gather(name, k, a, b) for k in TOKEN_FIELDS if k in self.shard(name)}
+        draws = None
+        if "draw_offsets" in self.shard(name):
             bounds = self.gather(name, "draw_offsets", a, b + 1)  # each sequence's b - a + 1 bounds
             last = np.cumsum(b - a + 1) - 1  # a sequence's last bound: no position of its own
-            fields["draw_n"] = np.delete(np.diff(bounds), last[:-1])
             d_a, d_b = bounds[last - (b - a)], bounds[last]
-            fields["draw_ids"] = self.gather(name, "draw_ids", d_a, d_b)
-            fields["draw_counts"] = self.gather(name, "draw_counts", d_a, d_b)
-        return TeacherOutput(sample_ids=self.sample_ids(name)[seqs], seq_lens=b - a, **fields)
+            draws = (np.delete(np.diff(bounds), last[:-1]), self.gather(name, "draw_ids", d_a, d_b),
+                     self.gather(name, "draw_counts", d_a, d_b))
+        return self._record(self.sample_ids(name)[seqs], b - a, fields, draws)
 
-    def read(self, name: str, first_seq: int, last_seq: int) -> TeacherOutput:
+    def read(self, name: str, first_seq: int, last_seq: int) -> Sequences:
         """Sequences [first_seq, last_seq) of a shard, decoded."""
-        shard, offsets = self.shard(name), self.seq_offsets(name)
+        offsets = self.seq_offsets(name)
         a, b = int(offsets[first_seq]), int(offsets[last_seq])
-        fields = {k: self.rows(name, k, a, b) for k in TOKEN_FIELDS if k in shard}
+        fields = {k: self.rows(name, k, a, b) for k in TOKEN_FIELDS if k in self.shard(name)}
+        draws = None
+        if "draw_offsets" in self.shard(name):
+            bounds = self.rows(name, "draw_offsets", a, b + 1)
+            draws = (np.diff(bounds), *(self.rows(name, k, int(bounds[0]), int(bounds[-1]))
+                                        for k in ("draw_ids", "draw_counts")))
+        return self._record(self.sample_ids(name)[first_seq:last_seq], np.diff(offsets[first_seq:last_seq + 1]),
+                            fields, draws)
+
+    def _record(self, sample_ids, seq_lens, fields: dict, draws: tuple | None) -> Sequences:
+        """Decoded token rows as a Sequences record: top-k decoded, draws padded per token."""
         if "topk_ids" in fields:
             fields["topk_ids"], fields["topk_logprobs"] = decode_topk(fields["topk_ids"], fields["topk_logprobs"], self.codec)
-        if "draw_offsets" in shard:
-            bounds = self.rows(name, "draw_offsets", a, b + 1)
-            fields["draw_n"] = np.diff(bounds)
-            fields["draw_ids"] = self.rows(name, "draw_ids", int(bounds[0]), int(bounds[-1]))
-            fields["draw_counts"] = self.rows(name, "draw_counts", int(bounds[0]), int(bounds[-1]))
-        return TeacherOutput(
-            sample_ids=self.sample_ids(name)[first_seq:last_seq],
-            seq_lens=np.diff(offsets[first_seq:last_seq + 1]), **fields,
-        )
+        if draws is not None:
+            fields["draw_ids"], fields["draw_counts"] = pad_draws(draws[0], list(draws[1:]))
+        teacher = TeacherRecord(temperatures=self.temperatures, **{k: fields.pop(k) for k in TEACHER_FIELDS + (
+            "draw_ids", "draw_counts") if k in fields})
+        return Sequences(sample_ids=sample_ids, seq_lens=seq_lens, teacher=teacher, **fields)
 
-    def read_shard(self, name: str) -> TeacherOutput:
+    @property
+    def temperatures(self) -> tuple[float, ...]:
+        return tuple(float(t) for t in self.manifest.identity.get("temperatures", [1.0]))
+
+    def read_shard(self, name: str) -> Sequences:
         return self.read(name, 0, len(self.seq_offsets(name)) - 1)
 
     def verify(self) -> list[str]:

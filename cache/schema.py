@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -163,32 +163,104 @@ def identity_mismatch(expected: dict[str, Any], found: dict[str, Any]) -> list[s
 
 
 @dataclass
-class TeacherOutput:
-    """The teacher's signal for a batch of whole sequences, flat over their tokens (T).
+class TeacherRecord:
+    """The teacher's signal for T tokens: the one record from a teacher backend (phase one) or the
+    reader (phase two) to the loss. Its arrays are numpy in cache/ and the DataLoader workers and
+    torch tensors in the trainer (``map``); optional parts are None when the cache lacks them.
+    Draws are padded per token (unique ids, their counts, count 0 on padding); a shard stores them
+    ragged (``draw_offsets``), the reader pads them again."""
 
-    Produced by a teacher backend in phase one and decoded from shards in phase two; the
-    trainer sees only this record. Optional parts are None when the cache lacks them.
-    """
+    log_partition: Any  # [T, P] float: log sum exp(z / tau) per cached tau
+    target_logprob: Any = None  # [T] float: log-prob of the actual next token
+    temperatures: tuple[float, ...] = (1.0,)  # the cached tau of log_partition's columns; [0] == 1
+    topk_ids: Any = None  # [T, K] int, descending probability
+    topk_logprobs: Any = None  # [T, K] float at tau = 1
+    draw_ids: Any = None  # [T, D] int: unique sampled ids, 0 on padding
+    draw_counts: Any = None  # [T, D] int: how often each was drawn, 0 on padding
+    router_ids: Any = None  # [T, L, R] int
+    router_probs: Any = None  # [T, L, R] float (absent for an ids-only router cache)
+
+    def arrays(self) -> dict[str, Any]:
+        """The arrays present, by field name."""
+        return {f.name: v for f in dataclass_fields(self) if f.name != "temperatures"
+                and (v := getattr(self, f.name)) is not None}
+
+    def map(self, fn: Callable[[Any], Any]) -> "TeacherRecord":
+        """The same record with fn applied to every array (to tensors, to a device, a row selection)."""
+        return replace(self, **{k: fn(v) for k, v in self.arrays().items()})
+
+    def pin_memory(self) -> "TeacherRecord":  # torch's DataLoader calls this on a record of tensors
+        return self.map(lambda t: t.pin_memory())
+
+    def to(self, device, non_blocking: bool = False) -> "TeacherRecord":
+        return self.map(lambda t: t.to(device, non_blocking=non_blocking))
+
+
+@dataclass
+class Sequences:
+    """Whole sequences, flat over their tokens (T), with the teacher's record when there is one
+    (None for prepared data trained without a teacher)."""
 
     sample_ids: Any  # [S] int64
     seq_lens: Any  # [S] int64, sums to T
     input_ids: Any  # [T] int
     loss_mask: Any  # [T] uint8
-    target_logprob: Any  # [T] float
-    log_partition: Any  # [T, P] float: log sum exp(z / tau) per cached tau
-    topk_ids: Any = None  # [T, K] int, descending probability
-    topk_logprobs: Any = None  # [T, K] float at tau = 1
-    draw_n: Any = None  # [T] unique draws per position
-    draw_ids: Any = None  # [D] int
-    draw_counts: Any = None  # [D] int
-    router_ids: Any = None  # [T, L, R] int
-    router_probs: Any = None  # [T, L, R] float (absent for an ids-only router cache)
+    teacher: TeacherRecord | None = None
 
     def arrays(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
+        """Every array, the teacher's included, by field name."""
+        own = {k: getattr(self, k) for k in SEQUENCE_FIELDS}
+        return own | (self.teacher.arrays() if self.teacher is not None else {})
 
 
-PER_SEQ, PER_DRAW = ("sample_ids", "seq_lens"), ("draw_ids", "draw_counts")  # the rest: one row per token
+def pad_draws(draw_n_T: np.ndarray, values: list[np.ndarray], width: int = 0) -> list[np.ndarray]:
+    """Ragged per-token draw arrays ([D] each, draw_n_T[t] entries for token t) as [T, width] arrays,
+    zero-padded (width: at least the longest row)."""
+    n_T = np.asarray(draw_n_T, np.int64)
+    width = max(width, int(n_T.max()) if len(n_T) else 0, 1)
+    rows = np.repeat(np.arange(len(n_T)), n_T)
+    cols = np.arange(len(rows)) - np.repeat(np.cumsum(n_T) - n_T, n_T)
+    out = []
+    for v in values:
+        padded = np.zeros((len(n_T), width), v.dtype)
+        padded[rows, cols] = v
+        out.append(padded)
+    return out
+
+
+def widen(a: np.ndarray, width: int) -> np.ndarray:
+    """[T, D] zero-padded to [T, width] (width >= D)."""
+    return a if a.shape[1] == width else np.pad(a, ((0, 0), (0, width - a.shape[1])))
+
+
+def concat_sequences(parts: list[Sequences]) -> Sequences:
+    """The records one after the other (draws padded to the widest)."""
+    first = parts[0]
+    cat = {k: np.concatenate([getattr(p, k) for p in parts]) for k in SEQUENCE_FIELDS}
+    if first.teacher is None:
+        return Sequences(**cat)
+    teachers = [p.teacher for p in parts]
+    width = max(t.draw_ids.shape[1] for t in teachers) if first.teacher.draw_ids is not None else 0
+    fields = {}
+    for key in first.teacher.arrays():
+        arrays = [getattr(t, key) for t in teachers]
+        fields[key] = np.concatenate([widen(a, width) for a in arrays] if key in PADDED_DRAWS else arrays)
+    return Sequences(**cat, teacher=replace(first.teacher, **fields))
+
+
+PADDED_DRAWS = ("draw_ids", "draw_counts")
+SEQUENCE_FIELDS = ("sample_ids", "seq_lens", "input_ids", "loss_mask")
+
+
+def sequences_from_flat(flat: dict[str, Any], temperatures: tuple[float, ...] = (1.0,)) -> Sequences:
+    """A Sequences record from flat arrays named as the stored fields, draws ragged (``draw_n`` per
+    token, ``draw_ids``/``draw_counts`` flat): how synthetic records in tests and benchmarks are written."""
+    flat = dict(flat)
+    if "draw_n" in flat:
+        flat["draw_ids"], flat["draw_counts"] = pad_draws(flat.pop("draw_n"), [flat["draw_ids"], flat["draw_counts"]])
+    teacher = {k: v for k, v in flat.items() if k not in SEQUENCE_FIELDS}
+    return Sequences(**{k: flat[k] for k in SEQUENCE_FIELDS},
+                     teacher=TeacherRecord(temperatures=temperatures, **teacher) if teacher else None)
 
 def ragged_arange(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """Concatenated aranges [starts[i], ends[i]), int64, without a Python loop."""
@@ -206,14 +278,12 @@ def ragged_arange(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     return np.cumsum(step)
 
 
-def take_sequences(fields: dict[str, Any], seqs: np.ndarray) -> dict[str, Any]:
-    """The sequences ``seqs`` (indices, in that order) of a flat record (``TeacherOutput`` fields or a
-    writer batch: ``seq_lens``, optional ``draw_n``), as fresh arrays; None fields stay None."""
+def take_sequences(seqs_in: Sequences, seqs: np.ndarray) -> Sequences:
+    """The sequences ``seqs`` (indices, in that order) of a flat record, as fresh arrays: the writer's
+    batch split and the stream's reorder."""
     seqs = np.asarray(seqs, np.int64)
-    starts = np.concatenate([[0], np.cumsum(np.asarray(fields["seq_lens"], np.int64))])
-    rows = {"tokens": ragged_arange(starts[seqs], starts[seqs + 1])}
-    if fields.get("draw_n") is not None:
-        draws = np.concatenate([[0], np.cumsum(fields["draw_n"], dtype=np.int64)])
-        rows["draws"] = ragged_arange(draws[starts[seqs]], draws[starts[seqs + 1]])
-    pick = lambda key: seqs if key in PER_SEQ else rows["draws"] if key in PER_DRAW else rows["tokens"]
-    return {key: None if value is None else value[pick(key)] for key, value in fields.items()}
+    starts = np.concatenate([[0], np.cumsum(np.asarray(seqs_in.seq_lens, np.int64))])
+    tokens = ragged_arange(starts[seqs], starts[seqs + 1])
+    teacher = None if seqs_in.teacher is None else seqs_in.teacher.map(lambda a: a[tokens])
+    return Sequences(sample_ids=seqs_in.sample_ids[seqs], seq_lens=seqs_in.seq_lens[seqs],
+                     input_ids=seqs_in.input_ids[tokens], loss_mask=seqs_in.loss_mask[tokens], teacher=teacher)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cache.schema import CacheError, TeacherOutput
+from cache.schema import CacheError, Sequences
 from cache.shards import open_shard
 
 PIECE_TOKENS = 65536
@@ -67,11 +67,9 @@ def target_in_topk(topk_ids_TK: np.ndarray, targets_T: np.ndarray) -> np.ndarray
     return (topk_ids_TK == targets_T[:, None]).any(axis=1)
 
 
-def target_in_draws(draw_n_T: np.ndarray, draw_ids_D: np.ndarray, targets_T: np.ndarray) -> np.ndarray:
-    """Whether each position's target id is among its sampled draws."""
-    pos_D = np.repeat(np.arange(len(draw_n_T)), draw_n_T)
-    hit_D = draw_ids_D == targets_T[pos_D]
-    return np.bincount(pos_D, weights=hit_D, minlength=len(draw_n_T)) > 0
+def target_in_draws(draw_ids_TD: np.ndarray, draw_counts_TD: np.ndarray, targets_T: np.ndarray) -> np.ndarray:
+    """Whether each position's target id is among its sampled draws (padding: count 0)."""
+    return ((draw_ids_TD == targets_T[:, None]) & (draw_counts_TD > 0)).any(axis=1)
 
 
 # --- router statistics ------------------------------------------------------------------
@@ -127,20 +125,21 @@ def coefficient_of_variation(shares_LE):
 # --- one decoded piece ------------------------------------------------------------------
 
 
-def piece_stats(out: TeacherOutput, vocab_size: int, num_experts: int, routed_k: int) -> dict:
+def piece_stats(seqs: Sequences, vocab_size: int, num_experts: int, routed_k: int) -> dict:
     """Partial results of one decoded piece: keys ending in _T are per-position arrays to
     concatenate, every other value is summed across pieces (see ``merge``)."""
-    targets_T, has_next_T = next_token_targets(np.asarray(out.input_ids), np.asarray(out.seq_lens))
-    trained_T = (np.asarray(out.loss_mask) == 1) & has_next_T
-    part = {"tokens": len(targets_T), "sequences": len(out.seq_lens), "trained": int(trained_T.sum()),
+    targets_T, has_next_T = next_token_targets(np.asarray(seqs.input_ids), np.asarray(seqs.seq_lens))
+    trained_T = (np.asarray(seqs.loss_mask) == 1) & has_next_T
+    out = seqs.teacher
+    part = {"tokens": len(targets_T), "sequences": len(seqs.seq_lens), "trained": int(trained_T.sum()),
             "target_nll": -float(np.asarray(out.target_logprob, np.float64)[trained_T].sum())}
     if out.topk_logprobs is not None and out.topk_logprobs.shape[1] > 0:
         part["topk_mass_T"] = topk_mass(out.topk_logprobs)
         part["entropy_lower_T"], part["entropy_upper_T"] = entropy_bounds(out.topk_logprobs, vocab_size)
         part["target_in_topk"] = int(target_in_topk(out.topk_ids, targets_T)[trained_T].sum())
-    if out.draw_n is not None:
-        part["draws_unique"] = int(out.draw_n.sum())
-        part["target_in_draws"] = int(target_in_draws(out.draw_n, out.draw_ids, targets_T)[trained_T].sum())
+    if out.draw_ids is not None:
+        part["draws_unique"] = int(np.count_nonzero(out.draw_counts))
+        part["target_in_draws"] = int(target_in_draws(out.draw_ids, out.draw_counts, targets_T)[trained_T].sum())
     if out.router_ids is not None:
         part["router_load"] = expert_load(out.router_ids, out.router_probs, num_experts, routed_k)
     if out.router_probs is not None:

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cache.reader import PREFETCH_SHARDS, CacheReader
-from cache.schema import CacheError, TeacherOutput
-from cache.schema import take_sequences as schema_take
+from cache.schema import CacheError, Sequences, concat_sequences, take_sequences
 
 INDEX_THREADS = 8
 
@@ -74,24 +73,12 @@ class CacheSource:
     def prefetch(self, shards: list[int]) -> None:
         self.reader.prefetch([self.names[i] for i in shards])
 
-    def read(self, shard: int, local: int) -> TeacherOutput:
+    def read(self, shard: int, local: int) -> Sequences:
         return self.reader.read(self.names[shard], local, local + 1)
 
-    def read_many(self, shard: int, locals_: np.ndarray) -> TeacherOutput:
+    def read_many(self, shard: int, locals_: np.ndarray) -> Sequences:
         return self.reader.read_many(self.names[shard], locals_)
 
-
-
-def take_sequences(out: TeacherOutput, seqs: np.ndarray) -> TeacherOutput:
-    """The sequences ``seqs`` (indices into ``out``, in that order) of a decoded record, vectorised."""
-    return TeacherOutput(**schema_take(out.__dict__, seqs))
-
-
-def concat_outputs(outputs: list[TeacherOutput]) -> TeacherOutput:
-    fields = {}
-    for key, value in outputs[0].__dict__.items():
-        fields[key] = None if value is None else np.concatenate([getattr(o, key) for o in outputs])
-    return TeacherOutput(**fields)
 
 
 class ShardStream:
@@ -143,13 +130,11 @@ class ShardStream:
         mine = step[self.plan.rank::self.plan.world_size]
         return [part for part in np.array_split(mine, self.plan.micro_batches)]
 
-    def load(self, seqs: np.ndarray, epoch: int | None = None) -> TeacherOutput:
+    def load(self, seqs: np.ndarray, epoch: int | None = None) -> Sequences:
         """The sequences ``seqs`` decoded, in that order: one ``read_many`` per shard they touch, then
-        one reorder (a source without ``read_many``, prepared data, reads sequence by sequence). With
-        ``epoch`` (the epoch whose plan they come from), the source reads the shards that come next ahead."""
+        one reorder. With ``epoch`` (the epoch whose plan they come from), the source reads the shards
+        that come next ahead."""
         idx, seqs = self.index, np.asarray(seqs, np.int64)
-        if not hasattr(self.source, "read_many"):
-            return concat_outputs([self.source.read(int(idx.shard[i]), int(idx.local[i])) for i in seqs])
         shards = idx.shard[seqs]
         if epoch is not None and len(shards):
             self.source.prefetch(self.shards_after(epoch, shards))
@@ -158,7 +143,7 @@ class ShardStream:
         parts = [self.source.read_many(int(shards[g[0]]), idx.local[seqs[g]]) for g in groups]
         if len(parts) == 1:  # the stable sort left the order as it was
             return parts[0]
-        return take_sequences(concat_outputs(parts), np.argsort(by_shard, kind="stable"))
+        return take_sequences(concat_sequences(parts), np.argsort(by_shard, kind="stable"))
 
     def shards_after(self, epoch: int, shards: np.ndarray) -> list[int]:
         """The PREFETCH_SHARDS shards the epoch's order reaches after the last of ``shards``."""

@@ -1,6 +1,6 @@
 """One rank's cache writer, and the manifest merge that ends a cache.
 
-The writer takes batches of whole sequences (flat arrays, see ``assemble_shard``) and closes
+The writer takes batches of whole sequences (``Sequences`` with their teacher record) and closes
 a shard before the sequence that would take it over ``shard_tokens`` tokens or ``shard_bytes``
 raw bytes (a batch may be split between two shards; a shard holds at least one sequence), so
 the memory a rank holds is bounded by bytes at any k. The boundaries depend only on the stream
@@ -27,8 +27,8 @@ import numpy as np
 
 from cache.codec import Codec, encode_topk, encode_values, router_id_dtype
 from cache.location import Location
-from cache.schema import (PER_DRAW, PER_SEQ, CacheError, Manifest, ShardInfo, identity_mismatch, take_sequences,
-                          write_manifest)
+from cache.schema import (CacheError, Manifest, Sequences, ShardInfo, concat_sequences, identity_mismatch,
+                          take_sequences, write_manifest)
 from cache.shards import commit_shard, open_shard, shard_name
 
 SPACE_MARGIN = 1.25  # expected encoded size × this + 1 MiB must be free before a shard is written
@@ -70,49 +70,39 @@ def committed_sample_ids(cache_dir: Location | Path, store: str) -> set[int]:
     return done
 
 
-def sequence_bytes(batch: dict[str, np.ndarray]) -> np.ndarray:
-    """[S] raw bytes of each sequence's share of a batch record: its token rows, draws and own entries."""
-    lens = np.asarray(batch["seq_lens"], dtype=np.int64)
-    draws = _draw_bounds(batch)
-    out = np.zeros(len(lens), dtype=np.int64)
-    for key, a in batch.items():
-        row = a.itemsize * int(np.prod(a.shape[1:], dtype=np.int64))
-        out += row * (1 if key in PER_SEQ else np.diff(draws) if key in PER_DRAW else lens)
-    return out
+def sequence_bytes(batch: Sequences) -> np.ndarray:
+    """[S] raw bytes each sequence of a batch holds in memory: its own entries and its token rows."""
+    lens = np.asarray(batch.seq_lens, dtype=np.int64)
+    per_token = [batch.input_ids, batch.loss_mask, *(batch.teacher.arrays().values() if batch.teacher else ())]
+    row = sum(a.itemsize * int(np.prod(a.shape[1:], dtype=np.int64)) for a in per_token)
+    return row * lens + batch.sample_ids.itemsize + batch.seq_lens.itemsize
 
 
-def _draw_bounds(batch: dict[str, np.ndarray]) -> np.ndarray:
-    """[S+1] bounds of each sequence's draw entries (zeros without draws)."""
-    lens = np.asarray(batch["seq_lens"], dtype=np.int64)
-    if "draw_n" not in batch:
-        return np.zeros(len(lens) + 1, dtype=np.int64)
-    per_token = np.concatenate([[0], np.cumsum(batch["draw_n"], dtype=np.int64)])
-    return per_token[np.concatenate([[0], np.cumsum(lens)])]
-
-
-
-def assemble_shard(batches: list[dict[str, np.ndarray]], codec: Codec, num_experts: int) -> dict[str, np.ndarray]:
-    """Concatenate batch records into the stored arrays of one shard (each field's batch arrays are
-    released as it is concatenated, so assembling holds about one copy of the shard, not two)."""
-    cat = {key: np.concatenate([b.pop(key) for b in batches]) for key in list(batches[0])}
+def assemble_shard(batches: list[Sequences], codec: Codec, num_experts: int) -> dict[str, np.ndarray]:
+    """The stored arrays of one shard from its batches (the draws stored ragged: the ids drawn at
+    least once, ``draw_offsets`` their bounds per token)."""
+    cat = concat_sequences(batches)
+    batches.clear()  # the batch records go as the shard is assembled: about one copy held, not two
+    t = cat.teacher
     out = {
-        "sample_ids": cat["sample_ids"].astype(np.int64, copy=False),
-        "seq_offsets": np.concatenate([[0], np.cumsum(cat["seq_lens"])]).astype(np.int64),
-        "input_ids": cat["input_ids"].astype(np.int32, copy=False),
-        "loss_mask": cat["loss_mask"].astype(np.uint8, copy=False),
-        "target_logprob": encode_values(cat["target_logprob"], codec),
-        "log_partition": cat["log_partition"].astype(np.float32, copy=False),
+        "sample_ids": cat.sample_ids.astype(np.int64, copy=False),
+        "seq_offsets": np.concatenate([[0], np.cumsum(cat.seq_lens)]).astype(np.int64),
+        "input_ids": cat.input_ids.astype(np.int32, copy=False),
+        "loss_mask": cat.loss_mask.astype(np.uint8, copy=False),
+        "target_logprob": encode_values(t.target_logprob, codec),
+        "log_partition": t.log_partition.astype(np.float32, copy=False),
     }
-    if "topk_ids" in cat:
-        out["topk_ids"], out["topk_logprobs"] = encode_topk(cat["topk_ids"], cat["topk_logprobs"], codec)
-    if "draw_n" in cat:
-        out["draw_offsets"] = np.concatenate([[0], np.cumsum(cat["draw_n"])]).astype(np.int64)
-        out["draw_ids"] = cat["draw_ids"].astype(np.int32, copy=False)
-        out["draw_counts"] = cat["draw_counts"].astype(np.uint16)
-    if "router_ids" in cat:
-        out["router_ids"] = cat["router_ids"].astype(router_id_dtype(num_experts))
-    if "router_probs" in cat:  # absent in an ids-only router cache (vLLM teacher)
-        out["router_probs"] = cat["router_probs"].astype(codec.values, copy=False)
+    if t.topk_ids is not None:
+        out["topk_ids"], out["topk_logprobs"] = encode_topk(t.topk_ids, t.topk_logprobs, codec)
+    if t.draw_ids is not None:
+        drawn_TD = t.draw_counts > 0
+        out["draw_offsets"] = np.concatenate([[0], np.cumsum(drawn_TD.sum(1))]).astype(np.int64)
+        out["draw_ids"] = t.draw_ids[drawn_TD].astype(np.int32, copy=False)
+        out["draw_counts"] = t.draw_counts[drawn_TD].astype(np.uint16)
+    if t.router_ids is not None:
+        out["router_ids"] = t.router_ids.astype(router_id_dtype(num_experts))
+    if t.router_probs is not None:  # absent in an ids-only router cache (vLLM teacher)
+        out["router_probs"] = t.router_probs.astype(codec.values, copy=False)
     return out
 
 
@@ -132,7 +122,7 @@ class CacheWriter:
         self._skip = np.array(sorted(skip), dtype=np.int64)
         self.shard_tokens, self.chunk_rows, self.compression, self.level = shard_tokens, chunk_rows, compression, level
         self.shard_bytes = shard_bytes
-        self._buffer: list[dict] = []
+        self._buffer: list[Sequences] = []
         self._buffered_tokens = self._buffered_bytes = self.peak_buffered_bytes = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kdcache-writer{rank}")
         self._pending: Future | None = None
@@ -148,13 +138,13 @@ class CacheWriter:
             self.location.remove(stale)
         return self
 
-    def add(self, batch: dict[str, np.ndarray]) -> None:
+    def add(self, batch: Sequences) -> None:
         """Buffer a batch's sequences (less those in ``skip``: committed before a resume), committing a
         shard before the first sequence that would take it over ``shard_tokens`` or ``shard_bytes``."""
-        done = np.isin(batch["sample_ids"], self._skip)
+        done = np.isin(batch.sample_ids, self._skip)
         if done.any():
             batch = take_sequences(batch, np.flatnonzero(~done))
-        lens, sizes = np.asarray(batch["seq_lens"], dtype=np.int64), sequence_bytes(batch)
+        lens, sizes = np.asarray(batch.seq_lens, dtype=np.int64), sequence_bytes(batch)
         start = 0
         while start < len(lens):
             fit = int(np.sum((np.cumsum(lens[start:]) <= self.shard_tokens - self._buffered_tokens)
@@ -177,7 +167,7 @@ class CacheWriter:
         batches, self._buffer, self._buffered_tokens, self._buffered_bytes = self._buffer, [], 0, 0
         self._pending = self._pool.submit(self._commit, batches)
 
-    def _commit(self, batches: list[dict]) -> None:
+    def _commit(self, batches: list[Sequences]) -> None:
         arrays = assemble_shard(batches, self.codec, self.num_experts)
         name = shard_name(self.store, self.rank, len(self._shards))
         needed = self._expected_bytes(arrays)

@@ -3,9 +3,8 @@
 A micro-batch is a dict of tensors:
     input_ids [B, L] (right-padded), attention_mask [B, L], valid [B, L] bool,
     labels [T] (next token, -1 at sequence ends), loss_mask [T], sample_ids [B],
-    and the teacher's signal for the T valid tokens in ``teacher`` (see TeacherTargets):
-    topk_ids [T, K], topk_logprobs [T, K], log_partition [T, P],
-    draw_ids / draw_weights [T, D] (padded), router_ids / router_probs [T, L_moe, R].
+    and the teacher's record for the T valid tokens in ``teacher`` (cache.schema.TeacherRecord, as
+    tensors; None for prepared data without a teacher).
 Valid tokens are flattened sequence by sequence, the order of ``hidden[valid]``.
 ``host_view`` adds, right before the transfer, what the training step must not ask the device
 for (token counts, row indices, sample ids): computed from the host copy, so no step waits on
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cache.schema import TeacherOutput
+from cache.schema import Sequences, TeacherRecord
 from cache.stream import SequenceIndex, ShardStream
 from pipeline.splits import load_split
 
@@ -40,57 +39,36 @@ class PreparedSource:
         n = len(lengths)
         return SequenceIndex(sample_ids, lengths, np.zeros(n, dtype=np.int64), np.arange(n))
 
-    def read(self, shard: int, local: int) -> TeacherOutput:
-        row = self.ds[int(local)]
-        return TeacherOutput(sample_ids=np.array([row["sample_id"]]), seq_lens=np.array([len(row["input_ids"])]),
-                             input_ids=np.asarray(row["input_ids"]), loss_mask=np.asarray(row["loss_mask"]),
-                             target_logprob=None, log_partition=None)
+    def read_many(self, shard: int, locals_: np.ndarray) -> Sequences:
+        rows = self.ds[[int(i) for i in locals_]]
+        ids = [np.asarray(x) for x in rows["input_ids"]]
+        return Sequences(sample_ids=np.asarray(rows["sample_id"], np.int64), seq_lens=np.array([len(x) for x in ids]),
+                         input_ids=np.concatenate(ids), loss_mask=np.concatenate([np.asarray(m) for m in rows["loss_mask"]]))
 
 
-def _pad_draws(out: TeacherOutput) -> tuple[torch.Tensor, torch.Tensor]:
-    n_T = np.asarray(out.draw_n)
-    width = max(int(n_T.max()) if len(n_T) else 0, 1)
-    rows = np.repeat(np.arange(len(n_T)), n_T)
-    cols = np.arange(len(rows)) - np.repeat(np.cumsum(n_T) - n_T, n_T)
-    ids, weights = np.zeros((len(n_T), width), np.int64), np.zeros((len(n_T), width), np.float32)
-    ids[rows, cols] = out.draw_ids
-    counts = np.asarray(out.draw_counts, np.float32)
-    total = np.bincount(rows, weights=counts, minlength=len(n_T))
-    weights[rows, cols] = counts / np.maximum(total[rows], 1)
-    return torch.from_numpy(ids), torch.from_numpy(weights)
+TENSOR_DTYPES = {"topk_ids": np.int64, "draw_ids": np.int64, "draw_counts": np.int32, "router_ids": np.int64}
 
 
-def teacher_tensors(out: TeacherOutput) -> dict[str, torch.Tensor]:
-    t: dict[str, torch.Tensor] = {}
-    if out.log_partition is not None:
-        t["log_partition"] = torch.from_numpy(np.asarray(out.log_partition, np.float32))
-    if out.target_logprob is not None:
-        t["target_logprob"] = torch.from_numpy(np.asarray(out.target_logprob, np.float32))
-    if out.topk_ids is not None:
-        t["topk_ids"] = torch.from_numpy(np.asarray(out.topk_ids, np.int64))
-        t["topk_logprobs"] = torch.from_numpy(np.asarray(out.topk_logprobs, np.float32))
-    if out.draw_n is not None:
-        t["draw_ids"], t["draw_weights"] = _pad_draws(out)
-    if out.router_ids is not None:
-        t["router_ids"] = torch.from_numpy(np.asarray(out.router_ids, np.int64))
-        if out.router_probs is not None:
-            t["router_probs"] = torch.from_numpy(np.asarray(out.router_probs, np.float32))
-    return t
+def to_tensors(teacher: TeacherRecord) -> TeacherRecord:
+    """The record's arrays as CPU tensors: ids int64 (what gather takes), values float32."""
+    return TeacherRecord(temperatures=teacher.temperatures, **{
+        k: torch.from_numpy(np.asarray(v, TENSOR_DTYPES.get(k, np.float32))) for k, v in teacher.arrays().items()})
 
 
-def collate(out: TeacherOutput, pad_id: int = 0) -> dict:
-    lengths = np.asarray(out.seq_lens)
+def collate(seqs: Sequences, pad_id: int = 0) -> dict:
+    lengths = np.asarray(seqs.seq_lens)
     width = int(lengths.max())
     valid = np.arange(width)[None, :] < lengths[:, None]
     ids = np.full(valid.shape, pad_id, dtype=np.int64)
-    ids[valid] = out.input_ids
+    ids[valid] = seqs.input_ids
     labels = np.full(valid.shape, -1, dtype=np.int64)
     labels[:, :-1] = np.where(valid[:, 1:], ids[:, 1:], -1)
     return {
         "input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(valid.astype(np.int64)),
         "valid": torch.from_numpy(valid), "labels": torch.from_numpy(labels[valid]),
-        "loss_mask": torch.from_numpy(np.asarray(out.loss_mask, np.bool_)),
-        "sample_ids": torch.from_numpy(np.asarray(out.sample_ids, np.int64)), "teacher": teacher_tensors(out),
+        "loss_mask": torch.from_numpy(np.asarray(seqs.loss_mask, np.bool_)),
+        "sample_ids": torch.from_numpy(np.asarray(seqs.sample_ids, np.int64)),
+        "teacher": None if seqs.teacher is None else to_tensors(seqs.teacher),
     }
 
 
@@ -108,25 +86,22 @@ class MicroBatches(Dataset):
 
 def to_device(batch: dict, device: torch.device) -> dict:
     """Tensors to the device (asynchronously from pinned memory); the plain Python ``host`` data stays."""
-    return {k: v if k == "host" else to_device(v, device) if isinstance(v, dict) else v.to(device, non_blocking=True)
-            for k, v in batch.items()}
+    return {k: v if k == "host" or v is None else v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def host_view(mb: dict, step: int = 0, log_stats: bool = True) -> dict:
+def host_view(mb: dict) -> dict:
     """The host micro-batch plus index tensors and plain Python data derived from it on the CPU.
 
     Tensors (moved to the device with the batch): ``valid_index`` [T] (flat positions of the
     valid tokens in [B·L], the order of ``hidden[valid]``), ``prompt_rows`` [R] (valid positions
     with a next token that are not trained on). Under ``host`` (never moved): the loss-masked and
-    prompt token counts, sample ids, sequence lengths, the step (seeds the MC draws) and whether
-    this step computes load statistics. Index_select on these gives what boolean-mask indexing
-    gives, without its device-to-host sync.
+    prompt token counts, sample ids and sequence lengths (which seed the MC draws). Index_select on
+    these gives what boolean-mask indexing gives, without its device-to-host sync.
     """
     loss_mask, labels, valid = mb["loss_mask"].numpy(), mb["labels"].numpy(), mb["valid"].numpy()
     prompt_R = np.flatnonzero((labels >= 0) & ~loss_mask.astype(bool))
     host = {"loss_tokens": int(np.count_nonzero(loss_mask)), "prompt_tokens": len(prompt_R),
-            "sample_ids": mb["sample_ids"].numpy().tolist(), "lengths": valid.sum(1).tolist(),
-            "step": int(step), "log_stats": bool(log_stats)}
+            "sample_ids": mb["sample_ids"].numpy().tolist(), "lengths": valid.sum(1).tolist()}
     return {**mb, "valid_index": torch.from_numpy(np.flatnonzero(valid)), "prompt_rows": torch.from_numpy(prompt_R),
             "host": host}
 

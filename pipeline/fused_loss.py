@@ -34,7 +34,10 @@ from pipeline import kd_catalogue as cat
 from pipeline.losses import (
     KD_LOSSES,
     KDSpec,
-    TeacherTargets,
+    TeacherRecord,
+    draw_weights,
+    lm_targets,
+    take_span,
     _cached_index,
     bucket_logprobs,
 )
@@ -74,23 +77,23 @@ def make_plan(spec: KDSpec | None, temperatures: tuple[float, ...]) -> Plan:
 # --- one chunk ------------------------------------------------------------------------------
 
 
-def _safe_teacher(teacher: TeacherTargets, kd_C: torch.Tensor, plan: Plan) -> TeacherTargets:
+def _safe_teacher(teacher: TeacherRecord, kd_C: torch.Tensor, plan: Plan) -> TeacherRecord:
     """Rows outside kd_C replaced by harmless values (unique ids 0..K-1, a flat top-k, no draws):
     padding rows of a cache may hold anything, and a NaN there would reach the gradient through
     the masked sum (0 * NaN). Masks instead of index_select: no host sync."""
     row_C1 = kd_C[:, None]
     if plan.kd == "sampled":
-        if teacher.draw_ids_TD is None or teacher.draw_weights_TD is None:
+        if teacher.draw_ids is None:
             raise ValueError("the 'sampled' KD loss needs a cache with draws (draw_ids, draw_counts)")
-        return replace(teacher, draw_ids_TD=torch.where(row_C1, teacher.draw_ids_TD, 0),
-                       draw_weights_TD=torch.where(row_C1, teacher.draw_weights_TD, 0.0))
-    if teacher.topk_ids_TK is None or teacher.topk_logprobs_TK is None:
+        return replace(teacher, draw_ids=torch.where(row_C1, teacher.draw_ids, 0),
+                       draw_counts=torch.where(row_C1, teacher.draw_counts, 0))
+    if teacher.topk_ids is None or teacher.topk_logprobs is None:
         raise ValueError("this cache holds no teacher top-k; use the 'sampled' KD loss")
-    K = teacher.topk_ids_TK.shape[-1]
-    ids_CK = torch.where(row_C1, teacher.topk_ids_TK, torch.arange(K, device=kd_C.device))
-    lp_CK = torch.where(row_C1, teacher.topk_logprobs_TK, -math.log(2 * K))
-    logz_CP = torch.where(row_C1, teacher.log_partition_TP, 0.0)
-    return replace(teacher, topk_ids_TK=ids_CK, topk_logprobs_TK=lp_CK, log_partition_TP=logz_CP)
+    K = teacher.topk_ids.shape[-1]
+    ids_CK = torch.where(row_C1, teacher.topk_ids, torch.arange(K, device=kd_C.device))
+    lp_CK = torch.where(row_C1, teacher.topk_logprobs, -math.log(2 * K))
+    logz_CP = torch.where(row_C1, teacher.log_partition, 0.0)
+    return replace(teacher, topk_ids=ids_CK, topk_logprobs=lp_CK, log_partition=logz_CP)
 
 
 def _tail_logit(s_CV: torch.Tensor, m_C: torch.Tensor, tau: float, in_place: bool):
@@ -114,14 +117,14 @@ def _small_losses(a_CK, u1_C, ut_C, s_y_C, sd_CD, ce_C, kd_C, teacher, spec, pla
     if plan.kd == "none":
         return ce, torch.zeros_like(ce)
     if plan.kd == "sampled":
-        w_CD = teacher.draw_weights_TD.to(sd_CD.dtype)
+        w_CD = draw_weights(teacher).to(sd_CD.dtype)
         kd_row = -(w_CD * (sd_CD - ut_C[:, None])).sum(-1) / spec.temperature
     else:
         K = a_CK.shape[-1]
         tail = plan.tail_tau is not None and K < vocab  # a cache of the whole vocabulary has no tail
         ids_CK = torch.arange(K, device=a_CK.device).expand(a_CK.shape[0], K)
         surrogate = lambda u_C: torch.cat([a_CK, u_C[:, None]], -1) if tail else a_CK
-        teacher = replace(teacher, topk_ids_TK=ids_CK)
+        teacher = replace(teacher, topk_ids=ids_CK)
         if spec.name == "nkd":  # its target half at tau = 1, the other at tau: two tails (u1; ut at tail_tau)
             at_1 = bucket_logprobs(surrogate(u1_C), teacher, 1.0, spec.missing_mass)
             at_tau = bucket_logprobs(surrogate(ut_C), teacher, spec.temperature, spec.missing_mass)
@@ -152,8 +155,8 @@ def loss_and_grads(a_CK, u1_C, ut_C, sd_CD, s_y_C, ce_C, kd_C, teacher, spec, pl
 
 def gathered_ids(teacher, plan: Plan, rows: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(ids_CK the tail excludes: the cached top-k or none, the draws' ids or None) of a chunk."""
-    ids_CK = teacher.topk_ids_TK if plan.kd == "topk" else torch.zeros(rows, 0, dtype=torch.long, device=device)
-    return ids_CK, teacher.draw_ids_TD if plan.kd == "sampled" else None
+    ids_CK = teacher.topk_ids if plan.kd == "topk" else torch.zeros(rows, 0, dtype=torch.long, device=device)
+    return ids_CK, teacher.draw_ids if plan.kd == "sampled" else None
 
 
 def other_tail(plan: Plan) -> bool:
@@ -215,7 +218,7 @@ class FusedLMLoss(torch.autograd.Function):
             ce, kd = (torch.zeros((), dtype=dtype, device=hidden_TH.device) for _ in range(2))  # two outputs
             for start in range(0, hidden_TH.shape[0], chunk_tokens):
                 rows = slice(start, min(start + chunk_tokens, hidden_TH.shape[0]))
-                t = None if teacher is None else _safe_teacher(teacher.slice(rows.start, rows.stop),
+                t = None if teacher is None else _safe_teacher(take_span(teacher, rows.start, rows.stop),
                                                                kd_mask_T[rows], plan)
                 ce_c, kd_c, dH_TH[rows] = chunk(hidden_TH[rows].to(dtype), w_VH, dW_VH[:vocab_limit], labels_T[rows],
                                                  ce_mask_T[rows], kd_mask_T[rows], t, spec, plan, weights)
@@ -252,7 +255,7 @@ def _common_factor(g_ce, g_kd, weights) -> torch.Tensor:
     return torch.where(ok, c, float("nan")).float()
 
 
-def fused_lm_losses(hidden_TH, lm_head_weight_VH, labels_T, ce_mask_T, kd_mask_T, teacher: TeacherTargets | None,
+def fused_lm_losses(hidden_TH, lm_head_weight_VH, labels_T, ce_mask_T, kd_mask_T, teacher: TeacherRecord | None,
                     spec: KDSpec | None, weights: tuple[float, float] = (1.0, 1.0), chunk_tokens: int = 1024,
                     vocab_limit: int = 0, kernel: str = "torch") -> dict[str, torch.Tensor]:
     """losses.chunked_lm_losses' contract ({"ce", "kd"} sums, fp32, vocab_limit, masks), fused.
@@ -272,8 +275,8 @@ def fused_lm_losses(hidden_TH, lm_head_weight_VH, labels_T, ce_mask_T, kd_mask_T
         raise ValueError(f"vocab_limit={vocab_limit} outside 1..{lm_head_weight_VH.shape[0]}")
     if teacher is None:
         spec = None
-    elif spec is None:
-        spec = KDSpec()
+    else:
+        teacher, spec = lm_targets(teacher), spec or KDSpec()
     if spec is not None and not_covered(spec):
         raise ValueError(f"the fused LM loss does not cover {spec.name}: {not_covered(spec)}")
     if not any(weights):

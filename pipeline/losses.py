@@ -23,33 +23,32 @@ from typing import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from cache.schema import TeacherRecord
 from pipeline import kd_catalogue as cat
 
 MISSING_MASS = ("tail_bucket", "renormalize")
-_TENSOR_FIELDS = ("topk_ids_TK", "topk_logprobs_TK", "log_partition_TP", "draw_ids_TD", "draw_weights_TD")
 
 
-@dataclass
-class TeacherTargets:
-    """The teacher side for T valid tokens, as tensors on the student's device."""
+def lm_targets(teacher: TeacherRecord) -> TeacherRecord:
+    """The record's fields the LM-head losses read (router data and the target log-prob stay out of
+    their per-chunk row selections)."""
+    return replace(teacher, router_ids=None, router_probs=None, target_logprob=None)
 
-    topk_ids_TK: torch.Tensor | None  # int64, by descending teacher probability
-    topk_logprobs_TK: torch.Tensor | None  # float32, log-probs at tau = 1
-    log_partition_TP: torch.Tensor  # float32, log sum_v exp(z_v / tau_p), tau_p in temperatures
-    temperatures: tuple[float, ...]  # cached temperatures; temperatures[0] == 1.0
-    draw_ids_TD: torch.Tensor | None = None  # int64 unique sampled ids, padded with 0
-    draw_weights_TD: torch.Tensor | None = None  # float32 counts / N, 0 on padding
 
-    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "TeacherTargets":
-        return replace(self, **{f: fn(getattr(self, f)) for f in _TENSOR_FIELDS if getattr(self, f) is not None})
+def take_rows(teacher: TeacherRecord, rows_R: torch.Tensor) -> TeacherRecord:
+    """The rows listed in rows_R (int64) of every array of the record."""
+    return teacher.map(lambda t: t.index_select(0, rows_R))
 
-    def slice(self, start: int, stop: int) -> "TeacherTargets":
-        """Rows start:stop of every tensor."""
-        return self._map(lambda t: t[start:stop])
 
-    def index(self, rows_R: torch.Tensor) -> "TeacherTargets":
-        """The rows listed in rows_R (int64) of every tensor."""
-        return self._map(lambda t: t.index_select(0, rows_R))
+def take_span(teacher: TeacherRecord, start: int, stop: int) -> TeacherRecord:
+    """Rows start:stop of every array of the record (views)."""
+    return teacher.map(lambda t: t[start:stop])
+
+
+def draw_weights(teacher: TeacherRecord) -> torch.Tensor:
+    """[T, D] float32: each stored draw's share of the N draws (counts / N), 0 on padding."""
+    counts_TD = teacher.draw_counts.float()
+    return counts_TD / counts_TD.sum(-1, keepdim=True).clamp_min(1.0)
 
 
 @dataclass(frozen=True)
@@ -111,7 +110,7 @@ def _tail_as_one_logit(lp_TK: torch.Tensor, tau: float | torch.Tensor, empty_tai
     return l_TB[:, :-1], l_TB[:, -1]
 
 
-def teacher_logprobs(teacher: TeacherTargets, tau: float, missing_mass: str, vocab_size: int = 0):
+def teacher_logprobs(teacher: TeacherRecord, tau: float, missing_mass: str, vocab_size: int = 0):
     """The teacher's top-k log-probs at temperature tau, and its tail log-mass.
 
     Returns (lq_TK, log_tail_T); log_tail_T is None for missing_mass="renormalize".
@@ -126,16 +125,16 @@ def teacher_logprobs(teacher: TeacherTargets, tau: float, missing_mass: str, voc
     """
     if missing_mass not in MISSING_MASS:
         raise ValueError(f"missing_mass={missing_mass!r}; choose one of {MISSING_MASS}")
-    if teacher.topk_logprobs_TK is None or teacher.topk_ids_TK is None:
+    if teacher.topk_logprobs is None or teacher.topk_ids is None:
         raise ValueError("this cache holds no teacher top-k; use the 'sampled' KD loss")
-    lp_TK = _fp32(teacher.topk_logprobs_TK)
+    lp_TK = _fp32(teacher.topk_logprobs)
     if missing_mass == "renormalize":
         return torch.log_softmax(lp_TK / tau, -1), None
     empty_tail = 0 < vocab_size <= lp_TK.shape[-1]
     j = _cached_index(teacher.temperatures, tau)
     if j is None:
         return _tail_as_one_logit(lp_TK, tau, empty_tail)
-    logz_TP = _fp32(teacher.log_partition_TP)
+    logz_TP = _fp32(teacher.log_partition)
     lq_TK = (lp_TK + logz_TP[:, :1]) / tau - logz_TP[:, j : j + 1]
     log_tail_T = log1mexp(torch.logsumexp(lq_TK, -1))
     return lq_TK, torch.full_like(log_tail_T, float("-inf")) if empty_tail else log_tail_T
@@ -184,7 +183,7 @@ def temper(l_CB: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(l_CB / tau, -1)
 
 
-def bucket_logprobs(student_logits_CV, teacher: TeacherTargets, tau: float, missing_mass: str):
+def bucket_logprobs(student_logits_CV, teacher: TeacherRecord, tau: float, missing_mass: str):
     """(lq_CB, ls_CB): both sides at temperature tau over the teacher's top-k (+ tail).
 
     tail_bucket at a tau the cache lacks: both sides' exact tau = 1 buckets, tempered alike
@@ -196,29 +195,29 @@ def bucket_logprobs(student_logits_CV, teacher: TeacherTargets, tau: float, miss
         return temper(lq_CB, tau), temper(ls_CB, tau)
     lq_CK, lq_tail_C = teacher_logprobs(teacher, tau, missing_mass, student_logits_CV.shape[-1])
     ls_CV = student_logprobs(student_logits_CV, tau)
-    return to_buckets(lq_CK, lq_tail_C, ls_CV, teacher.topk_ids_TK)
+    return to_buckets(lq_CK, lq_tail_C, ls_CV, teacher.topk_ids)
 
 
 # --- the issue-3 losses -------------------------------------------------------------------
 
 
-def forward_kl(student_logits_CV, teacher: TeacherTargets, spec: KDSpec) -> torch.Tensor:
+def forward_kl(student_logits_CV, teacher: TeacherRecord, spec: KDSpec) -> torch.Tensor:
     """KL(q_T^tau || p_S^tau) over the teacher's top-k (+ tail bucket)."""
     return cat.kl_div(*bucket_logprobs(student_logits_CV, teacher, spec.temperature, spec.missing_mass))
 
 
-def sampled(student_logits_CV, teacher: TeacherTargets, spec: KDSpec) -> torch.Tensor:
+def sampled(student_logits_CV, teacher: TeacherRecord, spec: KDSpec) -> torch.Tensor:
     """-sum_d w_d log p_S^tau(id_d): CE to the empirical distribution of the cached draws.
 
     The draws were made from the teacher at the cache's draw temperature (usually 1), so this
     is an unbiased estimate of CE(q_T || p_S^tau), hence of forward KL up to the teacher's
     entropy (a constant). Ignores the top-k and missing_mass.
     """
-    if teacher.draw_ids_TD is None or teacher.draw_weights_TD is None:
+    if teacher.draw_ids is None:
         raise ValueError("the 'sampled' KD loss needs a cache with draws (draw_ids, draw_counts)")
     ls_CV = student_logprobs(student_logits_CV, spec.temperature)
-    ls_CD = ls_CV.gather(-1, teacher.draw_ids_TD)
-    return -(teacher.draw_weights_TD.to(ls_CD.dtype) * ls_CD).sum(-1)
+    ls_CD = ls_CV.gather(-1, teacher.draw_ids)
+    return -(draw_weights(teacher).to(ls_CD.dtype) * ls_CD).sum(-1)
 
 
 # --- the issue-4 catalogue: cache -> tensors here, maths in kd_catalogue ----------------------
@@ -226,26 +225,26 @@ def sampled(student_logits_CV, teacher: TeacherTargets, spec: KDSpec) -> torch.T
 REVERSE_TAIL_FLOOR = 1e-6  # reverse_kl: a teacher tail below this (top-k summing to ~1) counts as this
 
 
-def reverse_kl(student_logits_CV, teacher: TeacherTargets, spec: KDSpec) -> torch.Tensor:
+def reverse_kl(student_logits_CV, teacher: TeacherRecord, spec: KDSpec) -> torch.Tensor:
     """KL(p_S^tau || q_T^tau) over the top-k (+ tail, floored at REVERSE_TAIL_FLOOR)."""
     lq_CB, ls_CB = bucket_logprobs(student_logits_CV, teacher, spec.temperature, spec.missing_mass)
-    if lq_CB.shape[-1] > teacher.topk_ids_TK.shape[-1]:  # there is a tail bucket
+    if lq_CB.shape[-1] > teacher.topk_ids.shape[-1]:  # there is a tail bucket
         lq_CB = torch.cat([lq_CB[:, :-1], lq_CB[:, -1:].clamp_min(math.log(REVERSE_TAIL_FLOOR))], -1)
     return cat.reverse_kl(lq_CB, ls_CB)
 
 
-def top_kl(student_logits_CV, teacher: TeacherTargets, spec: KDSpec) -> torch.Tensor:
+def top_kl(student_logits_CV, teacher: TeacherRecord, spec: KDSpec) -> torch.Tensor:
     """BiLD's "top-k KL": forward KL with both sides renormalised over the teacher's first
     top_kl_k cached ids (all cached if 0); ignores missing_mass."""
-    k = spec.top_kl_k or teacher.topk_ids_TK.shape[-1]
-    top = replace(teacher, topk_ids_TK=teacher.topk_ids_TK[:, :k], topk_logprobs_TK=teacher.topk_logprobs_TK[:, :k])
+    k = spec.top_kl_k or teacher.topk_ids.shape[-1]
+    top = replace(teacher, topk_ids=teacher.topk_ids[:, :k], topk_logprobs=teacher.topk_logprobs[:, :k])
     return cat.kl_div(*bucket_logprobs(student_logits_CV, top, spec.temperature, "renormalize"))
 
 
 def _on_buckets(divergence: Callable[..., torch.Tensor], *hyper: str):
     """A KD loss applying divergence(lq_CB, ls_CB, *spec.<hyper>) to the bucketed pair."""
 
-    def loss(student_logits_CV, teacher: TeacherTargets, spec: KDSpec) -> torch.Tensor:
+    def loss(student_logits_CV, teacher: TeacherRecord, spec: KDSpec) -> torch.Tensor:
         buckets = bucket_logprobs(student_logits_CV, teacher, spec.temperature, spec.missing_mass)
         return divergence(*buckets, *(getattr(spec, h) for h in hyper))
 
@@ -253,7 +252,7 @@ def _on_buckets(divergence: Callable[..., torch.Tensor], *hyper: str):
     return loss
 
 
-def nkd(student_logits_CV, teacher: TeacherTargets, spec: KDSpec) -> torch.Tensor:
+def nkd(student_logits_CV, teacher: TeacherRecord, spec: KDSpec) -> torch.Tensor:
     """NKD with the teacher's argmax as target: target term at tau = 1, non-target at tau."""
     tau = spec.temperature
     at_1 = bucket_logprobs(student_logits_CV, teacher, 1.0, spec.missing_mass)
@@ -261,27 +260,27 @@ def nkd(student_logits_CV, teacher: TeacherTargets, spec: KDSpec) -> torch.Tenso
     return cat.nkd(*at_1, *at_tau, spec.nkd_gamma, tau)
 
 
-def normkd(student_logits_CV, teacher: TeacherTargets, spec: KDSpec) -> torch.Tensor:
+def normkd(student_logits_CV, teacher: TeacherRecord, spec: KDSpec) -> torch.Tensor:
     """NormKD: per-token temperatures T_norm * std over the cached ids (spec.temperature is
     T_norm), each side's tau = 1 buckets tempered by its own temperature (a per-token tau is
     never cached); returns KL * sigma_T^2 so that the caller's T_norm^2 makes it KL * T_T^2."""
     s_CV = _fp32(student_logits_CV)
-    s_CK = s_CV.gather(-1, teacher.topk_ids_TK)
-    t_teacher_C, t_student_C = cat.normkd_temperatures(_fp32(teacher.topk_logprobs_TK), s_CK, spec.temperature)
+    s_CK = s_CV.gather(-1, teacher.topk_ids)
+    t_teacher_C, t_student_C = cat.normkd_temperatures(_fp32(teacher.topk_logprobs), s_CK, spec.temperature)
     lq_CB, ls_CB = bucket_logprobs(s_CV, teacher, 1.0, spec.missing_mass)
     kl_C = cat.kl_div(temper(lq_CB, t_teacher_C[:, None]), temper(ls_CB, t_student_C[:, None]))
     return kl_C * (t_teacher_C / spec.temperature) ** 2
 
 
-def bild(student_logits_CV, teacher: TeacherTargets, spec: KDSpec) -> torch.Tensor:
+def bild(student_logits_CV, teacher: TeacherRecord, spec: KDSpec) -> torch.Tensor:
     """BiLD over k = min(bild_top_k, K); ignores missing_mass (uses the tail only as the
     fallback for the student's top-k ids the cache lacks)."""
     lq_CK, log_tail_C = teacher_logprobs(teacher, 1.0, "tail_bucket")
     k = min(spec.bild_top_k, lq_CK.shape[-1])
-    return cat.bild(_fp32(student_logits_CV), teacher.topk_ids_TK, lq_CK, log_tail_C, k, spec.temperature)
+    return cat.bild(_fp32(student_logits_CV), teacher.topk_ids, lq_CK, log_tail_C, k, spec.temperature)
 
 
-KD_LOSSES: dict[str, Callable[[torch.Tensor, TeacherTargets, KDSpec], torch.Tensor]] = {
+KD_LOSSES: dict[str, Callable[[torch.Tensor, TeacherRecord, KDSpec], torch.Tensor]] = {
     "forward_kl": forward_kl,
     "sampled": sampled,
     "reverse_kl": reverse_kl,
@@ -319,7 +318,7 @@ def approximates_tail(spec: KDSpec, temperatures: tuple[float, ...], k: int, voc
     return spec.name == "normkd" or _cached_index(temperatures, spec.temperature) is None
 
 
-def kd_per_token(student_logits_CV: torch.Tensor, teacher: TeacherTargets, spec: KDSpec) -> torch.Tensor:
+def kd_per_token(student_logits_CV: torch.Tensor, teacher: TeacherRecord, spec: KDSpec) -> torch.Tensor:
     """Per-token KD loss [C] of spec.name (not multiplied by tau^2)."""
     loss = KD_LOSSES.get(spec.name)
     if loss is None:
@@ -350,7 +349,7 @@ def _chunk_losses_fp32(hidden_CH, weight_VH, labels_C, ce_mask_C, kd_mask_C, tea
         return ce, torch.zeros_like(ce)
     # Only masked-in rows reach the KD loss: padding rows of the cache may hold anything.
     rows_R = kd_mask_C.nonzero()[:, 0]
-    kd = kd_per_token(logits_CV.index_select(0, rows_R), teacher.index(rows_R), spec).sum()
+    kd = kd_per_token(logits_CV.index_select(0, rows_R), take_rows(teacher, rows_R), spec).sum()
     return ce, kd
 
 
@@ -360,7 +359,7 @@ def chunked_lm_losses(
     labels_T: torch.Tensor,
     ce_mask_T: torch.Tensor,
     kd_mask_T: torch.Tensor,
-    teacher: TeacherTargets | None,
+    teacher: TeacherRecord | None,
     spec: KDSpec | None,
     chunk_tokens: int = 1024,
     vocab_limit: int = 0,
@@ -378,8 +377,8 @@ def chunked_lm_losses(
         if not 0 < vocab_limit <= lm_head_weight_VH.shape[0]:
             raise ValueError(f"vocab_limit={vocab_limit} outside 1..{lm_head_weight_VH.shape[0]}")
         lm_head_weight_VH = lm_head_weight_VH[:vocab_limit]
-    if teacher is not None and spec is None:
-        spec = KDSpec()
+    if teacher is not None:
+        teacher, spec = lm_targets(teacher), spec or KDSpec()
     ce_mask_T, kd_mask_T = ce_mask_T.bool(), kd_mask_T.bool()
     # Empty sums: exactly 0, but attached to both inputs, so backward works and gives zeros.
     zero = _fp32(hidden_TH[:0]).sum() + _fp32(lm_head_weight_VH[:0]).sum()
@@ -394,7 +393,7 @@ def chunked_lm_losses(
             labels_T[chunk],
             ce_mask_T[chunk],
             kd_mask_T[chunk],
-            None if teacher is None else teacher.slice(start, stop),
+            None if teacher is None else take_span(teacher, start, stop),
             spec,
             use_reentrant=False,
         )

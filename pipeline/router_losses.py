@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from cache.stats import coefficient_of_variation, load_shares
+from cache.schema import TeacherRecord
 from pipeline.batches import valid_rows
 from pipeline.router import map_experts, router_kl, teacher_router_dense
 from pipeline.seeding import sequence_generator
@@ -40,7 +41,6 @@ class RouterLossSpec:
     seed: int = 0  # run.seed; the draws of a sequence depend on (seed, step, sample id) only
     top_k: int = 2  # the student's experts per token (load statistics, aux loss)
     model_type: str = ""  # the student's family: its modeling module provides load_balancing_loss_func
-    stats: bool = True  # expert-load statistics in the returned parts
     temperature_init: float = 1.0
     learn_temperature: bool = True
 
@@ -58,11 +58,11 @@ def map_experts_explicit(teacher_TE: torch.Tensor, expert_map: tuple[int, ...], 
     return out_TE.index_add_(1, index_E, teacher_TE)
 
 
-def teacher_mapped(teacher: dict, layer: int, teacher_experts: int, num_student: int,
+def teacher_mapped(teacher: TeacherRecord, layer: int, teacher_experts: int, num_student: int,
                    expert_map: tuple[int, ...] = ()) -> torch.Tensor:
     """The teacher's router distribution of MoE layer ``layer`` in the student's experts [T, E]."""
-    probs_TLR = teacher.get("router_probs")
-    dense_TE = teacher_router_dense(teacher["router_ids"][:, layer], None if probs_TLR is None else probs_TLR[:, layer],
+    probs_TLR = teacher.router_probs
+    dense_TE = teacher_router_dense(teacher.router_ids[:, layer], None if probs_TLR is None else probs_TLR[:, layer],
                                     teacher_experts)
     if expert_map:
         return map_experts_explicit(dense_TE, expert_map, num_student)
@@ -215,43 +215,37 @@ def load_stats(logits_LNE: list[torch.Tensor], valid_N: torch.Tensor, top_k: int
 
 
 def router_parts(logits_LNE: list[torch.Tensor], batch: dict, spec: RouterLossSpec, layer_map: list[int],
-                 teacher_experts: int, tau_L: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Sums over the micro-batch's loss-masked tokens (the trainer divides by the global count).
-
-    Per-token parts (router, erd, mc) are means over mapped layers; batch-level ones (coverage,
-    aux, load statistics) are multiplied by the micro-batch's masked-token count, so the
-    trainer's division makes them token-weighted means over micro-batches and ranks.
+                 teacher_experts: int, tau_L: torch.Tensor | None, step: int = 0) -> dict[str, torch.Tensor]:
+    """Sums over the micro-batch's loss-masked tokens (the trainer divides by the global count), by
+    LossSums name. Per-token parts (router, erd, mc) are means over mapped layers; batch-level ones
+    (coverage, aux) are multiplied by the micro-batch's masked-token count, so the trainer's
+    division makes them token-weighted means over micro-batches and ranks. ``step`` seeds the MC draws.
     """
-    mask_T = batch["loss_mask"].float()
-    n_tokens = mask_T.sum()
-    out = teacher_parts(logits_LNE, batch, spec, layer_map, teacher_experts, tau_L) if spec.needs_teacher() else {}
-    attention_BS = batch["attention_mask"]
+    n_tokens = batch["loss_mask"].float().sum()
+    out = teacher_parts(logits_LNE, batch, spec, layer_map, teacher_experts, tau_L, step) if spec.needs_teacher() else {}
     if "aux" in spec.parts:
-        out["aux"] = aux_loss(logits_LNE, logits_LNE[0].shape[-1], spec.top_k, attention_BS, spec.model_type) * n_tokens
-    if spec.stats and batch.get("host", {}).get("log_stats", True):  # the trainer: on logged steps only
-        stats = load_stats(logits_LNE, valid_rows(batch), spec.top_k)  # valid = the attention mask (right-padded)
-        out.update({k: n_tokens * v for k, v in stats.items()})
+        out["aux"] = aux_loss(logits_LNE, logits_LNE[0].shape[-1], spec.top_k, batch["attention_mask"],
+                              spec.model_type) * n_tokens
     return out
 
 
-def mc_uniforms(batch: dict, seed: int, draws: int) -> torch.Tensor:
-    """The MC draws' uniforms [T, draws] of a micro-batch, from its host data when it has some
-    (the trainer's: pipeline.batches.host_view), else from its tensors."""
+def mc_uniforms(batch: dict, seed: int, draws: int, step: int) -> torch.Tensor:
+    """The MC draws' uniforms [T, draws] of a micro-batch at a step, from its host data when it has
+    some (the trainer's: pipeline.batches.host_view), else from its tensors."""
     host = batch.get("host")
     if host is not None:
-        return draw_uniforms(host["sample_ids"], host["lengths"], seed, host["step"], draws)
-    step = int(batch["step"]) if "step" in batch else 0
+        return draw_uniforms(host["sample_ids"], host["lengths"], seed, step, draws)
     return draw_uniforms(batch["sample_ids"].cpu(), batch["valid"].sum(1).cpu(), seed, step, draws)
 
 
 def teacher_parts(logits_LNE, batch: dict, spec: RouterLossSpec, layer_map: list[int], teacher_experts: int,
-                  tau_L: torch.Tensor | None) -> dict[str, torch.Tensor]:
+                  tau_L: torch.Tensor | None, step: int) -> dict[str, torch.Tensor]:
     rows_T = valid_rows(batch)
     mask_T = batch["loss_mask"].float()
     sums = {p: mask_T.new_zeros(()) for p in TEACHER_PARTS if p in spec.parts}
     k = spec.mc_draws
     if "mc" in spec.parts:
-        uniforms_TX = mc_uniforms(batch, spec.seed, k * len(layer_map)).to(mask_T.device, non_blocking=True)
+        uniforms_TX = mc_uniforms(batch, spec.seed, k * len(layer_map), step).to(mask_T.device, non_blocking=True)
     for s, t in enumerate(layer_map):
         g_TE = logits_LNE[s].index_select(0, rows_T)  # = logits[valid], no sync
         q_TE = teacher_mapped(batch["teacher"], t, teacher_experts, g_TE.shape[1], spec.expert_map)

@@ -327,7 +327,7 @@ def breakdown(teacher, ds, args, tmp: Path) -> dict[str, float]:
         parts["extract (top-k, logsumexp, target, draws)"] += t
         t, out = timed(lambda: teacher._output(batch, per_seq, router), dev)
         parts["to numpy (_output)"] += t
-        records.append(out.arrays())
+        records.append(out)
     for s in range(0, len(records), args.shard_batches):
         t, arrays = timed(lambda: assemble_shard(records[s:s + args.shard_batches], Codec(), teacher.num_experts), dev)
         parts["assemble_shard (encode)"] += t

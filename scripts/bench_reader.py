@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from cache.codec import Codec
+from cache.schema import sequences_from_flat
 from cache.stream import CacheSource, ShardStream, StreamPlan
 from cache.writer import CacheWriter, finalize
 from pipeline.batches import MicroBatches
@@ -57,7 +58,7 @@ def build(cache_dir: Path, store: str, n_seqs: int) -> None:
     with CacheWriter(cache_dir, rank=0, identity=identity, store=store, codec=Codec(), shard_tokens=262_144,
                      chunk_rows=4096, compression=compression, level=3, num_experts=EXPERTS) as writer:
         for first in range(0, n_seqs, 8):
-            writer.add(record(rng, first, min(8, n_seqs - first)))
+            writer.add(sequences_from_flat(record(rng, first, min(8, n_seqs - first))))
     fields = list(record(np.random.default_rng(1), 0, 1))
     finalize(cache_dir, identity, store, fields)
 

@@ -218,6 +218,8 @@ def synthetic_batch(vocab: int, batch: int, length: int, k: int, draws: int, dev
     std 3 at tau = 1 with their log-partition, so the tail is exact; ``draws`` sampled ids)."""
     import torch
 
+    from cache.schema import TeacherRecord
+
     g = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(0, vocab, (batch, length), device=device, generator=g)
     valid = torch.ones(batch, length, dtype=torch.bool, device=device)
@@ -231,7 +233,7 @@ def synthetic_batch(vocab: int, batch: int, length: int, k: int, draws: int, dev
         teacher["log_partition"].append(torch.logsumexp(z, -1, keepdim=True))
         teacher["draw_ids"].append(torch.multinomial(torch.softmax(z, -1), draws, replacement=True, generator=g))
     teacher = {key: torch.cat(v) for key, v in teacher.items()}
-    teacher["draw_weights"] = torch.full((T, draws), 1.0 / draws, device=device)  # repeated ids add up
+    teacher = TeacherRecord(draw_counts=torch.ones(T, draws, dtype=torch.int32, device=device), **teacher)  # repeats add up
     return {"input_ids": ids, "attention_mask": valid.long(), "valid": valid, "labels": labels,
             "loss_mask": labels >= 0, "sample_ids": torch.arange(batch, device=device), "teacher": teacher}
 
@@ -259,7 +261,7 @@ def worker_synthetic(variant: str, args) -> dict:
 
     from pipeline.losses import KDSpec
     from pipeline.optim import build_optimizer
-    from pipeline.student import DistillStudent
+    from pipeline.student import DistillStudent, LossWeights
     from stages.train_student import TrainConfig
 
     torch.manual_seed(0)
@@ -278,9 +280,8 @@ def worker_synthetic(variant: str, args) -> dict:
         step = hf_step(model, optimizer, accelerator, tcfg.grad_clip)
     else:
         spec = KDSpec(name=kd_loss) if kd_loss else None
-        w = tcfg.loss_weights()
-        wrapped = DistillStudent(model, spec, (1.0,), config.vocab_size, tcfg.loss_chunk_tokens, fused=fused,
-                                 loss_weights=(w["ce"], w["kd"]))
+        wrapped = DistillStudent(model, spec, config.vocab_size, tcfg.loss_chunk_tokens, fused=fused,
+                                 weights=LossWeights.of(tcfg))
         optimizer, _ = build_optimizer(wrapped, tcfg)
         wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
 

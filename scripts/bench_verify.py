@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cache.codec import Codec  # noqa: E402
 from cache.reader import CacheReader  # noqa: E402
-from cache.schema import Manifest, write_manifest  # noqa: E402
+from cache.schema import Manifest, sequences_from_flat, write_manifest  # noqa: E402
 from cache.shards import checksum, commit_shard, resolve_compression, shard_name  # noqa: E402
 from cache.writer import assemble_shard  # noqa: E402
 
@@ -52,7 +52,7 @@ def synthetic_batch(shape: tuple, vocab: int = 151936, seq_len: int = 512, seed:
 
 
 def write(out: Path, shape: tuple, store: str) -> str:
-    arrays = assemble_shard([synthetic_batch(shape)], Codec(), num_experts=shape[6])
+    arrays = assemble_shard([sequences_from_flat(synthetic_batch(shape))], Codec(), num_experts=shape[6])
     name = shard_name(store, 0, 0)
     info = commit_shard(out, store, name, 0, arrays, shape[7], resolve_compression(store, "auto"), 3)
     write_manifest(out, Manifest(identity={"codec": {"ids": "sorted_delta", "values": "float16"}}, store=store,

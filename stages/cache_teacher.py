@@ -227,7 +227,7 @@ def run_batches(teacher, ds, todo: list[np.ndarray], writer: CacheWriter, dist: 
         for rows in todo:
             batch = make_batch(ds, rows, pad_id=0)  # padding is masked out; any id will do
             out = teacher.score(batch)
-            writer.add(out.arrays())
+            writer.add(out)
             bar.update(int(batch.lengths.sum()))
     bar.close()
 

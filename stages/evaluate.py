@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from pipeline.data import tokenizer_fingerprint
 from pipeline.distributed import Dist, use_cpu
 from pipeline.generation import rouge_l
 from pipeline.inputs_from import check_inputs_from
+from pipeline.losses import KDSpec, draw_weights, forward_kl
 from pipeline.models import load_causal_lm, own_tokenizer_fingerprint, student_tokenizer
 from pipeline.router import RouterCapture, num_experts, router_family
 from pipeline.router_losses import expert_counts, load_summary
@@ -66,6 +67,7 @@ class EvalConfig:
 
 BOUND = "kl_topk_bucket_lower_bound"  # KL over the cached top-k + one tail bucket: ≤ the full KL
 SAMPLED_CE = "cross_entropy_to_teacher_sampled"  # unbiased estimate of KL(q ‖ p) + H(q), from the cached draws
+BUCKET_KL = KDSpec("forward_kl", 1.0, "tail_bucket")  # the training loss at tau = 1, on log-probs
 SAMPLED_TOP1 = "top1_agreement_sampled"  # the student's argmax vs the most drawn id (draws-only cache)
 
 
@@ -91,9 +93,9 @@ def token_metrics(model, batch: dict, vocab_limit: int, ks: list[int], teacher=N
     labels = batch["labels"].clamp(min=0)
     out = {"tokens": float(mask.sum()), "nll": float(-(logp_TV.gather(1, labels[:, None])[:, 0] * mask).sum())}
     t = batch["teacher"]
-    cached_k = t["topk_ids"].shape[1] if "topk_ids" in t else 0
-    if cached_k:
-        out["kl_bound"] = float((bucket_kl(logp_TV, t["topk_ids"], t["topk_logprobs"]) * mask).sum())
+    cached_k = t.topk_ids.shape[1] if t.topk_ids is not None else 0
+    if cached_k:  # KL of the K+1-bucket coarsenings of q and p (top-k + one tail): a lower bound of the full KL
+        out["kl_bound"] = float((forward_kl(logp_TV, t, BUCKET_KL) * mask).sum())
     if teacher is not None:
         lq_TV = torch.log_softmax(valid_logits(teacher, batch, vocab_limit), -1)
         out["kl"] = float((full_kl(lq_TV, logp_TV) * mask).sum())
@@ -101,12 +103,12 @@ def token_metrics(model, batch: dict, vocab_limit: int, ks: list[int], teacher=N
         ks = overlap_ks(ks, cached_k, live=True, vocab=vocab_limit)
         out.update(agreement(logp_TV, lq_TV.topk(max(ks, default=1), -1).indices, mask, ks))
     else:
-        if "target_logprob" in t:
-            out["teacher_nll"] = float(-(t["target_logprob"] * mask).sum())
+        if t.target_logprob is not None:
+            out["teacher_nll"] = float(-(t.target_logprob * mask).sum())
         if cached_k:
-            out.update(agreement(logp_TV, t["topk_ids"], mask, overlap_ks(ks, cached_k, live=False, vocab=vocab_limit)))
-        if "draw_ids" in t:
-            out.update(sampled_metrics(logp_TV, t["draw_ids"], t["draw_weights"], mask, top1=not cached_k))
+            out.update(agreement(logp_TV, t.topk_ids, mask, overlap_ks(ks, cached_k, live=False, vocab=vocab_limit)))
+        if t.draw_ids is not None:
+            out.update(sampled_metrics(logp_TV, t.draw_ids, draw_weights(t), mask, top1=not cached_k))
     return out
 
 
@@ -128,16 +130,6 @@ def sampled_metrics(logp_TV: torch.Tensor, draw_ids_TW: torch.Tensor, draw_weigh
 def full_kl(lq_TV: torch.Tensor, lp_TV: torch.Tensor) -> torch.Tensor:
     """KL(q ‖ p) per position over the whole vocabulary, from both log-softmaxes."""
     return (lq_TV.exp() * (lq_TV - lp_TV)).sum(-1)
-
-
-def bucket_kl(logp_TV: torch.Tensor, ids_TK: torch.Tensor, lq_TK: torch.Tensor) -> torch.Tensor:
-    """KL per position between the K+1-bucket coarsenings (cached top-k, one tail bucket) of q and p:
-    a lower bound of the full KL, and the tail-bucket forward-KL training loss."""
-    q_TK = lq_TK.exp()
-    q_tail = (1 - q_TK.sum(-1)).clamp(min=1e-12)
-    lp_TK = logp_TV.gather(1, ids_TK)
-    p_tail = (1 - lp_TK.exp().sum(-1)).clamp(min=1e-12)
-    return (q_TK * (lq_TK - lp_TK)).sum(-1) + q_tail * (q_tail.log() - p_tail.log())
 
 
 def overlap_ks(ks: list[int], cached_k: int, live: bool, vocab: int) -> list[int]:
@@ -281,8 +273,7 @@ def run(cfg, force: bool = False) -> dict:
     identity = cache_identity(cfg)
     notes = result_notes(list(cfg.eval.overlap_k), identity, teacher is not None, vocab_limit)
     if teacher is None and "sampled_estimates" not in notes:
-        batches = [{**b, "teacher": {k: v for k, v in b["teacher"].items() if not k.startswith("draw_")}}
-                   for b in batches]
+        batches = [{**b, "teacher": replace(b["teacher"], draw_ids=None, draw_counts=None)} for b in batches]
     ds, manifest = load_split(cfg.inputs_dir, cfg.eval.split)
     models = {"before": cfg.student.path} if cfg.eval.before else {}
     models["after"] = str(cfg.run_dir / "train" / "final")

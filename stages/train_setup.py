@@ -23,7 +23,7 @@ from pipeline.optim import build_optimizer
 from pipeline.router import RouterCapture, num_experts, router_family, uniform_layer_map
 from pipeline.router_losses import TEACHER_PARTS, RouterLossSpec
 from pipeline.run_paths import cache_location
-from pipeline.student import DistillStudent
+from pipeline.student import DistillStudent, LossWeights
 
 
 @dataclass
@@ -202,14 +202,14 @@ def setup(cfg, accelerator) -> TrainJob:
         identity = source.reader.manifest.identity
         check_cache_fits(identity, tokenizer, model)
         spec = kd_spec(cfg.train)
-        temps, vocab_limit = tuple(identity["temperatures"]), identity["vocab_size"]
+        vocab_limit = identity["vocab_size"]
     else:
-        source, spec, temps, vocab_limit, identity = PreparedSource(cfg.inputs_dir), None, (1.0,), len(tokenizer), {}
+        source, spec, vocab_limit, identity = PreparedSource(cfg.inputs_dir), None, len(tokenizer), {}
     capture, layer_map, losses = router_setup(cfg, model, identity)
-    wrapped = DistillStudent(model, spec if cfg.train.alpha > 0 else None, temps, vocab_limit,
-                             cfg.train.loss_chunk_tokens, capture, layer_map, identity.get("num_experts", 0), losses,
+    wrapped = DistillStudent(model, spec if cfg.train.alpha > 0 else None, vocab_limit, cfg.train.loss_chunk_tokens,
+                             capture, layer_map, identity.get("num_experts", 0), losses,
                              prompt_kl=cfg.train.prompt_kl_weight > 0, fused=cfg.train.fused_loss,
-                             loss_weights=(cfg.train.loss_weights()["ce"], cfg.train.loss_weights()["kd"]))
+                             weights=LossWeights.of(cfg.train))
     if capture is not None:
         capture.__enter__()  # hooks live as long as the job
     optimizer, scheduler = build_optimizer(wrapped, cfg.train)

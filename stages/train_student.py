@@ -29,6 +29,7 @@ from pipeline.metrics import MetricsLogger
 from pipeline.optim import drop_frozen_grads
 from pipeline.router_losses import MC_TARGETS, TAU_RANGE
 from pipeline.stage_inputs import stage_inputs
+from pipeline.student import LossWeights, objective
 from stages.train_setup import check_kd_targets, setup
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -167,16 +168,6 @@ class TrainConfig:
         if self.kd_loss not in KD_LOSSES:
             raise ConfigError(f"train.kd_loss={self.kd_loss!r} is unknown; allowed: {', '.join(KD_LOSSES)}")
 
-    def loss_weights(self) -> dict[str, float]:
-        """Weight of each part the student returns in the total loss (others are statistics)."""
-        from pipeline.losses import kd_weight
-
-        return {"ce": 1 - self.alpha, "kd": self.alpha * kd_weight(self.kd_loss, self.temperature),
-                "prompt_kl": self.prompt_kl_weight,
-                "router": self.router_weight,
-                "erd": self.router_erd_weight, "mc": self.router_mc_weight,
-                "coverage": self.router_mc_weight * self.router_coverage_weight, "aux": self.router_aux_weight}
-
     @property
     def total_steps(self) -> int:
         return sum(p.steps for p in self.phases) if self.phases else self.steps
@@ -219,33 +210,37 @@ def train_step(model, micro: list[dict], cfg: TrainConfig, accelerator, step: in
                log_stats: bool = True) -> dict:
     """Forward/backward every micro-batch of one optimizer step; returns the loss parts per token.
 
-    Parts the student returns beyond ce/kd/router (erd, mc, coverage, aux, load statistics) are
-    weighted by ``cfg.loss_weights()``; those without a weight are only logged. ``step`` seeds
-    the Monte Carlo expert draws (with run.seed and the sample ids), so a resumed run draws the
-    same; ``log_stats`` asks for the load statistics (the loop: on logged steps only).
+    The objective is pipeline.student.objective with LossWeights.of(cfg): each loss sum weighted
+    and divided by the step's global token count. ``step`` seeds the Monte Carlo expert draws (with
+    run.seed and the sample ids), so a resumed run draws the same; ``log_stats`` asks for the load
+    statistics (the loop: on logged steps only), reported as token-weighted means.
 
     Nothing here waits for the device: each part is a float64 0-dim tensor on the device, this
     rank's share of the step's value (divided by the global token count; the sum over ranks is
     the value, which the MetricsLogger reduces once per log interval), and "tokens" is this
     rank's count of loss-masked tokens, a host int.
     """
-    micro = [host_view(mb, step, log_stats) for mb in micro]
+    micro = [host_view(mb) for mb in micro]
     n_valid, n_prompt = step_counts(accelerator, micro).clamp(min=1.0).unbind()
-    scale = (accelerator.num_processes / n_valid).float()  # DDP averages gradients over ranks
-    weights = cfg.loss_weights()
-    if cfg.prompt_kl_weight:  # BiLD's prompt KL is a mean over prompt tokens, not over the trained ones
-        weights["prompt_kl"] = (weights["prompt_kl"] * n_valid / n_prompt).float()
-    sums: dict[str, torch.Tensor] = {}
+    inv_valid, inv_prompt = (1 / n_valid).float(), (1 / n_prompt).float()
+    weights = LossWeights.of(cfg)
+    parts: dict[str, torch.Tensor] = {}
+
+    def add(key: str, value: torch.Tensor) -> None:
+        parts[key] = parts[key] + value if key in parts else value
+
     for i, mb in enumerate(micro):
         sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
         with sync, accelerator.autocast():
-            out = model(to_device(mb, accelerator.device))
-            loss = sum(weights[k] * v for k, v in out.items() if k in weights)
-            accelerator.backward(loss * scale)
-        for key, value in {**out, "loss": loss}.items():
-            sums[key] = sums[key] + value.detach().double() if key in sums else value.detach().double()
-    per_token = {k: v / (n_prompt if k == "prompt_kl" else n_valid) for k, v in sums.items()}
-    return per_token | {"tokens": sum(mb["host"]["loss_tokens"] for mb in micro)}
+            out = model(to_device(mb, accelerator.device), step=step, stats=log_stats)
+            loss = objective(out.losses, weights, inv_valid, inv_prompt)
+            accelerator.backward(loss * accelerator.num_processes)  # DDP averages gradients over ranks
+        add("loss", loss.detach().double())
+        for key, value in out.losses.items():
+            add(key, value.detach().double() / (n_prompt if key == "prompt_kl" else n_valid))
+        for key, value in out.stats.items():
+            add(key, value.double() * (mb["host"]["loss_tokens"] / n_valid))
+    return parts | {"tokens": sum(mb["host"]["loss_tokens"] for mb in micro)}
 
 
 def run(cfg, force: bool = False) -> Path:

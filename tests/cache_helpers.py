@@ -5,26 +5,28 @@ from __future__ import annotations
 import numpy as np
 
 from cache.reader import CacheReader
+from cache.schema import TeacherRecord
 
 PER_TOKEN = ("input_ids", "loss_mask", "target_logprob", "log_partition", "topk_ids", "topk_logprobs",
              "router_ids", "router_probs")
 
 
 def by_sample(cache_dir) -> dict[int, dict[str, np.ndarray]]:
-    """Every sequence of a finished cache, decoded, keyed by sample id (duplicates are an error)."""
+    """Every sequence of a finished cache, decoded, keyed by sample id (duplicates are an error).
+    Draws as stored: ``draw_n`` per token, the drawn ids and counts flat (no padding)."""
     reader = CacheReader(cache_dir)
     out: dict[int, dict[str, np.ndarray]] = {}
     for info in reader.shards:
         rec = reader.read_shard(info.name)
         starts = np.concatenate([[0], np.cumsum(rec.seq_lens)])
-        draw_starts = np.concatenate([[0], np.cumsum(rec.draw_n)]) if rec.draw_n is not None else None
+        fields = {"input_ids": rec.input_ids, "loss_mask": rec.loss_mask, **rec.teacher.arrays()}
         for j, sid in enumerate(rec.sample_ids.tolist()):
             a, b = int(starts[j]), int(starts[j + 1])
-            seq = {k: getattr(rec, k)[a:b] for k in PER_TOKEN if getattr(rec, k) is not None}
-            if draw_starts is not None:
-                seq["draw_n"] = rec.draw_n[a:b]
-                seq["draw_ids"] = rec.draw_ids[draw_starts[a]:draw_starts[b]]
-                seq["draw_counts"] = rec.draw_counts[draw_starts[a]:draw_starts[b]]
+            seq = {k: v[a:b] for k, v in fields.items() if k in PER_TOKEN}
+            if rec.teacher.draw_ids is not None:
+                drawn = rec.teacher.draw_counts[a:b] > 0
+                seq.update(draw_n=drawn.sum(1), draw_ids=rec.teacher.draw_ids[a:b][drawn],
+                           draw_counts=rec.teacher.draw_counts[a:b][drawn])
             assert sid not in out, f"sample {sid} is cached twice"
             out[sid] = seq
     reader.close()
@@ -38,3 +40,10 @@ def assert_same_cache(got: dict, want: dict) -> None:
         assert sorted(got[sid]) == sorted(want[sid]), f"sample {sid}: different fields"
         for key, value in want[sid].items():
             np.testing.assert_array_equal(got[sid][key], value, err_msg=f"sample {sid} field {key}")
+
+
+def targets(topk_ids_TK, topk_logprobs_TK, log_partition_TP, temperatures, draw_ids_TD=None, draw_weights_TD=None):
+    """A teacher record of tensors for loss tests (draw weights stand in for counts: the loss
+    normalises counts per token, so weights summing to 1 are the same target)."""
+    return TeacherRecord(log_partition=log_partition_TP, temperatures=tuple(temperatures), topk_ids=topk_ids_TK,
+                         topk_logprobs=topk_logprobs_TK, draw_ids=draw_ids_TD, draw_counts=draw_weights_TD)

@@ -46,8 +46,8 @@ def dense_prompt_kl(cfg, student_path) -> tuple[float, int, int]:
         with torch.no_grad():
             logits = student(ids[None]).logits[0, prompt, :vocab].double()
         lp = torch.log_softmax(logits, -1)
-        lq = torch.as_tensor(np.asarray(out.topk_logprobs[rows], np.float64)[prompt])
-        top = torch.as_tensor(np.asarray(out.topk_ids[rows], np.int64)[prompt])
+        lq = torch.as_tensor(np.asarray(out.teacher.topk_logprobs[rows], np.float64)[prompt])
+        top = torch.as_tensor(np.asarray(out.teacher.topk_ids[rows], np.int64)[prompt])
         p_top = lp.gather(1, top)
         q_tail = (1 - lq.exp().sum(-1)).clamp(min=0)
         p_tail = 1 - p_top.exp().sum(-1)

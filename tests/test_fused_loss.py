@@ -9,24 +9,27 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cache_helpers import targets
+
+from cache.schema import TeacherRecord
 
 from pipeline.fused_loss import choose, fused_lm_losses, not_covered
-from pipeline.losses import KD_LOSSES, KDSpec, TeacherTargets, kd_weight
+from pipeline.losses import KD_LOSSES, KDSpec, draw_weights, kd_weight
 from model_helpers import FixedHiddenLM
-from pipeline.student import DistillStudent
+from pipeline.student import DistillStudent, LossWeights
 
 T, H, V, VOCAB, K, D = 24, 32, 310, 300, 8, 12  # V - VOCAB padded LM-head rows
 TEMPS = (1.0, 2.0)  # 1.5 is an uncached temperature
 ALPHA = 0.6
 
 
-def teacher_from(z_TV: torch.Tensor, k: int = K, dtype=torch.float32) -> TeacherTargets:
+def teacher_from(z_TV: torch.Tensor, k: int = K, dtype=torch.float32) -> TeacherRecord:
     lp_TV = torch.log_softmax(z_TV, -1)
     ids_TK = lp_TV.argsort(-1, descending=True)[:, :k]
     logz_TP = torch.stack([torch.logsumexp(z_TV / t, -1) for t in TEMPS], -1)
     g = torch.Generator().manual_seed(3)
     draws_TN = torch.multinomial(torch.softmax(z_TV / 2.0, -1), D, replacement=True, generator=g)  # tau_draw 2
-    return TeacherTargets(ids_TK, lp_TV.gather(-1, ids_TK).to(dtype), logz_TP.to(dtype), TEMPS, draws_TN,
+    return targets(ids_TK, lp_TV.gather(-1, ids_TK).to(dtype), logz_TP.to(dtype), TEMPS, draws_TN,
                           torch.full(draws_TN.shape, 1.0 / D, dtype=dtype))
 
 
@@ -41,14 +44,14 @@ def case():
     return hidden_TH, weight_VH, labels_T, z_TV, mask_T
 
 
-def with_garbage(teacher: TeacherTargets, mask_T: torch.Tensor) -> TeacherTargets:
+def with_garbage(teacher: TeacherRecord, mask_T: torch.Tensor) -> TeacherRecord:
     """Padding rows of a cache may hold anything: NaN log-probs, ids out of range."""
     off_T1 = ~mask_T[:, None]
-    return TeacherTargets(torch.where(off_T1, 10**6, teacher.topk_ids_TK),
-                          torch.where(off_T1, float("nan"), teacher.topk_logprobs_TK),
-                          torch.where(off_T1, float("nan"), teacher.log_partition_TP), TEMPS,
-                          torch.where(off_T1, -5, teacher.draw_ids_TD),
-                          torch.where(off_T1, float("nan"), teacher.draw_weights_TD))
+    return targets(torch.where(off_T1, 10**6, teacher.topk_ids),
+                          torch.where(off_T1, float("nan"), teacher.topk_logprobs),
+                          torch.where(off_T1, float("nan"), teacher.log_partition), TEMPS,
+                          torch.where(off_T1, -5, teacher.draw_ids),
+                          torch.where(off_T1, float("nan"), teacher.draw_counts))
 
 
 # --- float64 dense references (definitions of docs/losses.md, over the whole vocabulary) -----
@@ -63,12 +66,12 @@ def kl(q_TB: torch.Tensor, p_TB: torch.Tensor) -> torch.Tensor:
     return torch.where(q_TB > 0, q_TB * (q_TB.log() - p_TB.log()), 0.0).sum(-1)
 
 
-def reference_kd(s_TV, z_TV, teacher64: TeacherTargets, spec: KDSpec) -> torch.Tensor:
+def reference_kd(s_TV, z_TV, teacher64: TeacherRecord, spec: KDSpec) -> torch.Tensor:
     """Per-token KD in float64 from the full student logits and the teacher's exact logits."""
-    tau, ids_TK = spec.temperature, teacher64.topk_ids_TK
+    tau, ids_TK = spec.temperature, teacher64.topk_ids
     if spec.name == "sampled":
-        ls_TD = torch.log_softmax(s_TV / tau, -1).gather(-1, teacher64.draw_ids_TD)
-        return -(teacher64.draw_weights_TD * ls_TD).sum(-1)
+        ls_TD = torch.log_softmax(s_TV / tau, -1).gather(-1, teacher64.draw_ids)
+        return -(draw_weights(teacher64) * ls_TD).sum(-1)
     if spec.name != "forward_kl":  # the catalogue's own maths, applied to the dense fp64 logits
         return KD_LOSSES[spec.name](s_TV, teacher64, spec)
     if spec.missing_mass == "renormalize":
@@ -228,20 +231,17 @@ def test_student_forward_fused_equals_chunked(case, spec):
     trained_T = torch.arange(T) >= T // 3
     batch = {"input_ids": torch.zeros(1, T, dtype=torch.long), "attention_mask": torch.ones(1, T, dtype=torch.long),
              "valid": torch.ones(1, T, dtype=torch.bool), "labels": labels_T, "loss_mask": trained_T,
-             "teacher": {"topk_ids": teacher.topk_ids_TK, "topk_logprobs": teacher.topk_logprobs_TK,
-                         "log_partition": teacher.log_partition_TP, "draw_ids": teacher.draw_ids_TD,
-                         "draw_weights": teacher.draw_weights_TD}}
+             "teacher": teacher}
     weights = {"ce": 1 - ALPHA, "kd": ALPHA * spec.temperature**2, "prompt_kl": 0.7}
     results = []
     for mode in ("never", "always"):
         lm = FixedHiddenLM(hidden_TH, weight_VH, trainable_hidden=True)
-        student = DistillStudent(lm, spec, TEMPS, VOCAB, 10, prompt_kl=True, fused=mode,
-                                 loss_weights=(weights["ce"], weights["kd"]))
+        student = DistillStudent(lm, spec, VOCAB, 10, prompt_kl=True, fused=mode, weights=LossWeights(**weights))
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = student(batch)
-        sum(weights[k] * out[k] for k in weights).backward()
-        results.append([out["ce"], out["kd"], out["prompt_kl"], lm.hidden_1TH.grad, lm.head.weight.grad])
-    assert DistillStudent(FixedHiddenLM(hidden_TH, weight_VH, trainable_hidden=True), spec, TEMPS, VOCAB, 10, fused="always").fused
+            out = student(batch).losses
+        sum(weights[k] * getattr(out, k) for k in weights).backward()
+        results.append([out.ce, out.kd, out.prompt_kl, lm.hidden_1TH.grad, lm.head.weight.grad])
+    assert DistillStudent(FixedHiddenLM(hidden_TH, weight_VH, trainable_hidden=True), spec, VOCAB, 10, fused="always").fused
     for off, on in zip(*results):
         torch.testing.assert_close(on, off, rtol=2e-5, atol=2e-6)
 

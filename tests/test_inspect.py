@@ -92,13 +92,13 @@ def test_counts_and_storage(full):
 
 def test_teacher_statistics(full):
     stats, _, outs = full
-    mass = [sum(math.exp(float(x)) for x in row) for o in outs for row in o.topk_logprobs]
+    mass = [sum(math.exp(float(x)) for x in row) for o in outs for row in o.teacher.topk_logprobs]
     assert stats["topk_mass_mean"] == pytest.approx(np.mean(mass), rel=1e-6)
     assert stats["topk_mass_p5"] == pytest.approx(np.percentile(mass, 5), rel=1e-6)
     assert stats["topk_mass_p50"] == pytest.approx(np.percentile(mass, 50), rel=1e-6)
     lower = []
     for o in outs:
-        for row in o.topk_logprobs:
+        for row in o.teacher.topk_logprobs:
             p = [math.exp(float(x)) for x in row]
             tail = max(0.0, 1.0 - sum(p))
             lower.append(-sum(q * math.log(q) for q in p if q > 0) - (tail * math.log(tail) if tail > 0 else 0.0))
@@ -111,16 +111,16 @@ def brute_force_targets(outs) -> dict[str, int]:
     n = hit_topk = hit_draw = 0
     nll = 0.0
     for o in outs:
-        start, draw_start = 0, np.concatenate([[0], np.cumsum(o.draw_n)])
+        start = 0
         for length in o.seq_lens:
             for i in range(start, start + length - 1):  # the last token of a sequence has no target
                 if o.loss_mask[i] != 1:
                     continue
                 target = o.input_ids[i + 1]
                 n += 1
-                nll -= float(o.target_logprob[i])
-                hit_topk += target in o.topk_ids[i].tolist()
-                hit_draw += target in o.draw_ids[draw_start[i]:draw_start[i + 1]].tolist()
+                nll -= float(o.teacher.target_logprob[i])
+                hit_topk += target in o.teacher.topk_ids[i].tolist()
+                hit_draw += target in o.teacher.draw_ids[i][o.teacher.draw_counts[i] > 0].tolist()
             start += length
     return {"n": n, "topk": hit_topk, "draws": hit_draw, "nll": nll}
 
@@ -132,7 +132,7 @@ def test_target_rates(full):
     assert stats["target_in_topk"] == pytest.approx(want["topk"] / want["n"])
     assert stats["target_in_draws"] == pytest.approx(want["draws"] / want["n"])
     assert stats["teacher_nll"] == pytest.approx(want["nll"] / want["n"], rel=1e-5)
-    draws = sum(int(o.draw_n.sum()) for o in outs) / sum(len(o.input_ids) for o in outs)
+    draws = sum(int(np.count_nonzero(o.teacher.draw_counts)) for o in outs) / sum(len(o.input_ids) for o in outs)
     assert stats["draws_unique_mean"] == pytest.approx(draws)
     assert 1 <= stats["draws_unique_mean"] <= 8
 
@@ -142,8 +142,8 @@ def test_router_statistics_all_experts(full):
     router = stats["router"]
     ident = reader.manifest.identity
     assert router["layers"] == ident["moe_layers"] and router["router_entropy_exact"]
-    ids = np.concatenate([o.router_ids for o in outs]).astype(int)
-    probs = np.concatenate([o.router_probs for o in outs]).astype(np.float64)
+    ids = np.concatenate([o.teacher.router_ids for o in outs]).astype(int)
+    probs = np.concatenate([o.teacher.router_probs for o in outs]).astype(np.float64)
     shares = np.asarray(router["load_shares"])
     np.testing.assert_allclose(shares.sum(axis=1), 1.0, rtol=1e-9)
     for layer in range(ids.shape[1]):
@@ -169,7 +169,7 @@ def test_max_tokens_samples_whole_sequences_in_manifest_order(build):
     assert stats["sampled_tokens"] == fit <= 100 and stats["sampled_shards"] == 1
     _, outs = decoded(cache_dir)
     n_seqs = int(np.searchsorted(offsets, fit))
-    mass = np.exp(outs[0].topk_logprobs[:fit].astype(np.float64)).sum(1)
+    mass = np.exp(outs[0].teacher.topk_logprobs[:fit].astype(np.float64)).sum(1)
     assert stats["sampled_sequences"] == n_seqs
     assert stats["topk_mass_mean"] == pytest.approx(mass.mean())
 

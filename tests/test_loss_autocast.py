@@ -9,10 +9,15 @@ fix CE was off by ~2e-2 nats/token and the KD losses by ~1e-3.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
+from cache_helpers import targets
 
-from pipeline.losses import KDSpec, TeacherTargets, chunked_lm_losses
+from cache.schema import TeacherRecord
+
+from pipeline.losses import KDSpec, chunked_lm_losses, take_rows
 from model_helpers import FixedHiddenLM
 from pipeline.student import DistillStudent
 
@@ -20,13 +25,13 @@ T, H, V, VOCAB, K = 24, 64, 1000, 990, 8
 TEMPS = (1.0, 2.0)
 
 
-def teacher_for(z_TV: torch.Tensor, n_draws: int = 16) -> TeacherTargets:
+def teacher_for(z_TV: torch.Tensor, n_draws: int = 16) -> TeacherRecord:
     lp_TV = torch.log_softmax(z_TV, -1)
     ids_TK = lp_TV.argsort(-1, descending=True)[:, :K]
     logz_TP = torch.stack([torch.logsumexp(z_TV / t, -1) for t in TEMPS], -1)
     draw_ids_TD = torch.multinomial(torch.softmax(z_TV, -1), n_draws, replacement=True)
     draw_w_TD = torch.full(draw_ids_TD.shape, 1.0 / n_draws)  # repeated ids: the weights add up
-    return TeacherTargets(ids_TK, lp_TV.gather(-1, ids_TK).float(), logz_TP.float(), TEMPS, draw_ids_TD, draw_w_TD)
+    return targets(ids_TK, lp_TV.gather(-1, ids_TK).float(), logz_TP.float(), TEMPS, draw_ids_TD, draw_w_TD)
 
 
 @pytest.fixture
@@ -46,9 +51,9 @@ def dense_reference(hidden_TH, weight_VH, labels_T, teacher, z_TV, spec):
     tau = spec.temperature
     lp_TV = torch.log_softmax(s_TV / tau, -1)
     if spec.name == "sampled":
-        return ce, -(teacher.draw_weights_TD.double() * lp_TV.gather(-1, teacher.draw_ids_TD)).sum()
+        return ce, -(teacher.draw_counts.double() * lp_TV.gather(-1, teacher.draw_ids)).sum()
     q_TV, p_TV = torch.softmax(z_TV / tau, -1), lp_TV.exp()
-    ids_TK = teacher.topk_ids_TK
+    ids_TK = teacher.topk_ids
     q_TB = torch.cat([q_TV.gather(-1, ids_TK), 1 - q_TV.gather(-1, ids_TK).sum(-1, keepdim=True)], -1)
     p_TB = torch.cat([p_TV.gather(-1, ids_TK), 1 - p_TV.gather(-1, ids_TK).sum(-1, keepdim=True)], -1)
     return ce, (q_TB * (q_TB.log() - p_TB.log())).sum()
@@ -100,14 +105,13 @@ def test_student_forward_under_bf16_autocast_matches_float64(case):
     trained_T = torch.arange(T) >= T // 2
     batch = {"input_ids": torch.zeros(1, T, dtype=torch.long), "attention_mask": torch.ones(1, T, dtype=torch.long),
              "valid": torch.ones(1, T, dtype=torch.bool), "labels": labels_T, "loss_mask": trained_T,
-             "teacher": {"topk_ids": teacher.topk_ids_TK, "topk_logprobs": teacher.topk_logprobs_TK,
-                         "log_partition": teacher.log_partition_TP}}
-    student = DistillStudent(FixedHiddenLM(hidden_TH, weight_VH), KDSpec(), TEMPS, VOCAB, 10, prompt_kl=True)
+             "teacher": replace(teacher, draw_ids=None, draw_counts=None)}
+    student = DistillStudent(FixedHiddenLM(hidden_TH, weight_VH), KDSpec(), VOCAB, 10, prompt_kl=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = student(batch)
+        out = dict(student(batch).losses.items())
     spec = KDSpec()
     rows = {"trained": trained_T, "prompt": ~trained_T}
-    ref = {part: dense_reference(hidden_TH[r].double(), weight_VH.double(), labels_T[r], teacher.index(r.nonzero()[:, 0]),
+    ref = {part: dense_reference(hidden_TH[r].double(), weight_VH.double(), labels_T[r], take_rows(teacher, r.nonzero()[:, 0]),
                                  z_TV[r], spec) for part, r in rows.items()}
     torch.testing.assert_close(out["ce"].double(), ref["trained"][0], rtol=2e-6, atol=1e-5)
     torch.testing.assert_close(out["kd"].double(), ref["trained"][1], rtol=2e-5, atol=1e-5)

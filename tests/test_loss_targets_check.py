@@ -15,10 +15,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from cache_helpers import targets
+
+from cache.schema import TeacherRecord
 
 import run_pipeline
 from pipeline.config import ConfigError
-from pipeline.losses import KD_LOSSES, KDSpec, TeacherTargets, approximates_tail, kd_per_token
+from pipeline.losses import KD_LOSSES, KDSpec, approximates_tail, kd_per_token
 from stages.train_setup import check_cached_temperature
 
 BASE = ("train.steps=1", "train.router_weight=0", "train.checkpoint_every=1")
@@ -117,11 +120,11 @@ def test_normkd_with_tail_bucket_is_refused_at_any_tau(capsys):
     assert capsys.readouterr().err.count("warning: ") == 1
 
 
-def cache_of(z_TV: torch.Tensor, k: int, temps: tuple[float, ...]) -> TeacherTargets:
+def cache_of(z_TV: torch.Tensor, k: int, temps: tuple[float, ...]) -> TeacherRecord:
     lp_TV = torch.log_softmax(z_TV, -1)
     ids_TK = lp_TV.argsort(-1, descending=True)[:, :k]
     logz_TP = torch.stack([torch.logsumexp(z_TV / t, -1) for t in temps], -1)
-    return TeacherTargets(ids_TK, lp_TV.gather(-1, ids_TK), logz_TP, temps)
+    return targets(ids_TK, lp_TV.gather(-1, ids_TK), logz_TP, temps)
 
 
 @pytest.mark.parametrize("mode", ["tail_bucket", "renormalize"])

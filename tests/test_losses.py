@@ -11,14 +11,18 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from cache_helpers import targets
+
+from cache.schema import TeacherRecord
 import torch.nn.functional as F
 
 from pipeline.losses import (
     KD_LOSSES,
     KDSpec,
-    TeacherTargets,
     chunked_lm_losses,
     kd_per_token,
+    take_rows,
+    take_span,
     teacher_logprobs,
 )
 
@@ -28,13 +32,13 @@ TEMPS = (1.0, 2.0)
 # --- building caches and dense references -------------------------------------------------
 
 
-def make_teacher(z_TV, k, temps=TEMPS, n_draws=0, draw_tau=1.0) -> TeacherTargets:
+def make_teacher(z_TV, k, temps=TEMPS, n_draws=0, draw_tau=1.0) -> TeacherRecord:
     """What phase one would cache for teacher logits z_TV: top-k by descending prob, etc."""
     lp_TV = torch.log_softmax(z_TV.double(), -1)
     ids_TK = lp_TV.argsort(-1, descending=True)[:, :k]
     logz_TP = torch.stack([torch.logsumexp(z_TV.double() / t, -1) for t in temps], -1)
     draw_ids, draw_w = (None, None) if not n_draws else draws(z_TV, n_draws, draw_tau)
-    return TeacherTargets(ids_TK, lp_TV.gather(-1, ids_TK).float(), logz_TP.float(), tuple(temps), draw_ids, draw_w)
+    return targets(ids_TK, lp_TV.gather(-1, ids_TK).float(), logz_TP.float(), tuple(temps), draw_ids, draw_w)
 
 
 def draws(z_TV, n, tau):
@@ -79,7 +83,7 @@ def test_teacher_logprobs_at_cached_temperature_is_exact(logits):
     z, _ = logits
     teacher = make_teacher(z, k=7)
     lq_TK, log_tail_T = teacher_logprobs(teacher, 2.0, "tail_bucket")
-    ref_TK = torch.log_softmax(z.double() / 2, -1).gather(-1, teacher.topk_ids_TK)
+    ref_TK = torch.log_softmax(z.double() / 2, -1).gather(-1, teacher.topk_ids)
     torch.testing.assert_close(lq_TK.double(), ref_TK, atol=2e-5, rtol=0)
     ref_tail = (1 - ref_TK.exp().sum(-1)).log()
     torch.testing.assert_close(log_tail_T.double(), ref_tail, atol=2e-4, rtol=0)
@@ -91,12 +95,12 @@ def test_teacher_logprobs_uncached_temperature(logits):
     # fp32 rounding of 1 - sum exp(lp), which tau > 1 amplifies as m^(1/tau)).
     full = make_teacher(z, k=z.shape[1], temps=(1.0,))
     lq, _ = teacher_logprobs(full, 1.7, "tail_bucket")
-    ref = torch.log_softmax(z.double() / 1.7, -1).gather(-1, full.topk_ids_TK)
+    ref = torch.log_softmax(z.double() / 1.7, -1).gather(-1, full.topk_ids)
     torch.testing.assert_close(lq.double(), ref, atol=2e-4, rtol=0)
     # k < V: top-k ratios stay exact; the tail is the one documented approximation.
     part = make_teacher(z, k=5, temps=(1.0,))
     lq, log_tail = teacher_logprobs(part, 1.7, "tail_bucket")
-    lp = part.topk_logprobs_TK.double()
+    lp = part.topk_logprobs.double()
     torch.testing.assert_close((lq - lq[:, :1]).double(), (lp - lp[:, :1]) / 1.7, atol=2e-5, rtol=0)
     m = 1 - lp.exp().sum(-1)
     torch.testing.assert_close((log_tail - lq[:, 0]).double(), (m.log() - lp[:, 0]) / 1.7, atol=2e-5, rtol=0)
@@ -118,7 +122,7 @@ def test_uncached_temperature_tempers_both_bucket_sets(logits, name):
     teacher = make_teacher(z, k=6, temps=(1.0,))
     same = kd_per_token(z, teacher, spec)
     torch.testing.assert_close(same, torch.zeros_like(same), atol=1e-5, rtol=0)
-    ids = teacher.topk_ids_TK
+    ids = teacher.topk_ids
     q, p = (torch.softmax(coarsen(probs(x), ids).log() / 1.7, -1) for x in (z, s))
     got = kd_per_token(s, teacher, spec)
     torch.testing.assert_close(got.double(), DENSE[name](q, p, None), atol=2e-5, rtol=1e-4)
@@ -152,7 +156,7 @@ def test_forward_kl_tail_bucket_equals_coarsened_kl(logits, tau):
     z, s = logits
     teacher = make_teacher(z, k=6)
     got = kd_per_token(s, teacher, KDSpec(temperature=tau))
-    ids = teacher.topk_ids_TK
+    ids = teacher.topk_ids
     ref = dense_kl(coarsen(probs(z, tau), ids), coarsen(probs(s, tau), ids))
     torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=1e-4)
 
@@ -161,7 +165,7 @@ def test_forward_kl_renormalize_equals_topk_kl(logits):
     z, s = logits
     teacher = make_teacher(z, k=6)
     got = kd_per_token(s, teacher, KDSpec(missing_mass="renormalize", temperature=2.0))
-    ids = teacher.topk_ids_TK
+    ids = teacher.topk_ids
     q, p = probs(z, 2).gather(-1, ids), probs(s, 2).gather(-1, ids)
     ref = dense_kl(q / q.sum(-1, keepdim=True), p / p.sum(-1, keepdim=True))
     torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
@@ -169,7 +173,7 @@ def test_forward_kl_renormalize_equals_topk_kl(logits):
 
 def test_sampled_hand_built():
     s = torch.tensor([[0.0, 1.0, 2.0, -1.0], [3.0, 0.0, 0.0, 0.0]])
-    teacher = TeacherTargets(
+    teacher = targets(
         None, None, torch.zeros(2, 1), (1.0,),
         draw_ids_TD=torch.tensor([[2, 1, 3], [0, 0, 0]]),
         draw_weights_TD=torch.tensor([[0.5, 0.25, 0.25], [1.0, 0.0, 0.0]]),
@@ -248,7 +252,7 @@ def test_chunked_matches_per_token_references():
     logits = (hidden @ weight.T)[:, :11].detach()
     ce = F.cross_entropy(logits[ce_mask], labels[ce_mask], reduction="sum")
     torch.testing.assert_close(out["ce"], ce)
-    kd = kd_per_token(logits[kd_mask], teacher.index(kd_mask.nonzero()[:, 0]), spec).sum()
+    kd = kd_per_token(logits[kd_mask], take_rows(teacher, kd_mask.nonzero()[:, 0]), spec).sum()
     torch.testing.assert_close(out["kd"], kd)
     assert (grad_w[11:] == 0).all()  # padded vocabulary rows take no part
 
@@ -273,7 +277,7 @@ def test_all_masked_gives_zero_and_zero_grads(T):
     none = torch.zeros(T, dtype=torch.bool)
     for spec in (KDSpec(), KDSpec(name="sampled")):
         hidden.grad = weight.grad = None
-        out = chunked_lm_losses(hidden, weight, labels, none, none, teacher.slice(0, T), spec, 2, 11)
+        out = chunked_lm_losses(hidden, weight, labels, none, none, take_span(teacher, 0, T), spec, 2, 11)
         assert out["ce"].item() == 0 and out["kd"].item() == 0
         (out["ce"] + out["kd"]).backward()
         assert (hidden.grad == 0).all() and (weight.grad == 0).all()
@@ -343,7 +347,7 @@ def test_catalogue_top_k_equals_dense_on_coarsened(logits, name, mode):
     """k < V: the (k+1)-bucket coarsenings (tail_bucket) or the renormalised top-k."""
     z, s = logits
     teacher = make_teacher(z, k=6)
-    ids = teacher.topk_ids_TK
+    ids = teacher.topk_ids
     if mode == "tail_bucket":
         q, p = coarsen(probs(z, 2), ids), coarsen(probs(s, 2), ids)
     else:
@@ -356,7 +360,7 @@ def test_catalogue_top_k_equals_dense_on_coarsened(logits, name, mode):
 def test_top_kl_renormalises_over_first_k(logits):
     z, s = logits
     teacher = make_teacher(z, k=10)
-    ids = teacher.topk_ids_TK[:, :4]
+    ids = teacher.topk_ids[:, :4]
     q, p = probs(z, 2).gather(-1, ids), probs(s, 2).gather(-1, ids)
     ref = dense_kl(q / q.sum(-1, keepdim=True), p / p.sum(-1, keepdim=True))
     got = kd_per_token(s, teacher, KDSpec(name="top_kl", top_kl_k=4, temperature=2.0, missing_mass="tail_bucket"))

@@ -3,13 +3,14 @@ path it replaced (one ``CacheReader.read`` per sequence, concatenated), exactly,
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from cache.codec import Codec
-from cache.schema import ragged_arange
-from cache.schema import TeacherOutput
+from cache.schema import Sequences, concat_sequences, ragged_arange, sequences_from_flat
 from cache.stream import CacheSource, ShardStream, StreamPlan
 from cache.writer import CacheWriter, finalize
 from pipeline.batches import collate
@@ -39,23 +40,28 @@ def cache_dir(tmp_path, request):
     with CacheWriter(tmp_path, rank=0, identity=identity, store=request.param, codec=Codec(), shard_tokens=120,
                      chunk_rows=8, compression="gzip", level=1, num_experts=EXPERTS) as writer:
         for first in range(0, 40, 5):
-            writer.add(record(rng, first, rng.integers(1, 40, 5).tolist()))
+            writer.add(sequences_from_flat(record(rng, first, rng.integers(1, 40, 5).tolist()), (1.0, 2.0)))
     finalize(tmp_path, identity, request.param, list(record(rng, 0, [1])))
     return tmp_path
 
 
-def per_sequence(stream: ShardStream, seqs: np.ndarray) -> TeacherOutput:
+def per_sequence(stream: ShardStream, seqs: np.ndarray) -> Sequences:
     """The old path: one read per sequence, every field concatenated."""
     idx, reader, names = stream.index, stream.source.reader, stream.source.names
-    outs = [reader.read(names[int(idx.shard[i])], int(idx.local[i]), int(idx.local[i]) + 1) for i in seqs]
-    return TeacherOutput(**{k: np.concatenate([getattr(o, k) for o in outs]) for k in outs[0].__dict__})
+    return concat_sequences([reader.read(names[int(idx.shard[i])], int(idx.local[i]), int(idx.local[i]) + 1)
+                             for i in seqs])
 
 
 def assert_equal_tree(got, want, path="") -> None:
-    if isinstance(want, dict):
+    if dataclasses.is_dataclass(want):
+        assert type(got) is type(want), path
+        assert_equal_tree(got.__dict__, want.__dict__, path)
+    elif isinstance(want, dict):
         assert sorted(got) == sorted(want), path
         for key in want:
             assert_equal_tree(got[key], want[key], f"{path}.{key}")
+    elif isinstance(want, tuple):
+        assert got == want, path
     elif isinstance(want, torch.Tensor):
         assert got.dtype == want.dtype and torch.equal(got, want), path
     else:

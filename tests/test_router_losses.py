@@ -8,11 +8,14 @@ teacher's cache end to end; a dense student is refused with one line.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import math
 
 import numpy as np
 import pytest
 import torch
+
+from cache.schema import TeacherRecord
 
 from pipeline.config import ConfigError
 from pipeline.router import map_experts, router_kl, uniform_layer_map
@@ -255,8 +258,8 @@ def student_batch(teacher_layers: int = 2, teacher_experts: int = 8) -> dict:
     labels = torch.where(valid[:, 1:], input_ids[:, 1:], -1)
     labels = torch.cat([labels, torch.full((2, 1), -1)], 1)[valid]
     return {"input_ids": input_ids, "attention_mask": valid.long(), "valid": valid, "labels": labels,
-            "loss_mask": labels >= 0, "sample_ids": torch.tensor([5, 6]), "step": torch.tensor(0),
-            "teacher": {"router_ids": top.indices, "router_probs": top.values}}
+            "loss_mask": labels >= 0, "sample_ids": torch.tensor([5, 6]),
+            "teacher": TeacherRecord(log_partition=torch.zeros(n, 1), router_ids=top.indices, router_probs=top.values)}
 
 
 def wrapped_student(make_model, parts: set[str]):
@@ -270,7 +273,7 @@ def wrapped_student(make_model, parts: set[str]):
     capture = RouterCapture(model, router_family(model.config)).__enter__()
     spec = RouterLossSpec(parts=frozenset(parts), top_k=2, model_type="qwen3_moe")
     vocab = model.get_output_embeddings().weight.shape[0]
-    return DistillStudent(model, None, (1.0,), vocab, 64, capture, uniform_layer_map(1, 2), 8, spec)
+    return DistillStudent(model, None, vocab, 64, capture, uniform_layer_map(1, 2), 8, spec)
 
 
 @pytest.mark.parametrize("parts", [{"erd"}, {"mc", "coverage"}, {"aux"}, {"erd", "mc", "coverage", "aux"}])
@@ -278,13 +281,13 @@ def test_one_step_moves_router_weights_and_tau(make_model, parts):
     wrapped = wrapped_student(make_model, parts)
     gate = wrapped.model.model.layers[0].mlp.gate.weight
     before_gate = gate.detach().clone()
-    tau = getattr(wrapped, "router_temperature", None)
+    tau = wrapped.router_temperature
     assert ("erd" in parts) == (tau is not None)
     assert ("erd" in parts) == ("router_temperature" in dict(wrapped.named_parameters()))
     optimizer = torch.optim.AdamW(wrapped.parameters(), lr=1e-2, weight_decay=0.0)
-    out = wrapped(student_batch())
-    assert {"load_cv", "dead_experts", "router_entropy"} <= set(out) and parts <= set(out)
-    sum(out[p] for p in parts).backward()
+    out = wrapped(student_batch(), stats=True)
+    assert {"load_cv", "dead_experts", "router_entropy"} == set(out.stats) and parts <= dict(out.losses.items()).keys()
+    sum(getattr(out.losses, p) for p in parts).backward()
     assert gate.grad is not None and gate.grad.abs().sum() > 0, "the router is not detached"
     optimizer.step()
     assert not torch.equal(gate.detach(), before_gate)
@@ -370,7 +373,7 @@ def test_evaluate_reports_expert_load(make_model):
     from stages.evaluate import evaluate_model, format_results
 
     batch = student_batch()
-    batch["teacher"] = {}
+    batch["teacher"] = replace(batch["teacher"], router_ids=None, router_probs=None)
     moe = AutoModelForCausalLM.from_pretrained(make_model("qwen3_moe"), dtype=torch.float32)
     out = evaluate_model(moe, [batch, batch], 200, [8])
     load = out["expert_load"]

@@ -11,6 +11,6 @@ def test_prepare_and_cache_roundtrip(make_config):
     manifests = cache_teacher.run(cfg)
     reader = CacheReader(cache_dir(cfg.run_dir, "train"))
     out = reader.read_shard(reader.shards[0].name)
-    assert out.topk_ids.shape[1] == 8
+    assert out.teacher.topk_ids.shape[1] == 8
     assert manifests["train"].n_tokens == sum(s.n_tokens for s in reader.shards)
     assert reader.verify() == []

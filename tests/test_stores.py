@@ -13,7 +13,7 @@ import pytest
 
 from cache.codec import MIN_LOGPROB, Codec, decode_topk, encode_topk
 from cache.reader import CacheReader
-from cache.schema import FIELDS, Manifest, write_manifest
+from cache.schema import FIELDS, Manifest, sequences_from_flat, write_manifest
 from cache.shards import checksum, commit_shard, open_shard, resolve_compression, shard_name
 from cache.writer import CacheWriter, committed_sample_ids, committed_shards, finalize, read_journals
 
@@ -152,8 +152,8 @@ def test_writer_cleans_its_stale_tmp_files_and_journals_commits(tmp_path, store)
     identity = {"codec": {"ids": "plain", "values": "float16"}, "k": 0}
     with CacheWriter(tmp_path, rank=0, identity=identity, store=store, codec=Codec("plain"), shard_tokens=30,
                      chunk_rows=16, compression="none", level=0) as writer:
-        writer.add(batch)
-        writer.add({**batch, "sample_ids": batch["sample_ids"] + 100})
+        writer.add(sequences_from_flat(batch))
+        writer.add(sequences_from_flat({**batch, "sample_ids": batch["sample_ids"] + 100}))
     assert not stale.exists(), "a rank's writer removes its own leftovers"
     assert other_rank.exists(), "but never another rank's"
     # sequences of 10, 20, 7, 10, 20, 7 tokens, at most 30 per shard: [10, 20] [7, 10] [20, 7]
@@ -189,7 +189,7 @@ def write_batches(cache_dir: Path, batches: list[dict], stop_after: int | None =
             if stop_after is not None and len(committed_shards(cache_dir)) >= stop_after:
                 writer._buffer.clear()  # a kill loses what was buffered
                 break
-            writer.add({key: value.copy() for key, value in batch.items()})
+            writer.add(sequences_from_flat({key: value.copy() for key, value in batch.items()}))
             writer._wait()
     return writer
 
@@ -204,7 +204,7 @@ def test_writer_memory_is_bounded_by_bytes_at_large_k(tmp_path, monkeypatch):
     held = []
     real_commit = CacheWriter._commit
     def commit(self, records):  # what a commit receives: the buffered records of one shard
-        held.append(sum(a.nbytes for r in records for a in r.values()))
+        held.append(sum(a.nbytes for r in records for a in r.arrays().values()))
         return real_commit(self, records)
 
     monkeypatch.setattr(CacheWriter, "_commit", commit)
@@ -213,7 +213,8 @@ def test_writer_memory_is_bounded_by_bytes_at_large_k(tmp_path, monkeypatch):
     assert len(held) > 3 and max(held) <= bound and writer.peak_buffered_bytes == max(held)
     held.clear()
     write_batches(tmp_path / "tokens", batches, shard_tokens=262_144, shard_bytes=1 << 40)
-    assert held == [sum(v.nbytes for b in batches for v in b.values())]  # one shard: every batch at once
+    every = sum(v.nbytes for b in batches for v in sequences_from_flat(b).arrays().values())
+    assert held == [every]  # one shard: every batch at once
     assert_same_sequences(tmp_path / "bytes", tmp_path / "tokens")
 
 

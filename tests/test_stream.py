@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cache.schema import CacheError
+from cache.schema import CacheError, TeacherRecord
 from cache.stream import CacheSource, SequenceIndex, ShardStream, StreamPlan
 from pipeline.batches import epoch_steps
 from pipeline.run_paths import cache_dir
@@ -43,6 +43,9 @@ def assert_same_batch(a, b) -> None:
     for key in a:
         if isinstance(a[key], dict):
             assert_same_batch(a[key], b[key])
+        elif isinstance(a[key], TeacherRecord):
+            assert a[key].temperatures == b[key].temperatures
+            assert_same_batch(a[key].arrays(), b[key].arrays())
         else:
             assert torch.equal(a[key], b[key]), key
 
@@ -143,7 +146,7 @@ def test_batches_hold_what_the_cache_holds(source_of):
     expected = [source.read(int(stream.index.shard[i]), int(stream.index.local[i])) for i in seqs]
     assert mb["sample_ids"].tolist() == [int(e.sample_ids[0]) for e in expected]
     np.testing.assert_array_equal(mb["input_ids"][mb["valid"]].numpy(), np.concatenate([e.input_ids for e in expected]))
-    np.testing.assert_array_equal(mb["teacher"]["topk_ids"].numpy(), np.concatenate([e.topk_ids for e in expected]))
+    np.testing.assert_array_equal(mb["teacher"].topk_ids.numpy(), np.concatenate([e.teacher.topk_ids for e in expected]))
 
 
 def test_refuses_a_state_of_another_cache_or_seed(source_of):

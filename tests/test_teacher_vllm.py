@@ -20,7 +20,7 @@ import pytest
 
 from cache.codec import Codec
 from cache.reader import CacheReader
-from cache.schema import read_manifest
+from cache.schema import read_manifest, sequences_from_flat
 from cache.writer import assemble_shard
 from pipeline.config import ConfigError, load_config
 from pipeline.teachers.extract import ExtractSpec
@@ -174,7 +174,7 @@ def test_ids_only_router_shard_has_no_probs():
     batch = {"sample_ids": np.array([3]), "seq_lens": np.array([2]), "input_ids": np.array([1, 2]),
              "loss_mask": np.array([1, 0]), "target_logprob": np.array([-1.0, 0.0]),
              "log_partition": np.zeros((2, 1)), "router_ids": np.zeros((2, 2, 2), dtype=np.int64)}
-    out = assemble_shard([batch], Codec(), num_experts=8)
+    out = assemble_shard([sequences_from_flat(batch)], Codec(), num_experts=8)
     assert out["router_ids"].dtype == np.uint8 and "router_probs" not in out
 
 
@@ -283,8 +283,8 @@ def test_teacher_asks_k_and_rescores_only_sequences_cut_short(vllm_teacher_modul
             top = [t for t in np.argsort(-lp, kind="stable") if t < LIMIT][:KK]
             want_ids.append(top)
             want_lps.append(lp[top])
-    np.testing.assert_array_equal(out.topk_ids, want_ids)
-    np.testing.assert_allclose(out.topk_logprobs, np.array(want_lps, dtype=np.float32), rtol=1e-6)
+    np.testing.assert_array_equal(out.teacher.topk_ids, want_ids)
+    np.testing.assert_allclose(out.teacher.topk_logprobs, np.array(want_lps, dtype=np.float32), rtol=1e-6)
 
 
 def test_cache_fields_mixed_widths_equal_one_width():

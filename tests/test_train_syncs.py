@@ -21,7 +21,9 @@ import torch
 from launch_helpers import torchrun
 from torch.overrides import TorchFunctionMode
 
+from cache.schema import TeacherRecord
 from pipeline import batches as batches_module
+from pipeline.student import LossWeights
 from pipeline.batches import collate
 from pipeline.metrics import MetricsLogger
 from stages import train_student
@@ -93,7 +95,8 @@ def copying_to_device(real):
     """to_device that copies every tensor, as a transfer to a GPU would (on CPU .to is a no-op)."""
 
     def copy(tree):
-        return {k: v if k == "host" else copy(v) if isinstance(v, dict) else v.clone() for k, v in tree.items()}
+        return {k: v if k == "host" or v is None else v.map(torch.clone) if isinstance(v, TeacherRecord) else v.clone()
+                for k, v in tree.items()}
 
     return lambda batch, device: real(copy(batch), device)
 
@@ -215,7 +218,7 @@ def reference_parts(cfg, steps: int) -> list[dict[str, float]]:
     forward/backward/clip/AdamW updates the trainer makes, from a fresh setup."""
     accelerator = train_student.make_accelerator(cfg, cfg.run_dir / "reference")
     job = setup(cfg, accelerator)
-    model, stream, weights = job.model, job.stream, cfg.train.loss_weights()
+    model, stream, weights = job.model, job.stream, LossWeights.of(cfg.train)
     model.train()
     out_rows = []
     for step, seqs in enumerate(stream.steps(0)[:steps]):
@@ -223,10 +226,11 @@ def reference_parts(cfg, steps: int) -> list[dict[str, float]]:
         n = sum(int(mb["loss_mask"].sum()) for mb in micro)
         sums: dict[str, float] = {}
         for mb in micro:
-            out = model({**mb, "step": torch.tensor(step)})
-            loss = sum(weights[k] * v for k, v in out.items() if k in weights)
+            out = model(mb, step=step, stats=True)
+            loss = sum(getattr(weights, k) * v for k, v in out.losses.items())
             (loss / n).backward()
-            for key, value in {**out, "loss": loss}.items():
+            stats = {k: v * int(mb["loss_mask"].sum()) for k, v in out.stats.items()}  # token-weighted means
+            for key, value in {**dict(out.losses.items()), **stats, "loss": loss}.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach())
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         job.optimizer.step()

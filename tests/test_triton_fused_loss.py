@@ -9,6 +9,8 @@ with a CUDA device (scripts/gpu_check.sh) the same tests run compiled on the GPU
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -18,9 +20,9 @@ from model_helpers import FixedHiddenLM  # noqa: E402
 from pipeline.fused_loss import choose, fused_lm_losses, kernel_for  # noqa: E402
 from pipeline.kernels import fused_ce_kd, interpreting  # noqa: E402
 from pipeline.losses import KDSpec  # noqa: E402
-from pipeline.student import DistillStudent  # noqa: E402
+from pipeline.student import DistillStudent, LossWeights  # noqa: E402
 from test_fused_loss import (  # noqa: E402
-    ALPHA, T, TEMPS, VOCAB, case, kl, reference, spec_id, teacher_from, value_and_grads, weights_for, with_garbage,
+    ALPHA, T, VOCAB, case, kl, reference, spec_id, teacher_from, value_and_grads, weights_for, with_garbage,
 )
 
 DEVICE = torch.device("cpu" if interpreting() else "cuda")
@@ -28,7 +30,7 @@ assert case  # the shared fixture (hidden, weight, labels, teacher logits, mask)
 
 
 def on(teacher):
-    return teacher if DEVICE.type == "cpu" else teacher._map(lambda t: t.to(DEVICE))
+    return teacher if DEVICE.type == "cpu" else teacher.to(DEVICE)
 
 
 def run(case_, spec, kernel, chunk_tokens=16, teacher=None, autocast=False):
@@ -134,18 +136,16 @@ def test_student_with_triton_equals_chunked(case):
     trained_T = torch.arange(T) >= T // 3
     batch = {"input_ids": torch.zeros(1, T, dtype=torch.long), "attention_mask": torch.ones(1, T, dtype=torch.long),
              "valid": torch.ones(1, T, dtype=torch.bool), "labels": labels_T, "loss_mask": trained_T,
-             "teacher": {"topk_ids": teacher.topk_ids_TK, "topk_logprobs": teacher.topk_logprobs_TK,
-                         "log_partition": teacher.log_partition_TP}}
-    batch = {k: v.to(DEVICE) if torch.is_tensor(v) else {n: t.to(DEVICE) for n, t in v.items()} for k, v in batch.items()}
+             "teacher": replace(teacher, draw_ids=None, draw_counts=None)}
+    batch = {k: v.to(DEVICE) for k, v in batch.items()}
     weights = {"ce": 1 - ALPHA, "kd": ALPHA * 4.0, "prompt_kl": 0.7}
     results = []
     for mode in ("never", "triton"):
         lm = FixedHiddenLM(hidden_TH, weight_VH, trainable_hidden=True).to(DEVICE)
-        student = DistillStudent(lm, spec, TEMPS, VOCAB, 10, prompt_kl=True, fused=mode,
-                                 loss_weights=(weights["ce"], weights["kd"]))
-        out = student(batch)
-        sum(weights[k] * out[k] for k in weights).backward()
-        results.append([x.cpu() for x in (out["ce"], out["kd"], out["prompt_kl"], lm.hidden_1TH.grad, lm.head.weight.grad)])
+        student = DistillStudent(lm, spec, VOCAB, 10, prompt_kl=True, fused=mode, weights=LossWeights(**weights))
+        out = student(batch).losses
+        sum(weights[k] * getattr(out, k) for k in weights).backward()
+        results.append([x.cpu() for x in (out.ce, out.kd, out.prompt_kl, lm.hidden_1TH.grad, lm.head.weight.grad)])
     for off, on_ in zip(*results):
         torch.testing.assert_close(on_, off, rtol=2e-5, atol=2e-6)
 

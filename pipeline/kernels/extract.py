@@ -146,7 +146,7 @@ def check(z_CV: torch.Tensor, k: int) -> None:
 def extract_chunk(z_CV: torch.Tensor, targets_C: torch.Tensor, u_CN: torch.Tensor | None, k: int,
                   temperatures: tuple[float, ...], draw_temperature: float, block: int = 0) -> dict[str, torch.Tensor]:
     """extract.py's fields for C rows of logits: log_partition [C, P], target_logprob [C], and
-    topk_ids (int32) / topk_logprobs [C, k] when k > 0, draw_n / draw_ids / draw_counts when u_CN
+    topk_ids (int32) / topk_logprobs [C, k] when k > 0, draw_ids / draw_counts [C, N] when u_CN
     (the uniforms [C, N], any order) is given."""
     check(z_CV, k)
     C, V = z_CV.shape
@@ -183,9 +183,10 @@ def extract_chunk(z_CV: torch.Tensor, targets_C: torch.Tensor, u_CN: torch.Tenso
 
 
 def _unique_counts(ids_CN: torch.Tensor, V: int) -> dict[str, torch.Tensor]:
-    """Sorted draws per row -> unique ids + counts (the cache's layout); rows are in order, so the
-    flat keys row * V + id are sorted and a run-length count replaces torch.unique's sort."""
+    """Sorted draws per row -> unique ids + counts (the record's padded layout); rows are in order, so
+    the flat keys row * V + id are sorted and a run-length count replaces torch.unique's sort."""
+    from pipeline.teachers.extract import padded_draws
+
     rows_CN = torch.arange(ids_CN.shape[0], device=ids_CN.device)[:, None].expand_as(ids_CN)
     keys, counts = torch.unique_consecutive((rows_CN * V + ids_CN).reshape(-1), return_counts=True)
-    return {"draw_n": torch.bincount(keys // V, minlength=ids_CN.shape[0]),
-            "draw_ids": (keys % V).to(torch.int32), "draw_counts": counts.to(torch.int32)}
+    return padded_draws(keys, counts, ids_CN.shape[0], ids_CN.shape[1], V)

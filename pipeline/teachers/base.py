@@ -1,4 +1,4 @@
-"""The teacher protocol (``score(batch) -> TeacherOutput``, ``identity()``, ``close()`` and what the
+"""The teacher protocol (``score(batch) -> Sequences``, ``identity()``, ``close()`` and what the
 cache stage checks), its config and its input batch.
 
 Backends are picked by ``teacher.backend`` from ``TEACHERS`` (pipeline/teachers/backends.py).
@@ -11,7 +11,7 @@ from typing import Protocol
 
 import torch
 
-from cache.schema import TeacherOutput
+from cache.schema import Sequences
 from pipeline.config import choice, ranged
 
 BACKENDS = ("hf", "vllm")  # the names of backends.TEACHERS (which imports this module, so cannot be read here)
@@ -59,7 +59,7 @@ class Teacher(Protocol):
     router_has_probs: bool  # False: router ids only (vLLM)
     tokenizer_fingerprint: str | None  # of the tokenizer saved with the model; None when it has none
 
-    def score(self, batch: TeacherBatch) -> TeacherOutput: ...
+    def score(self, batch: TeacherBatch) -> Sequences: ...
 
     def identity(self) -> dict: ...
 

@@ -104,18 +104,27 @@ def target_logprob(zf_CV: torch.Tensor, log_z1_C: torch.Tensor, targets_C: torch
 
 
 def draw(zf_CV: torch.Tensor, u_CN: torch.Tensor, temperature: float) -> dict[str, torch.Tensor]:
-    """Inverse-CDF sampling of N ids per position, returned as unique ids + counts."""
+    """Inverse-CDF sampling of N ids per position, returned as unique ids + counts [C, N] (ascending
+    ids first, padded with count 0: the record's layout)."""
     probs_CV = torch.softmax(zf_CV if temperature == 1.0 else zf_CV / temperature, dim=-1)
     cdf_CV = torch.cumsum(probs_CV, dim=-1)
     ids_CN = torch.searchsorted(cdf_CV, u_CN * cdf_CV[:, -1:]).clamp_(max=zf_CV.shape[1] - 1)
     rows_CN = torch.arange(ids_CN.shape[0], device=ids_CN.device)[:, None].expand_as(ids_CN)
     keys, counts = torch.unique(rows_CN * zf_CV.shape[1] + ids_CN, return_counts=True)
-    rows = keys // zf_CV.shape[1]
-    return {
-        "draw_n": torch.bincount(rows, minlength=ids_CN.shape[0]),
-        "draw_ids": (keys % zf_CV.shape[1]).to(torch.int32),
-        "draw_counts": counts.to(torch.int32),
-    }
+    return padded_draws(keys, counts, ids_CN.shape[0], ids_CN.shape[1], zf_CV.shape[1])
+
+
+def padded_draws(keys: torch.Tensor, counts: torch.Tensor, rows: int, width: int, vocab: int) -> dict[str, torch.Tensor]:
+    """Sorted unique keys row * vocab + id and their counts as the record's draws: ids and counts
+    [rows, width] (ascending ids first, count 0 on padding)."""
+    row = keys // vocab
+    n_C = torch.bincount(row, minlength=rows)
+    col = torch.arange(len(keys), device=keys.device) - (n_C.cumsum(0) - n_C)[row]
+    ids_CN = torch.zeros(rows, width, dtype=torch.int32, device=keys.device)
+    counts_CN = torch.zeros_like(ids_CN)
+    ids_CN[row, col] = (keys % vocab).to(torch.int32)
+    counts_CN[row, col] = counts.to(torch.int32)
+    return {"draw_ids": ids_CN, "draw_counts": counts_CN}
 
 
 def torch_chunk(z_CV: torch.Tensor, targets_C: torch.Tensor, u_CN: torch.Tensor | None,

@@ -13,7 +13,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from cache.schema import TeacherOutput
+from cache.schema import Sequences, TeacherRecord
 from pipeline.config import ConfigError
 from pipeline.models import load_causal_lm, own_tokenizer_fingerprint, teacher_identity
 from pipeline.router import RouterCapture, check_raw_logits, num_experts, router_family
@@ -76,7 +76,7 @@ class HFTeacher:
         }
 
     @torch.inference_mode()
-    def score(self, batch: TeacherBatch) -> TeacherOutput:
+    def score(self, batch: TeacherBatch) -> Sequences:
         input_ids = batch.input_ids.to(self.device)
         positions = torch.arange(input_ids.shape[1], device=self.device)
         attention_mask = (positions[None, :] < batch.lengths.to(self.device)[:, None]).long()
@@ -107,14 +107,13 @@ class HFTeacher:
             probs_NLR, ids_NLR = torch.topk(probs_NLE, self.router_topk, dim=-1)
         return {"router_probs": probs_NLR, "router_ids": ids_NLR.to(torch.int32)}
 
-    def _output(self, batch: TeacherBatch, per_seq: list[dict], router: dict) -> TeacherOutput:
+    def _output(self, batch: TeacherBatch, per_seq: list[dict], router: dict) -> Sequences:
         fields = to_host({**{key: torch.cat([s[key] for s in per_seq]) for key in per_seq[0]}, **router})
         if np.isnan(fields["log_partition"]).any():
             raise ConfigError(f"the teacher's logits hold NaN (batch of sample ids {batch.sample_ids[:3].tolist()}...): "
                               "fp16 overflow or broken weights; try teacher.dtype=bfloat16 or float32")
         lengths = batch.lengths.numpy()
         valid = np.arange(batch.input_ids.shape[1])[None, :] < lengths[:, None]
-        return TeacherOutput(
-            sample_ids=batch.sample_ids.numpy(), seq_lens=lengths,
-            input_ids=batch.input_ids.numpy()[valid], loss_mask=batch.loss_mask.numpy()[valid], **fields,
-        )
+        return Sequences(sample_ids=batch.sample_ids.numpy(), seq_lens=lengths, input_ids=batch.input_ids.numpy()[valid],
+                         loss_mask=batch.loss_mask.numpy()[valid],
+                         teacher=TeacherRecord(temperatures=tuple(self.spec.temperatures), **fields))

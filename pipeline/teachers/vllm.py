@@ -31,7 +31,7 @@ from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 from vllm.platforms import current_platform
 
-from cache.schema import TeacherOutput
+from cache.schema import Sequences, TeacherRecord
 from pipeline.config import ConfigError
 from pipeline.models import check_model_dir, own_tokenizer_fingerprint, teacher_identity
 from pipeline.router import num_experts as count_experts
@@ -139,7 +139,7 @@ class VLLMTeacher:
             "moe_layers": self.moe_layers,
         }
 
-    def score(self, batch: TeacherBatch) -> TeacherOutput:
+    def score(self, batch: TeacherBatch) -> Sequences:
         lengths = batch.lengths.numpy()
         ids_BL = batch.input_ids.numpy()
         prompts = [TokensPrompt(prompt_token_ids=ids_BL[b, :n].tolist()) for b, n in enumerate(lengths)]
@@ -149,8 +149,8 @@ class VLLMTeacher:
         if self.router_topk:
             fields["router_ids"] = self._routed(outputs, lengths)
         valid = np.arange(ids_BL.shape[1])[None, :] < lengths[:, None]
-        return TeacherOutput(sample_ids=batch.sample_ids.numpy(), seq_lens=lengths, input_ids=ids_BL[valid],
-                             loss_mask=batch.loss_mask.numpy()[valid], **fields)
+        return Sequences(sample_ids=batch.sample_ids.numpy(), seq_lens=lengths, input_ids=ids_BL[valid],
+                         loss_mask=batch.loss_mask.numpy()[valid], teacher=TeacherRecord(**fields))
 
     def _rescore_short(self, prompts: list, outputs: list) -> tuple[list, list[int]]:
         """Sequences where padding ids took some of the k places, scored again with room for every padding id."""
