@@ -240,9 +240,14 @@ class CacheReader:
             fields["topk_ids"], fields["topk_logprobs"] = decode_topk(fields["topk_ids"], fields["topk_logprobs"], self.codec)
         if draws is not None:
             fields["draw_ids"], fields["draw_counts"] = pad_draws(draws[0], list(draws[1:]))
-        teacher = TeacherRecord(temperatures=self.temperatures, **{k: fields.pop(k) for k in TEACHER_FIELDS + (
-            "draw_ids", "draw_counts") if k in fields})
+        own = [k for k in fields if k in TEACHER_FIELDS + ("draw_ids", "draw_counts")]
+        teacher = TeacherRecord(temperatures=self.temperatures, draw_temperature=self.draw_temperature,
+                                **{k: fields.pop(k) for k in own})
         return Sequences(sample_ids=sample_ids, seq_lens=seq_lens, teacher=teacher, **fields)
+
+    @property
+    def draw_temperature(self) -> float:
+        return float((self.manifest.identity.get("draws") or {}).get("temperature", 1.0))
 
     @property
     def temperatures(self) -> tuple[float, ...]:

@@ -162,6 +162,9 @@ def identity_mismatch(expected: dict[str, Any], found: dict[str, Any]) -> list[s
     return [k for k in keys if expected.get(k) != found.get(k)]
 
 
+METADATA = ("temperatures", "draw_temperature")  # the record's fields that are not per-token arrays
+
+
 @dataclass
 class TeacherRecord:
     """The teacher's signal for T tokens: the one record from a teacher backend (phase one) or the
@@ -177,12 +180,14 @@ class TeacherRecord:
     topk_logprobs: Any = None  # [T, K] float at tau = 1
     draw_ids: Any = None  # [T, D] int: unique sampled ids, 0 on padding
     draw_counts: Any = None  # [T, D] int: how often each was drawn, 0 on padding
+    draw_logprobs: Any = None  # [T, D] float: the teacher's tau = 1 log-prob at each stored draw (v2)
+    draw_temperature: float = 1.0  # the temperature the draws were made at
     router_ids: Any = None  # [T, L, R] int
     router_probs: Any = None  # [T, L, R] float (absent for an ids-only router cache)
 
     def arrays(self) -> dict[str, Any]:
         """The arrays present, by field name."""
-        return {f.name: v for f in dataclass_fields(self) if f.name != "temperatures"
+        return {f.name: v for f in dataclass_fields(self) if f.name not in METADATA
                 and (v := getattr(self, f.name)) is not None}
 
     def map(self, fn: Callable[[Any], Any]) -> "TeacherRecord":
@@ -248,7 +253,7 @@ def concat_sequences(parts: list[Sequences]) -> Sequences:
     return Sequences(**cat, teacher=replace(first.teacher, **fields))
 
 
-PADDED_DRAWS = ("draw_ids", "draw_counts")
+PADDED_DRAWS = ("draw_ids", "draw_counts", "draw_logprobs")
 SEQUENCE_FIELDS = ("sample_ids", "seq_lens", "input_ids", "loss_mask")
 
 

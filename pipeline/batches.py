@@ -13,6 +13,7 @@ the GPU for them (docs/training.md, "Host syncs").
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -51,8 +52,8 @@ TENSOR_DTYPES = {"topk_ids": np.int64, "draw_ids": np.int64, "draw_counts": np.i
 
 def to_tensors(teacher: TeacherRecord) -> TeacherRecord:
     """The record's arrays as CPU tensors: ids int64 (what gather takes), values float32."""
-    return TeacherRecord(temperatures=teacher.temperatures, **{
-        k: torch.from_numpy(np.asarray(v, TENSOR_DTYPES.get(k, np.float32))) for k, v in teacher.arrays().items()})
+    return replace(teacher, **{k: torch.from_numpy(np.asarray(v, TENSOR_DTYPES.get(k, np.float32)))
+                               for k, v in teacher.arrays().items()})
 
 
 def collate(seqs: Sequences, pad_id: int = 0) -> dict:

@@ -85,8 +85,9 @@ def _safe_teacher(teacher: TeacherRecord, kd_C: torch.Tensor, plan: Plan) -> Tea
     if plan.kd == "sampled":
         if teacher.draw_ids is None:
             raise ValueError("the 'sampled' KD loss needs a cache with draws (draw_ids, draw_counts)")
+        logprobs = None if teacher.draw_logprobs is None else torch.where(row_C1, teacher.draw_logprobs, 0.0)
         return replace(teacher, draw_ids=torch.where(row_C1, teacher.draw_ids, 0),
-                       draw_counts=torch.where(row_C1, teacher.draw_counts, 0))
+                       draw_counts=torch.where(row_C1, teacher.draw_counts, 0), draw_logprobs=logprobs)
     if teacher.topk_ids is None or teacher.topk_logprobs is None:
         raise ValueError("this cache holds no teacher top-k; use the 'sampled' KD loss")
     K = teacher.topk_ids.shape[-1]
@@ -117,7 +118,7 @@ def _small_losses(a_CK, u1_C, ut_C, s_y_C, sd_CD, ce_C, kd_C, teacher, spec, pla
     if plan.kd == "none":
         return ce, torch.zeros_like(ce)
     if plan.kd == "sampled":
-        w_CD = draw_weights(teacher).to(sd_CD.dtype)
+        w_CD = draw_weights(teacher, spec.temperature).to(sd_CD.dtype)
         kd_row = -(w_CD * (sd_CD - ut_C[:, None])).sum(-1) / spec.temperature
     else:
         K = a_CK.shape[-1]

@@ -45,10 +45,27 @@ def take_span(teacher: TeacherRecord, start: int, stop: int) -> TeacherRecord:
     return teacher.map(lambda t: t[start:stop])
 
 
-def draw_weights(teacher: TeacherRecord) -> torch.Tensor:
-    """[T, D] float32: each stored draw's share of the N draws (counts / N), 0 on padding."""
+def draw_weights(teacher: TeacherRecord, tau: float | None = None) -> torch.Tensor:
+    """[T, D] float32 weights of the stored draws, summing to 1 per token (0 on padding) as a target
+    for the teacher at temperature tau (None: the draw temperature).
+
+    At the draw temperature: counts / N, the empirical distribution of the N draws (unbiased). At
+    another tau, with the teacher's log-prob at each draw stored (format v2, ``draw_logprobs``):
+    self-normalised importance weights, w_d ∝ c_d · q^tau(d) / q^tau_draw(d) ∝ c_d ·
+    exp(lp_d (1/tau − 1/tau_draw)) (the log-partitions cancel in the normalisation), a consistent
+    estimate of the target q^tau (docs/losses.md). Without them another tau is an error: the
+    trainer refuses it at start (train_setup.check_draw_temperature)."""
     counts_TD = teacher.draw_counts.float()
-    return counts_TD / counts_TD.sum(-1, keepdim=True).clamp_min(1.0)
+    if tau is None or math.isclose(tau, teacher.draw_temperature, rel_tol=1e-6):
+        return counts_TD / counts_TD.sum(-1, keepdim=True).clamp_min(1.0)
+    if teacher.draw_logprobs is None:
+        raise ValueError(f"draws made at temperature {teacher.draw_temperature} cannot give a target at tau={tau} "
+                         "without the teacher's log-probs at the draws (a format v2 cache)")
+    shift = 1.0 / tau - 1.0 / teacher.draw_temperature
+    log_w_TD = torch.where(counts_TD > 0, counts_TD.clamp_min(1.0).log() + shift * _fp32(teacher.draw_logprobs),
+                           float("-inf"))
+    w_TD = torch.softmax(log_w_TD, -1)
+    return torch.where(counts_TD.sum(-1, keepdim=True) > 0, w_TD, torch.zeros_like(w_TD))  # a row without draws: 0
 
 
 @dataclass(frozen=True)
@@ -209,15 +226,16 @@ def forward_kl(student_logits_CV, teacher: TeacherRecord, spec: KDSpec) -> torch
 def sampled(student_logits_CV, teacher: TeacherRecord, spec: KDSpec) -> torch.Tensor:
     """-sum_d w_d log p_S^tau(id_d): CE to the empirical distribution of the cached draws.
 
-    The draws were made from the teacher at the cache's draw temperature (usually 1), so this
-    is an unbiased estimate of CE(q_T || p_S^tau), hence of forward KL up to the teacher's
-    entropy (a constant). Ignores the top-k and missing_mass.
+    At the cache's draw temperature (usually 1) w_d = c_d / N, an unbiased estimate of
+    CE(q_T^tau || p_S^tau), hence of forward KL up to the teacher's entropy (a constant); at another
+    tau, self-normalised importance weights from the stored draw log-probs (draw_weights). Ignores
+    the top-k and missing_mass.
     """
     if teacher.draw_ids is None:
         raise ValueError("the 'sampled' KD loss needs a cache with draws (draw_ids, draw_counts)")
     ls_CV = student_logprobs(student_logits_CV, spec.temperature)
     ls_CD = ls_CV.gather(-1, teacher.draw_ids)
-    return -(draw_weights(teacher).to(ls_CD.dtype) * ls_CD).sum(-1)
+    return -(draw_weights(teacher, spec.temperature).to(ls_CD.dtype) * ls_CD).sum(-1)
 
 
 # --- the issue-4 catalogue: cache -> tensors here, maths in kd_catalogue ----------------------

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from cache.schema import read_manifest, write_json_atomic
+from cache.schema import TeacherRecord, read_manifest, write_json_atomic
 from cache.stream import CacheSource, ShardStream, StreamPlan
 from pipeline import state
 from pipeline.batches import PreparedSource, collate, to_device
@@ -92,7 +92,7 @@ def token_metrics(model, batch: dict, vocab_limit: int, ks: list[int], teacher=N
     mask = batch["loss_mask"].float()
     labels = batch["labels"].clamp(min=0)
     out = {"tokens": float(mask.sum()), "nll": float(-(logp_TV.gather(1, labels[:, None])[:, 0] * mask).sum())}
-    t = batch["teacher"]
+    t = batch["teacher"] or TeacherRecord(log_partition=None)  # prepared data (SFT without a cache): no teacher
     cached_k = t.topk_ids.shape[1] if t.topk_ids is not None else 0
     if cached_k:  # KL of the K+1-bucket coarsenings of q and p (top-k + one tail): a lower bound of the full KL
         out["kl_bound"] = float((forward_kl(logp_TV, t, BUCKET_KL) * mask).sum())
@@ -273,7 +273,8 @@ def run(cfg, force: bool = False) -> dict:
     identity = cache_identity(cfg)
     notes = result_notes(list(cfg.eval.overlap_k), identity, teacher is not None, vocab_limit)
     if teacher is None and "sampled_estimates" not in notes:
-        batches = [{**b, "teacher": replace(b["teacher"], draw_ids=None, draw_counts=None)} for b in batches]
+        batches = [{**b, "teacher": b["teacher"] and replace(b["teacher"], draw_ids=None, draw_counts=None)}
+                   for b in batches]
     ds, manifest = load_split(cfg.inputs_dir, cfg.eval.split)
     models = {"before": cfg.student.path} if cfg.eval.before else {}
     models["after"] = str(cfg.run_dir / "train" / "final")

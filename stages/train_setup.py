@@ -79,11 +79,12 @@ def check_kd_targets(cfg, is_main: bool = True) -> None:
 
 def check_draw_temperature(t, draws: dict | None) -> None:
     """Draws from q^tau_draw are an unbiased target for CE(q^tau_draw || p^tau) only: at another tau
-    the expected gradient is not that of KL(q^tau || p^tau), and no weighting corrects it here."""
+    the importance weights of losses.draw_weights need the teacher's log-prob at each draw, which a
+    cache records as draws.logprobs (format v2); without them another tau is refused."""
     if not draws:
         raise ConfigError("train.kd_loss=sampled needs a cache with draws; re-cache with cache.targets=topk+sampled")
     tau_draw = float(draws["temperature"])
-    if not math.isclose(t.temperature, tau_draw, rel_tol=1e-6):
+    if not draws.get("logprobs") and not math.isclose(t.temperature, tau_draw, rel_tol=1e-6):
         raise ConfigError(f"train.temperature={t.temperature} but the cache's draws were made at "
                           f"cache.draw_temperature={tau_draw}, so train.kd_loss=sampled would distil the wrong "
                           f"target; train at train.temperature={tau_draw} or re-cache with "

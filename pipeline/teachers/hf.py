@@ -116,4 +116,5 @@ class HFTeacher:
         valid = np.arange(batch.input_ids.shape[1])[None, :] < lengths[:, None]
         return Sequences(sample_ids=batch.sample_ids.numpy(), seq_lens=lengths, input_ids=batch.input_ids.numpy()[valid],
                          loss_mask=batch.loss_mask.numpy()[valid],
-                         teacher=TeacherRecord(temperatures=tuple(self.spec.temperatures), **fields))
+                         teacher=TeacherRecord(temperatures=tuple(self.spec.temperatures),
+                                               draw_temperature=self.spec.draw_temperature, **fields))
