@@ -42,8 +42,10 @@ def assert_same_cache(got: dict, want: dict) -> None:
             np.testing.assert_array_equal(got[sid][key], value, err_msg=f"sample {sid} field {key}")
 
 
-def targets(topk_ids_TK, topk_logprobs_TK, log_partition_TP, temperatures, draw_ids_TD=None, draw_weights_TD=None):
+def targets(topk_ids_TK, topk_logprobs_TK, log_partition_TP, temperatures, draw_ids_TD=None, draw_weights_TD=None,
+            draw_logprobs_TD=None, draw_temperature: float = 1.0):
     """A teacher record of tensors for loss tests (draw weights stand in for counts: the loss
     normalises counts per token, so weights summing to 1 are the same target)."""
     return TeacherRecord(log_partition=log_partition_TP, temperatures=tuple(temperatures), topk_ids=topk_ids_TK,
-                         topk_logprobs=topk_logprobs_TK, draw_ids=draw_ids_TD, draw_counts=draw_weights_TD)
+                         topk_logprobs=topk_logprobs_TK, draw_ids=draw_ids_TD, draw_counts=draw_weights_TD,
+                         draw_logprobs=draw_logprobs_TD, draw_temperature=draw_temperature)

@@ -30,7 +30,7 @@ def teacher_from(z_TV: torch.Tensor, k: int = K, dtype=torch.float32) -> Teacher
     g = torch.Generator().manual_seed(3)
     draws_TN = torch.multinomial(torch.softmax(z_TV / 2.0, -1), D, replacement=True, generator=g)  # tau_draw 2
     return targets(ids_TK, lp_TV.gather(-1, ids_TK).to(dtype), logz_TP.to(dtype), TEMPS, draws_TN,
-                          torch.full(draws_TN.shape, 1.0 / D, dtype=dtype))
+                   torch.full(draws_TN.shape, 1.0 / D, dtype=dtype), lp_TV.gather(-1, draws_TN).to(dtype), 2.0)
 
 
 @pytest.fixture
@@ -48,10 +48,11 @@ def with_garbage(teacher: TeacherRecord, mask_T: torch.Tensor) -> TeacherRecord:
     """Padding rows of a cache may hold anything: NaN log-probs, ids out of range."""
     off_T1 = ~mask_T[:, None]
     return targets(torch.where(off_T1, 10**6, teacher.topk_ids),
-                          torch.where(off_T1, float("nan"), teacher.topk_logprobs),
-                          torch.where(off_T1, float("nan"), teacher.log_partition), TEMPS,
-                          torch.where(off_T1, -5, teacher.draw_ids),
-                          torch.where(off_T1, float("nan"), teacher.draw_counts))
+                   torch.where(off_T1, float("nan"), teacher.topk_logprobs),
+                   torch.where(off_T1, float("nan"), teacher.log_partition), TEMPS,
+                   torch.where(off_T1, -5, teacher.draw_ids),
+                   torch.where(off_T1, float("nan"), teacher.draw_counts),
+                   torch.where(off_T1, float("nan"), teacher.draw_logprobs), teacher.draw_temperature)
 
 
 # --- float64 dense references (definitions of docs/losses.md, over the whole vocabulary) -----
@@ -71,7 +72,7 @@ def reference_kd(s_TV, z_TV, teacher64: TeacherRecord, spec: KDSpec) -> torch.Te
     tau, ids_TK = spec.temperature, teacher64.topk_ids
     if spec.name == "sampled":
         ls_TD = torch.log_softmax(s_TV / tau, -1).gather(-1, teacher64.draw_ids)
-        return -(draw_weights(teacher64) * ls_TD).sum(-1)
+        return -(draw_weights(teacher64, tau) * ls_TD).sum(-1)  # importance weights at tau != 2 (see test_sampled_importance)
     if spec.name != "forward_kl":  # the catalogue's own maths, applied to the dense fp64 logits
         return KD_LOSSES[spec.name](s_TV, teacher64, spec)
     if spec.missing_mass == "renormalize":

@@ -17,7 +17,7 @@ from cache_helpers import targets
 
 from cache.schema import TeacherRecord
 
-from pipeline.losses import KDSpec, chunked_lm_losses, take_rows
+from pipeline.losses import KDSpec, chunked_lm_losses, draw_weights, take_rows
 from model_helpers import FixedHiddenLM
 from pipeline.student import DistillStudent
 
@@ -31,7 +31,8 @@ def teacher_for(z_TV: torch.Tensor, n_draws: int = 16) -> TeacherRecord:
     logz_TP = torch.stack([torch.logsumexp(z_TV / t, -1) for t in TEMPS], -1)
     draw_ids_TD = torch.multinomial(torch.softmax(z_TV, -1), n_draws, replacement=True)
     draw_w_TD = torch.full(draw_ids_TD.shape, 1.0 / n_draws)  # repeated ids: the weights add up
-    return targets(ids_TK, lp_TV.gather(-1, ids_TK).float(), logz_TP.float(), TEMPS, draw_ids_TD, draw_w_TD)
+    return targets(ids_TK, lp_TV.gather(-1, ids_TK).float(), logz_TP.float(), TEMPS, draw_ids_TD, draw_w_TD,
+                   lp_TV.gather(-1, draw_ids_TD).float())
 
 
 @pytest.fixture
@@ -51,7 +52,8 @@ def dense_reference(hidden_TH, weight_VH, labels_T, teacher, z_TV, spec):
     tau = spec.temperature
     lp_TV = torch.log_softmax(s_TV / tau, -1)
     if spec.name == "sampled":
-        return ce, -(teacher.draw_counts.double() * lp_TV.gather(-1, teacher.draw_ids)).sum()
+        w_TD = draw_weights(teacher, tau).double()  # importance weights at tau != 1 (see test_sampled_importance)
+        return ce, -(w_TD * lp_TV.gather(-1, teacher.draw_ids)).sum()
     q_TV, p_TV = torch.softmax(z_TV / tau, -1), lp_TV.exp()
     ids_TK = teacher.topk_ids
     q_TB = torch.cat([q_TV.gather(-1, ids_TK), 1 - q_TV.gather(-1, ids_TK).sum(-1, keepdim=True)], -1)

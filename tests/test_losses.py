@@ -38,7 +38,9 @@ def make_teacher(z_TV, k, temps=TEMPS, n_draws=0, draw_tau=1.0) -> TeacherRecord
     ids_TK = lp_TV.argsort(-1, descending=True)[:, :k]
     logz_TP = torch.stack([torch.logsumexp(z_TV.double() / t, -1) for t in temps], -1)
     draw_ids, draw_w = (None, None) if not n_draws else draws(z_TV, n_draws, draw_tau)
-    return targets(ids_TK, lp_TV.gather(-1, ids_TK).float(), logz_TP.float(), tuple(temps), draw_ids, draw_w)
+    draw_lp = None if not n_draws else lp_TV.gather(-1, draw_ids).float()  # what a v2 cache stores
+    return targets(ids_TK, lp_TV.gather(-1, ids_TK).float(), logz_TP.float(), tuple(temps), draw_ids, draw_w,
+                   draw_lp, draw_temperature=draw_tau)
 
 
 def draws(z_TV, n, tau):
@@ -176,7 +178,7 @@ def test_sampled_hand_built():
     teacher = targets(
         None, None, torch.zeros(2, 1), (1.0,),
         draw_ids_TD=torch.tensor([[2, 1, 3], [0, 0, 0]]),
-        draw_weights_TD=torch.tensor([[0.5, 0.25, 0.25], [1.0, 0.0, 0.0]]),
+        draw_weights_TD=torch.tensor([[0.5, 0.25, 0.25], [1.0, 0.0, 0.0]]), draw_temperature=2.0,
     )
     ls = torch.log_softmax(s.double() / 2, -1)
     want = torch.stack([-(0.5 * ls[0, 2] + 0.25 * ls[0, 1] + 0.25 * ls[0, 3]), -ls[1, 0]])
