@@ -40,6 +40,9 @@ class PreparedSource:
         n = len(lengths)
         return SequenceIndex(sample_ids, lengths, np.zeros(n, dtype=np.int64), np.arange(n))
 
+    def prefetch(self, shards: list[int]) -> None:
+        """Nothing to read ahead: the split is one memory-mapped Arrow table."""
+
     def read_many(self, shard: int, locals_: np.ndarray) -> Sequences:
         rows = self.ds[[int(i) for i in locals_]]
         ids = [np.asarray(x) for x in rows["input_ids"]]
