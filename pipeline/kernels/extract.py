@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from pipeline.kernels import interpreting, next_pow2, unavailable
+from pipeline.teachers.base import padded_draws
 
 GPU_BLOCK = 1024  # vocabulary columns per tile (not tuned: no GPU measurement yet)
 INTERPRET_BLOCK = 64
@@ -185,8 +186,6 @@ def extract_chunk(z_CV: torch.Tensor, targets_C: torch.Tensor, u_CN: torch.Tenso
 def _unique_counts(ids_CN: torch.Tensor, V: int) -> dict[str, torch.Tensor]:
     """Sorted draws per row -> unique ids + counts (the record's padded layout); rows are in order, so
     the flat keys row * V + id are sorted and a run-length count replaces torch.unique's sort."""
-    from pipeline.teachers.extract import padded_draws
-
     rows_CN = torch.arange(ids_CN.shape[0], device=ids_CN.device)[:, None].expand_as(ids_CN)
     keys, counts = torch.unique_consecutive((rows_CN * V + ids_CN).reshape(-1), return_counts=True)
     return padded_draws(keys, counts, ids_CN.shape[0], ids_CN.shape[1], V)

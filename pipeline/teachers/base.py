@@ -71,3 +71,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)
+
+
+def padded_draws(keys: torch.Tensor, counts: torch.Tensor, rows: int, width: int, vocab: int) -> dict[str, torch.Tensor]:
+    """Sorted unique keys row * vocab + id and their counts as the record's draws: ids and counts
+    [rows, width] (ascending ids first, count 0 on padding)."""
+    row = keys // vocab
+    n_C = torch.bincount(row, minlength=rows)
+    col = torch.arange(len(keys), device=keys.device) - (n_C.cumsum(0) - n_C)[row]
+    ids_CN = torch.zeros(rows, width, dtype=torch.int32, device=keys.device)
+    counts_CN = torch.zeros_like(ids_CN)
+    ids_CN[row, col] = (keys % vocab).to(torch.int32)
+    counts_CN[row, col] = counts.to(torch.int32)
+    return {"draw_ids": ids_CN, "draw_counts": counts_CN}

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.teachers import native
+from pipeline.teachers.base import padded_draws
 
 TARGETS = ("topk", "sampled", "topk+sampled")
 TOPK_BLOCK = 8  # entries per block in blocked_topk: k blocks of 8 leave 8k candidates
@@ -112,19 +113,6 @@ def draw(zf_CV: torch.Tensor, u_CN: torch.Tensor, temperature: float) -> dict[st
     rows_CN = torch.arange(ids_CN.shape[0], device=ids_CN.device)[:, None].expand_as(ids_CN)
     keys, counts = torch.unique(rows_CN * zf_CV.shape[1] + ids_CN, return_counts=True)
     return padded_draws(keys, counts, ids_CN.shape[0], ids_CN.shape[1], zf_CV.shape[1])
-
-
-def padded_draws(keys: torch.Tensor, counts: torch.Tensor, rows: int, width: int, vocab: int) -> dict[str, torch.Tensor]:
-    """Sorted unique keys row * vocab + id and their counts as the record's draws: ids and counts
-    [rows, width] (ascending ids first, count 0 on padding)."""
-    row = keys // vocab
-    n_C = torch.bincount(row, minlength=rows)
-    col = torch.arange(len(keys), device=keys.device) - (n_C.cumsum(0) - n_C)[row]
-    ids_CN = torch.zeros(rows, width, dtype=torch.int32, device=keys.device)
-    counts_CN = torch.zeros_like(ids_CN)
-    ids_CN[row, col] = (keys % vocab).to(torch.int32)
-    counts_CN[row, col] = counts.to(torch.int32)
-    return {"draw_ids": ids_CN, "draw_counts": counts_CN}
 
 
 def torch_chunk(z_CV: torch.Tensor, targets_C: torch.Tensor, u_CN: torch.Tensor | None,
