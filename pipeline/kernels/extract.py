@@ -32,6 +32,7 @@ from pipeline.kernels import interpreting, next_pow2, unavailable
 from pipeline.teachers.base import padded_draws
 
 GPU_BLOCK = 1024  # vocabulary columns per tile (not tuned: no GPU measurement yet)
+GPU_WARPS = 8  # at k = 64: 217 registers and no spills for sm_90 (4 warps spill; tests/test_triton_compile.py)
 INTERPRET_BLOCK = 64
 MIN_KEY = tl.constexpr(-(2**63))
 
@@ -174,7 +175,8 @@ def extract_chunk(z_CV: torch.Tensor, targets_C: torch.Tensor, u_CN: torch.Tenso
     if C:
         _extract_kernel[(C,)](z_CV, z_CV.stride(0), V, inv_t, len(temps), targets_C.to(dev).contiguous(), u_sorted,
                               N, draw_t if draw_t is not None else -1, lz_CP, P, lp_CK, ids_CK, max(k, 1), scratch, tlp_C,
-                              draws_CN, BV=bv, TP=next_pow2(len(temps)), KP=kp, HAS_TOPK=k > 0, HAS_DRAWS=N > 0)
+                              draws_CN, BV=bv, TP=next_pow2(len(temps)), KP=kp, HAS_TOPK=k > 0, HAS_DRAWS=N > 0,
+                              num_warps=GPU_WARPS)
     out = {"log_partition": lz_CP, "target_logprob": tlp_C}
     if k:
         out["topk_ids"], out["topk_logprobs"] = ids_CK, lp_CK

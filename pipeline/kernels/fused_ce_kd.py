@@ -40,10 +40,11 @@ import torch
 import triton
 import triton.language as tl
 
-from pipeline.kernels import interpreting, next_pow2, unavailable
+from pipeline.kernels import interpreting, unavailable
 
 BIG_ID = tl.constexpr(2**31 - 1)  # past every vocabulary id: the end of a row's gather list
 GPU_TILES = (64, 128, 64)  # BM rows, BV vocabulary columns, BK hidden columns per dot step (not tuned)
+GPU_WARPS = 8  # with GPU_TILES: no register spills for sm_90 (ptxas, bf16 dots; tests/test_triton_compile.py)
 INTERPRET_TILES = (16, 64, 32)  # the interpreter runs one program at a time: few, small programs
 
 
@@ -107,7 +108,7 @@ def _stats_kernel(h_ptr, w_ptr, gid_ptr, gflag_ptr, gval_ptr, m_ptr, sum1_ptr, s
 @triton.jit
 def _grad_kernel(h_ptr, w_ptr, gid_ptr, gflag_ptr, gcoef_ptr, m_ptr, r1_ptr, rt_ptr, d_ptr,
                  C, V, H, G, stride_h, stride_w, stride_d, tau,
-                 BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, GP: tl.constexpr, HAS_T: tl.constexpr,
+                 BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, HAS_T: tl.constexpr,
                  PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     v0 = tl.program_id(1) * BV
@@ -116,9 +117,12 @@ def _grad_kernel(h_ptr, w_ptr, gid_ptr, gflag_ptr, gcoef_ptr, m_ptr, r1_ptr, rt_
     col_ok = cols < V
     s = _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w, BM, BV, BK,
                      PRECISION, UPCAST)
-    gs = tl.arange(0, GP)
-    ids = tl.load(gid_ptr + rows[:, None] * G + gs[None, :], mask=row_ok[:, None] & (gs[None, :] < G), other=BIG_ID)
-    ptr = tl.sum((ids < v0).to(tl.int32), axis=1)  # where this tile's ids start in each row's sorted list
+    ptr = tl.zeros((BM,), tl.int32)  # where this tile's ids start in each row's sorted list
+    for g0 in range(0, G, 16):  # in steps of 16 ids: a [BM, G] block would cost registers the tile needs
+        gs = g0 + tl.arange(0, 16)
+        ids = tl.load(gid_ptr + rows[:, None] * G + gs[None, :], mask=row_ok[:, None] & (gs[None, :] < G),
+                      other=BIG_ID)
+        ptr += tl.sum((ids < v0).to(tl.int32), axis=1)
     nxt = tl.load(gid_ptr + rows * G + ptr, mask=row_ok & (ptr < G), other=BIG_ID)
     sparse = tl.zeros((BM, BV), tl.float32)
     cached = tl.zeros((BM, BV), tl.int32)
@@ -196,7 +200,7 @@ class TritonChunk:
         h_dot = h_CH.to(self.dot_dtype).contiguous()
         BM, BV, BK = self.tiles
         common = dict(BM=BM, BV=BV, BK=BK, HAS_T=other, PRECISION=_precision(self.dot_dtype),
-                      UPCAST=interpreting() and self.dot_dtype != torch.float32)
+                      UPCAST=interpreting() and self.dot_dtype != torch.float32, num_warps=GPU_WARPS)
         gval_CG = torch.zeros(C, G, device=dev)
         m_C, sum1_C, sumt_C = (torch.empty(C, device=dev) for _ in range(3))
         _stats_kernel[(triton.cdiv(C, BM),)](h_dot, self.w_dot_VH, gid_CG, flag_CG, gval_CG, m_C, sum1_C, sumt_C,
@@ -218,6 +222,6 @@ class TritonChunk:
         grid = (triton.cdiv(C, BM), triton.cdiv(V, BV))
         _grad_kernel[grid](h_dot, self.w_dot_VH, gid_CG, flag_CG, coef_CG, m_C, r1_C.contiguous(), rt_C.contiguous(),
                            d_CV, C, V, H, G, h_dot.stride(0), self.w_dot_VH.stride(0), d_CV.stride(0), tau,
-                           GP=next_pow2(G), **common)
+                           **common)
         dW_VH.addmm_(d_CV.T, h_CH)
         return ce, kd, d_CV @ w_VH
