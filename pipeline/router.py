@@ -41,6 +41,7 @@ _LAYER = re.compile(r"layers\.(\d+)\.")
 
 
 def num_experts(config) -> int:
+    """Experts per MoE layer of a transformers config (0: dense); each family names the field its own way."""
     for key in _EXPERT_COUNT_KEYS:
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:

@@ -171,13 +171,14 @@ def evaluate_model(model, batches: list[dict], vocab_limit: int, ks: list[int], 
     model.eval()
     sums: dict[str, float] = {}
     capture, loads = router_capture(model), []
+    top_k = int(getattr(model.config, "num_experts_per_tok", 1))  # a transformers config: MoE families name it so
     with capture or contextlib.nullcontext():
         for batch in batches:
             batch = to_device(batch, model.device)
             for key, value in token_metrics(model, batch, vocab_limit, ks, teacher).items():
                 sums[key] = sums.get(key, 0.0) + value
             if capture is not None:
-                loads.append(batch_load(capture.pop(), batch, int(getattr(model.config, "num_experts_per_tok", 1))))
+                loads.append(batch_load(capture.pop(), batch, top_k))
     n = max(sums.pop("tokens", 0.0), 1.0)
     out = {"perplexity": math.exp(sums.pop("nll") / n)}
     if "teacher_nll" in sums:

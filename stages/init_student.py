@@ -162,6 +162,7 @@ def check_compatible(teacher, student) -> None:
 
 
 def _head_dim(config) -> int:
+    # a transformers config: not every family sets head_dim
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
