@@ -82,9 +82,9 @@ for name in ("triton", "transformers", "accelerate", "h5py", "zarr", "numcodecs"
 EOF
 } 2>&1 | tee "$LOGS/env.log"
 
-step tests 130 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_triton_fused_loss.py tests/test_triton_extract.py
-step bench_cache 150 python3 scripts/bench_cache.py --gpu --repeats 2 --batches 4
-step bench_train 180 python3 scripts/bench_train.py --gpu --repeats 1 --steps 2 --warmup 1 \
+step tests 140 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_triton_fused_loss.py tests/test_triton_extract.py
+step bench_cache 120 python3 scripts/bench_cache.py --gpu --repeats 2 --batches 4
+step bench_train 200 python3 scripts/bench_train.py --gpu --repeats 1 --steps 2 --warmup 1 \
   --variants hf_ce,fused_kd,triton_kd,fused_sampled,triton_sampled
 
 echo "== gpu_check: $FAILED failed step(s), $(($(date +%s) - START))s in all"
