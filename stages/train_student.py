@@ -25,6 +25,7 @@ from pipeline.batches import host_view, to_device, train_batches
 from pipeline.config import ConfigError, choice, ranged, save_config
 from pipeline.distributed import PARALLEL, prepare, training_accelerator
 from pipeline.inputs_from import check_inputs_from
+from pipeline.losses import KD_LOSSES
 from pipeline.metrics import MetricsLogger
 from pipeline.optim import drop_frozen_grads
 from pipeline.router_losses import MC_TARGETS, TAU_RANGE
@@ -163,8 +164,6 @@ class TrainConfig:
     def validate(self) -> None:
         if len(self.betas) != 2:
             raise ConfigError(f"train.betas={self.betas} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
-        from pipeline.losses import KD_LOSSES
-
         if self.kd_loss not in KD_LOSSES:
             raise ConfigError(f"train.kd_loss={self.kd_loss!r} is unknown; allowed: {', '.join(KD_LOSSES)}")
 
