@@ -105,6 +105,34 @@ def make_config(tmp_path, text_jsonl, make_model):
     return make
 
 
+SMALL_RUN = ["data.max_samples=16", "data.max_length=24", "data.eval_fraction=0", "cache.splits=[train]",
+             "cache.k=8", "cache.batch_size=4", "cache.shard_tokens=100"]
+
+
+@pytest.fixture
+def small_cli(tmp_path, text_jsonl, tokenizer_dir, make_model, capsys):
+    """small_cli(command, *overrides, force=False) → (exit code, stdout, the error line or '') of
+    run_pipeline.main on a small run in tmp; the error must be one line."""
+    import run_pipeline
+    from stages.config import PipelineConfig
+
+    base = [f"run.root={tmp_path / 'runs'}", f"data.source={text_jsonl}", f"data.tokenizer={tokenizer_dir}",
+            f"teacher.path={make_model('qwen3_moe')}", *SMALL_RUN]
+
+    def run(command: str, *overrides: str, force: bool = False) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = run_pipeline.main([command, *(["--force"] if force else []), *base, *overrides])
+        out, err = capsys.readouterr()
+        line = err.rsplit("error: ", 1)[1].rstrip("\n") if "error: " in err else ""
+        assert "\n" not in line, f"the error is not one line: {line!r}"
+        return code, out, line
+
+    run.run_dir = tmp_path / "runs" / "demo"
+    run.tokenizer_dir = tokenizer_dir
+    run.config = lambda *overrides: load_config(PipelineConfig, [], [*base, *overrides])
+    return run
+
+
 # --- phase two: a prepared + cached run, built once per session and copied per test ----------
 
 TRAIN_BASE = ["data.max_length=32", "data.max_samples=48", "cache.k=8", "cache.batch_size=8", "cache.shard_tokens=300",

@@ -17,26 +17,15 @@ import pytest
 import run_pipeline
 from stages import cache_teacher
 
-SMALL = ["data.max_samples=16", "data.max_length=24", "data.eval_fraction=0", "cache.splits=[train]",
-         "cache.k=8", "cache.batch_size=4", "cache.shard_tokens=100"]
-
 
 @pytest.fixture
-def cli(tmp_path, text_jsonl, tokenizer_dir, make_model, capsys):
-    """cli(command, *overrides) → (exit code, the error line or '') on a small run in tmp."""
-    base = [f"run.root={tmp_path / 'runs'}", f"data.source={text_jsonl}", f"data.tokenizer={tokenizer_dir}",
-            f"teacher.path={make_model('qwen3_moe')}", *SMALL]
-
+def cli(small_cli):
+    """cli(command, *overrides, force=False) → (exit code, the error line or '') on a small run in tmp."""
     def run(command: str, *overrides: str, force: bool = False) -> tuple[int, str]:
-        capsys.readouterr()
-        code = run_pipeline.main([command, *(["--force"] if force else []), *base, *overrides])
-        err = capsys.readouterr().err
-        line = err.rsplit("error: ", 1)[1].rstrip("\n") if "error: " in err else ""
-        assert "\n" not in line, f"the error is not one line: {line!r}"
+        code, _, line = small_cli(command, *overrides, force=force)
         return code, line
 
-    run.run_dir = tmp_path / "runs" / "demo"
-    run.tokenizer_dir = tokenizer_dir
+    run.run_dir, run.tokenizer_dir = small_cli.run_dir, small_cli.tokenizer_dir
     return run
 
 

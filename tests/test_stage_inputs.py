@@ -16,30 +16,14 @@ import pytest
 
 import run_pipeline
 from pipeline import stage_inputs, state
-from pipeline.config import fingerprint, load_config
+from pipeline.config import fingerprint
 from stages.config import PipelineConfig
-
-SMALL = ["data.max_samples=16", "data.max_length=24", "data.eval_fraction=0", "cache.splits=[train]",
-         "cache.k=8", "cache.batch_size=4", "cache.shard_tokens=100"]
 
 
 @pytest.fixture
-def cli(tmp_path, text_jsonl, tokenizer_dir, make_model, capsys):
+def cli(small_cli):
     """cli(command, *overrides) → (exit code, stdout, the error line or '') on a small run in tmp."""
-    base = [f"run.root={tmp_path / 'runs'}", f"data.source={text_jsonl}", f"data.tokenizer={tokenizer_dir}",
-            f"teacher.path={make_model('qwen3_moe')}", *SMALL]
-
-    def run(command: str, *overrides: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        code = run_pipeline.main([command, *base, *overrides])
-        out, err = capsys.readouterr()
-        line = err.rsplit("error: ", 1)[1].rstrip("\n") if "error: " in err else ""
-        assert "\n" not in line, f"the error is not one line: {line!r}"
-        return code, out, line
-
-    run.run_dir = tmp_path / "runs" / "demo"
-    run.config = lambda *overrides: load_config(PipelineConfig, [], [*base, *overrides])
-    return run
+    return small_cli
 
 
 # --- refusals name the keys that changed ---------------------------------------------------------
