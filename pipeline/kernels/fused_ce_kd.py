@@ -58,7 +58,8 @@ def _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w
         ks = k0 + tl.arange(0, BK)
         k_ok = ks < H
         a = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_w + ks[None, :], mask=col_ok[:, None] & k_ok[None, :],
+                    other=0.0)  # int64: V x H may pass 2^31 elements
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -143,7 +144,7 @@ def _grad_kernel(h_ptr, w_ptr, gid_ptr, gflag_ptr, gcoef_ptr, m_ptr, r1_ptr, rt_
         dense += tl.load(rt_ptr + rows, mask=row_ok, other=0.0)[:, None] * tl.exp(e / tau)
     tail = row_ok[:, None] & col_ok[None, :] & (cached == 0)
     d = tl.where(tail, dense, 0.0) + sparse
-    tl.store(d_ptr + rows[:, None] * stride_d + cols[None, :], d, mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(d_ptr + rows[:, None].to(tl.int64) * stride_d + cols[None, :], d, mask=row_ok[:, None] & col_ok[None, :])
 
 
 def _precision(dtype: torch.dtype) -> str | None:
