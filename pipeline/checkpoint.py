@@ -191,7 +191,9 @@ def aliased(model) -> set[str]:
     seen, out = set(), set()
     for name, tensor in model.state_dict().items():
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        (out if key in seen else seen).add(name)
+        if key in seen:
+            out.add(name)
+        seen.add(key)
     return out
 
 

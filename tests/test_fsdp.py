@@ -304,3 +304,31 @@ def test_each_rank_resumes_its_own_rng_state(tmp_path):
         want, got = results[rank]
         assert want == got, f"rank {rank} resumed another rank's RNG state"
     assert results[0][0] != results[1][0]
+
+
+def test_a_student_with_tied_embeddings_checkpoints_and_resumes(tmp_path):
+    """safetensors keeps one name of tied tensors (lm_head = embed_tokens, as in small Qwen3s): the key
+    check accepts the missing alias and the load restores both through the tie."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline import checkpoint
+    from pipeline.demo import tiny_config
+    from pipeline.distributed import prepare, training_accelerator
+
+    def trainer(seed: int):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(tiny_config("qwen3", 64, tie_word_embeddings=True))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        accelerator = training_accelerator("ddp", True, "no", None, str(tmp_path))
+        model, optimizer = prepare(accelerator, model, optimizer, scheduler)
+        checkpoint.attach(accelerator)
+        return accelerator, model
+
+    accelerator, model = trainer(0)
+    checkpoint.save(accelerator, tmp_path, 1, {}, keep=1, parallel="ddp")
+    accelerator, fresh = trainer(1)
+    checkpoint.apply(checkpoint.read_latest(tmp_path, accelerator, fresh, "ddp"), accelerator)
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
