@@ -77,6 +77,9 @@ def test_log_partitions_against_float64_and_ties_to_the_lower_id():
     torch.testing.assert_close(out["log_partition"].double(), ref_LP, rtol=1e-6, atol=2e-6)
     assert out["topk_ids"][0].tolist() == list(range(8)) and out["topk_ids"][1].tolist() == list(range(10, 18))
     assert "draw_ids" not in out
+    z_LV[2, 5] = float("nan")  # broken logits: NaN log-partitions, which HFTeacher refuses with one line
+    out = extract_chunk(z_LV.to(DEVICE), targets_L.to(DEVICE), None, 8, TEMPS, 1.0)["log_partition"].cpu()
+    assert out[2].isnan().all() and not out[3:].isnan().any()
 
 
 def test_k_zero_and_draws_only():
