@@ -1,7 +1,8 @@
 """Rank, world size, device and barriers for multi-process stages (torchrun / accelerate).
 
 A thin layer over accelerate's PartialState: gloo on CPU, NCCL on GPUs, one process
-when no launcher set the environment.
+when no launcher set the environment. The train stage's Accelerator is built here too:
+DDP or FSDP2 as train.parallel says (docs/training.md, docs/multinode.md).
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ def check_launcher(parallel: str) -> None:
 
 def fsdp_plugin(mixed_precision: str):
     """FSDP2, each transformer block its own shard group (named at prepare), sharded DCP checkpoints.
-    Under bf16 the gradients are reduced in fp32, as DDP reduces its fp32 gradients."""
+    Under bf16 the gradients are reduced in fp32, as DDP reduces its fp32 gradients. Every field
+    the plugin would otherwise read from a launcher's FSDP_* environment is set here (offload and
+    activation checkpointing too: student.gradient_checkpointing is kdcache's knob)."""
     from accelerate import FullyShardedDataParallelPlugin
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
@@ -75,7 +78,8 @@ def fsdp_plugin(mixed_precision: str):
         if mixed_precision == "bf16" else None
     return FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="transformer_based_wrap",
                                           state_dict_type="SHARDED_STATE_DICT", cpu_ram_efficient_loading=False,
-                                          mixed_precision_policy=policy)
+                                          mixed_precision_policy=policy, cpu_offload=False,
+                                          activation_checkpointing=False)
 
 
 def training_accelerator(parallel: str, cpu: bool, mixed_precision: str, tracker: str | None, project_dir: str):
