@@ -162,3 +162,23 @@ def test_float64_is_refused_with_the_fix(case):
     with pytest.raises(ValueError, match="fused_loss=always"):
         fused_lm_losses(hidden_TH.double().to(DEVICE), weight_VH.double().to(DEVICE), labels_T.to(DEVICE),
                         mask_T.to(DEVICE), mask_T.to(DEVICE), None, None, (1.0, 0.0), kernel="triton")
+
+
+@pytest.mark.slow
+def test_train_stage_with_triton_logs_what_the_torch_fused_path_logs(train_config):
+    """train.fused_loss=triton through the train stage (config, setup, DistillStudent, optimizer
+    steps, metrics) against train.fused_loss=always on the same cached run, fp32 both."""
+    import json
+
+    from stages import train_student
+
+    logged = {}
+    for mode in ("always", "triton"):
+        cfg = train_config("train.steps=2", f"train.fused_loss={mode}", f"run.device={DEVICE.type}",
+                           "train.precision=fp32", "train.router_weight=0", name=mode)
+        train_student.run(cfg)
+        rows = [json.loads(line) for line in (cfg.run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
+        logged[mode] = [(r["step"], r["loss"], r["ce"], r["kd"]) for r in rows]
+    assert [r[0] for r in logged["triton"]] == [1, 2]
+    for a, b in zip(logged["always"], logged["triton"]):
+        assert a[0] == b[0] and all(abs(x - y) <= 1e-4 * abs(x) + 1e-6 for x, y in zip(a[1:], b[1:])), (a, b)
