@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cache.follow import Follower
 from cache.reader import PREFETCH_SHARDS, CacheReader
 from cache.schema import CacheError, Sequences, concat_sequences, take_sequences
 
@@ -36,6 +37,7 @@ class StreamPlan:
     rank: int = 0
     world_size: int = 1
     drop_last: bool = True  # drop an epoch's final step that would be short
+    follow: bool = False  # epoch 0 in commit order over a growing cache (cache/follow.py; docs/training.md)
 
 
 @dataclass
@@ -47,11 +49,31 @@ class SequenceIndex:
 
 
 class CacheSource:
-    """Sequences of a finished cache (a path or a cache.location.Location), with the teacher's signal."""
+    """Sequences of a finished cache (a path or a cache.location.Location), with the teacher's signal; with a
+    ``follower``, of a cache still being written: its settled shards, in commit order, growing by ``grow``."""
 
-    def __init__(self, cache_dir):
-        self.reader = CacheReader(cache_dir)
+    def __init__(self, cache_dir, follower: Follower | None = None):
+        self.follower = follower
+        if follower is None:
+            self.reader = CacheReader(cache_dir)
+        else:
+            while not follower.shards and not follower.complete:
+                follower.wait("first committed shard")
+            self.reader = CacheReader(follower.location, manifest=follower.as_manifest())
         self.names = [s.name for s in self.reader.shards]
+
+    @property
+    def complete(self) -> bool:
+        """No shard will be added (always, for a finished cache)."""
+        return self.follower is None or self.follower.complete
+
+    def grow(self, wait: bool) -> list[int]:
+        """Follow mode: the shards settled since (indices into ``names``); ``wait``: poll until some do or the
+        cache completes."""
+        new = self.follower.wait() if wait else self.follower.refresh()
+        self.reader.add_shards(new)
+        self.names += [s.name for s in new]
+        return list(range(len(self.names) - len(new), len(self.names)))
 
     def index(self) -> SequenceIndex:
         return self.index_of(range(len(self.names)))
@@ -91,13 +113,24 @@ class ShardStream:
     def __len__(self) -> int:
         return len(self.index.sample_ids)
 
+    def growing(self, epoch: int) -> bool:
+        """Follow mode's epoch 0 while the cache is still being written: only its settled prefix is planned."""
+        return self.plan.follow and epoch == 0 and not self.source.complete
+
     def order(self, epoch: int) -> np.ndarray:
-        """Sequence indices of an epoch, in the order they are consumed."""
+        """Sequence indices of an epoch, in the order they are consumed.
+
+        Follow mode's epoch 0 takes the shards in commit order instead of a permutation; while the
+        cache grows it ends at the last whole shuffle window (a window is shuffled once it is full),
+        so the order only ever grows at its end."""
         rng = np.random.default_rng([self.plan.seed, epoch])
         shards = np.unique(self.index.shard)
-        by_shard = [np.flatnonzero(self.index.shard == s) for s in rng.permutation(shards)]
+        in_order = shards if self.plan.follow and epoch == 0 else rng.permutation(shards)
+        by_shard = [np.flatnonzero(self.index.shard == s) for s in in_order]
         order = np.concatenate(by_shard) if by_shard else np.zeros(0, dtype=np.int64)
         window = self.plan.shuffle_window
+        if window and self.growing(epoch):
+            order = order[:len(order) // window * window]
         if window:
             for start in range(0, len(order), window):
                 order[start:start + window] = rng.permutation(order[start:start + window])
@@ -124,7 +157,17 @@ class ShardStream:
                 break
             out.append(order[i:i + n])
             i += n
-        return out
+        return out[:-1] if self.growing(epoch) else out  # the last step may still grow with the next shards
+
+    def grow(self, wait: bool = False) -> int:
+        """Follow mode: add the shards settled since to the index (at its end); how many were added."""
+        new = self.source.grow(wait)
+        if new:
+            more = self.source.index_of(new)
+            self.index = SequenceIndex(*(np.concatenate([a, b]) for a, b in zip(
+                (self.index.sample_ids, self.index.lengths, self.index.shard, self.index.local),
+                (more.sample_ids, more.lengths, more.shard, more.local))))
+        return len(new)
 
     def rank_micro_batches(self, step: np.ndarray) -> list[np.ndarray]:
         mine = step[self.plan.rank::self.plan.world_size]
@@ -165,10 +208,12 @@ class ShardStream:
     def next_epoch(self) -> None:
         self.epoch, self.position = self.epoch + 1, 0
 
-    def fingerprint(self) -> str:
-        """The sequences the stream holds (sample ids and lengths), whatever the shard order."""
-        by_id = np.argsort(self.index.sample_ids, kind="stable")
-        pairs = np.stack([self.index.sample_ids[by_id], self.index.lengths[by_id]]).astype(np.int64)
+    def fingerprint(self, n: int | None = None) -> str:
+        """The sequences the stream holds (sample ids and lengths), whatever the shard order; ``n``: the first
+        n of the index (follow mode: the index only grows at its end)."""
+        ids, lengths = self.index.sample_ids[:n], self.index.lengths[:n]
+        by_id = np.argsort(ids, kind="stable")
+        pairs = np.stack([ids[by_id], lengths[by_id]]).astype(np.int64)
         return hashlib.sha256(pairs.tobytes()).hexdigest()[:16]
 
     def state_dict(self) -> dict:
@@ -176,8 +221,13 @@ class ShardStream:
                 "sequences": len(self), "fingerprint": self.fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
-        same = (state["sequences"] == len(self) and state.get("fingerprint") == self.fingerprint()
-                and state["seed"] == self.plan.seed)
+        """Follow mode: the cache may have grown since the save; the index is first grown to the saved size
+        (waiting for the cache stage if need be), then its first sequences must be the saved ones."""
+        while self.plan.follow and len(self) < state["sequences"] and not self.source.complete:
+            self.grow(wait=True)
+        n = state["sequences"] if self.plan.follow else None
+        same = ((state["sequences"] == len(self) or (self.plan.follow and state["sequences"] <= len(self)))
+                and state.get("fingerprint") == self.fingerprint(n) and state["seed"] == self.plan.seed)
         if not same:
             raise CacheError("the stream state belongs to another cache or seed; resume with the same cache "
                              "and run.seed, or start a new run")

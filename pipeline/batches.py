@@ -153,11 +153,44 @@ def train_batches(stream: ShardStream, num_workers: int = 0, pin_memory: bool = 
     The caller calls ``stream.next_epoch()`` when the epoch changes and ``stream.advance(step)``
     after the optimizer step, so a checkpoint records the position; prefetching never moves it.
     """
+    if stream.growing(stream.epoch):
+        yield from follow_batches(stream, num_workers, pin_memory)
     micro = ((epoch, mb) for epoch, step in planned_steps(stream) for mb in stream.rank_micro_batches(step))
     it = iter(loader(stream, micro, num_workers, pin_memory))
     per_step = stream.plan.micro_batches
     for epoch, step in planned_steps(stream):
         yield epoch, step, [next(it) for _ in range(per_step)]
+
+
+def follow_batches(stream: ShardStream, num_workers: int = 0, pin_memory: bool = False):
+    """Follow mode's epoch 0 while the cache grows (train.follow): the steps its settled shards complete,
+    then the shards settled since, waiting for the cache stage when none did, until its manifest.
+
+    Each such generation gets its own loader, so workers fork with the grown index. Growing is
+    collective (rank 0 lists, every rank receives the same shards), at the same points on every rank."""
+    position, per_step = stream.position, stream.plan.micro_batches
+    while True:
+        steps = stream.steps(0, position)
+        if steps:
+            report_follow(stream, len(steps))
+            micro = [(0, mb) for step in steps for mb in stream.rank_micro_batches(step)]
+            it = iter(loader(stream, micro, num_workers, pin_memory))
+            for step in steps:
+                yield 0, step, [next(it) for _ in range(per_step)]
+                position += len(step)
+            stream.grow(wait=False)
+        elif stream.source.complete:
+            return
+        else:
+            stream.grow(wait=True)
+
+
+def report_follow(stream: ShardStream, steps: int) -> None:
+    follower = stream.source.follower
+    if follower.is_main:
+        state = "complete" if follower.complete else "still growing"
+        print(f"follow: {len(follower.shards)} shards ({len(stream):,} sequences) committed, the cache is {state}; "
+              f"{steps} more steps planned", flush=True)
 
 
 def epoch_steps(stream: ShardStream, num_workers: int = 0):

@@ -61,6 +61,8 @@ NO_EFFECT: dict[str, tuple[str, ...]] = {
     "cache.splits": ("train",),  # train reads cache/ (the train split) only
     "student.attn_implementation": STAGES,
     "student.gradient_checkpointing": STAGES,  # recomputes the same activations
+    "train.follow_poll_s": STAGES,  # how often a follower lists, not what it trains on
+    "train.follow_timeout_s": STAGES,  # when it gives up waiting
     "train.checkpoint_every": STAGES,  # a resumed run equals the uninterrupted one
     "train.keep_checkpoints": STAGES,
     "train.log_every": STAGES,

@@ -193,7 +193,7 @@ def cache_split(cfg, teacher, spec: ExtractSpec, split: str, dist: Dist) -> Mani
     writer = CacheWriter(out_dir, rank=dist.rank, identity=ident, store=c.store, codec=Codec(c.id_codec, c.value_dtype),
                          shard_tokens=c.shard_tokens, shard_bytes=c.shard_bytes, chunk_rows=c.chunk_tokens,
                          compression=resolve_compression(c.store, c.compression), level=c.compression_level,
-                         num_experts=teacher.num_experts, skip=done)
+                         num_experts=teacher.num_experts, skip=done, world_size=dist.world_size)
     run_batches(teacher, ds, todo, writer, dist, split)
     dist.barrier()
     if dist.is_main:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cache.schema import read_manifest
+from cache.follow import Follower
+from cache.schema import MANIFEST_NAME, read_manifest
 from cache.stream import CacheSource, ShardStream, StreamPlan
 from pipeline.batches import PreparedSource
 from pipeline.config import ConfigError
@@ -61,7 +62,7 @@ def check_kd_targets(cfg, is_main: bool = True) -> None:
     t = cfg.train
     if not t.uses_cache() or (t.alpha == 0 and t.prompt_kl_weight == 0):
         return
-    identity = read_manifest(cache_location(cfg, "train", cfg.inputs_dir)).identity
+    identity = train_cache_identity(cfg)
     if t.prompt_kl_weight > 0 and "topk" not in identity["targets"]:
         raise ConfigError(f"train.prompt_kl_weight > 0 needs the teacher's top-k but the cache holds "
                           f"cache.targets={identity['targets']}; re-cache with cache.targets=topk+sampled")
@@ -192,14 +193,45 @@ def stream_plan(cfg, accelerator) -> StreamPlan:
                           f"({world} × {t.grad_accum})")
     return StreamPlan(seed=cfg.run.seed, batch_size=t.batch_size, batch_tokens=t.batch_tokens,
                       micro_batches=t.grad_accum, shuffle_window=t.shuffle_window,
-                      rank=accelerator.process_index, world_size=world)
+                      rank=accelerator.process_index, world_size=world, follow=t.follow)
+
+
+def train_cache_identity(cfg) -> dict:
+    """The identity of the cache train reads: its manifest's, or in follow mode (before the manifest) its
+    journals', waiting for the cache stage's first commit."""
+    location = cache_location(cfg, "train", cfg.inputs_dir)
+    if not cfg.train.follow or location.exists(MANIFEST_NAME):
+        return read_manifest(location).identity
+    follower = Follower(location, cfg.train.follow_poll_s, cfg.train.follow_timeout_s)
+    follower.refresh()
+    if not follower.identity:
+        print(f"follow: waiting for the first committed shard of {location} (listing every "
+              f"{cfg.train.follow_poll_s:g} s)", flush=True)
+    while not follower.identity:
+        follower.wait("first committed shard")
+    return follower.identity
+
+
+def train_source(cfg, accelerator) -> CacheSource:
+    """The cache; in follow mode, a growing one listed by rank 0 and broadcast (no list storm of N ranks)."""
+    location = cache_location(cfg, "train", cfg.inputs_dir)
+    if not cfg.train.follow:
+        return CacheSource(location)
+    share = lambda value: value  # noqa: E731
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        share = lambda value: broadcast_object_list([value], from_process=0)[0]  # noqa: E731
+    follower = Follower(location, cfg.train.follow_poll_s, cfg.train.follow_timeout_s,
+                        is_main=accelerator.is_main_process, share=share)
+    return CacheSource(location, follower)
 
 
 def setup(cfg, accelerator) -> TrainJob:
     torch.manual_seed(cfg.run.seed)
     model, tokenizer = load_student(cfg), student_tokenizer(cfg.student.path, cfg.tokenizer_path())
     if cfg.train.uses_cache():
-        source = CacheSource(cache_location(cfg, "train", cfg.inputs_dir))
+        source = train_source(cfg, accelerator)
         identity = source.reader.manifest.identity
         check_cache_fits(identity, tokenizer, model)
         spec = kd_spec(cfg.train)

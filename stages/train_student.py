@@ -160,6 +160,12 @@ class TrainConfig:
     """Experiment tracker through accelerate."""
     source: str = choice("auto", ("auto", "cache", "prepared"))
     """'auto': the cache unless alpha = 0 and router_weight = 0."""
+    follow: bool = False
+    """Start on the shards committed so far, take new ones as the cache stage commits them, until its manifest (docs/training.md, "Follow mode")."""
+    follow_poll_s: float = ranged(5.0, above=0.0)
+    """Follow mode: seconds between listings of the cache's journals (rank 0 lists, the others receive)."""
+    follow_timeout_s: float = ranged(0.0, min=0.0)
+    """Follow mode: stop with one line after this long without a new shard (0 = wait as long as it takes)."""
 
     def validate(self) -> None:
         if len(self.betas) != 2:
@@ -253,7 +259,7 @@ def run(cfg, force: bool = False) -> Path:
                                     accelerator.wait_for_everyone, defer=True, committed=committed):
         return out_dir / "final"
     job = setup(cfg, accelerator)  # every check (student path, cache, batch shape) before the state records a run
-    if not job.stream.steps(job.stream.epoch):
+    if not job.stream.steps(job.stream.epoch) and not job.stream.growing(job.stream.epoch):
         raise ConfigError("the training data is smaller than one optimizer step; lower train.batch_size")
     if accelerator.is_main_process:
         state.write_state(cfg.run_dir, "train", "running", inputs)  # sets old outputs aside if --force

@@ -1,0 +1,171 @@
+"""Follow mode (train.follow): training on a cache while the cache stage writes it.
+
+The guarantee (docs/training.md, "Follow mode"): epoch 0 takes the shards in commit order, its
+shuffle windows and steps are planned once they are whole, so the steps a follower takes while
+the cache grows are exactly the steps of the same plan over the finished cache; an end-to-end
+run (a cache process and a train process started together) ends with the identical student.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from test_cache_resume import REPO, subprocess_env
+from test_stores import teacher_batch
+
+from cache.codec import Codec
+from cache.follow import Follower, settled
+from cache.location import Location
+from cache.schema import CacheError, ShardInfo
+from cache.stream import CacheSource, ShardStream, StreamPlan
+from cache.writer import CacheWriter, committed_shards, finalize
+
+IDENTITY = {"codec": {"ids": "plain", "values": "float16"}, "k": 8, "store": "zarr"}
+FIELDS = ["input_ids", "loss_mask", "seq_offsets", "sample_ids", "topk_ids", "topk_logprobs", "target_logprob",
+          "log_partition", "draw_offsets", "draw_ids", "draw_counts"]
+
+
+def batches(n: int = 12) -> list[dict]:
+    rng = np.random.default_rng(0)
+    return [teacher_batch(rng, [int(x) for x in rng.integers(5, 30, 4)], 4 * i, k=8) for i in range(n)]
+
+
+def plan(**kw) -> StreamPlan:
+    return StreamPlan(**{"seed": 3, "batch_size": 5, "shuffle_window": 7, "follow": True, **kw})
+
+
+def test_steps_taken_while_the_cache_grows_are_the_finished_caches_steps(tmp_path):
+    """A follower alternating with a writer (a shard or two at a time) takes, step for step, what the
+    same plan gives over the finished cache; with batch_tokens too."""
+    for kw in ({}, {"batch_tokens": 90, "batch_size": 1}):
+        location = Location(tmp_path / f"c{len(kw)}")
+        taken, stream = [], None
+        with CacheWriter(location, rank=0, identity=IDENTITY, store="zarr", codec=Codec("plain"), shard_tokens=60,
+                         chunk_rows=16, compression="zstd", level=1) as writer:
+            for i, batch in enumerate(batches()):
+                writer.add(batch)
+                writer._wait()
+                if stream is None and location.exists("journal/rank000.json"):
+                    stream = ShardStream(CacheSource(location, Follower(location, poll_s=0.01)), plan(**kw))
+                elif stream is not None and i % 2:
+                    stream.grow()
+                if stream is not None:
+                    for step in stream.steps(0, stream.position):
+                        taken.append(step_ids(stream, step))
+                        stream.advance(step)
+        assert stream is not None and taken, "the follower started before the cache was finished"
+        finalize(location, IDENTITY, "zarr", FIELDS)
+        stream.grow()
+        assert stream.source.complete
+        taken += [step_ids(stream, step) for step in stream.steps(0, stream.position)]
+        finished = ShardStream(CacheSource(location), plan(**kw))
+        assert taken == [step_ids(finished, step) for step in finished.steps(0)]
+        assert len(taken) >= 5
+
+
+def step_ids(stream: ShardStream, step: np.ndarray) -> list[int]:
+    return stream.index.sample_ids[step].tolist()
+
+
+def info(rank: int, index: int) -> dict:
+    return {"name": f"r{rank:03d}-{index:05d}.zarr", "rank": rank, "n_tokens": 1, "n_seqs": 1, "nbytes": 1,
+            "checksum": ""}
+
+
+def test_settled_shards_wait_for_every_rank_of_the_cache_stage():
+    journals = [{"world_size": 2, "shards": [info(0, 0), info(0, 1), info(0, 2)]},
+                {"world_size": 2, "shards": [info(1, 0)]}]
+    assert [s.name for s in settled(journals, None)] == ["r000-00000.zarr", "r001-00000.zarr", "r000-00001.zarr"]
+    assert settled(journals[:1], None)[0].name == "r000-00000.zarr" and len(settled(journals[:1], None)) == 1
+
+
+def test_a_cache_that_grows_out_of_commit_order_is_refused(tmp_path):
+    location = Location(tmp_path)
+    follower = Follower(location)
+    location.write_whole("journal/rank000.json", json.dumps(
+        {"identity": IDENTITY, "world_size": 1, "shards": [info(0, 0), info(0, 1)]}).encode())
+    assert [s.name for s in follower.refresh()] == ["r000-00000.zarr", "r000-00001.zarr"]
+    # a resume of the cache stage with two ranks: r001-00000 sorts before r000-00001, already consumed
+    location.write_whole("journal/rank000.json", json.dumps(
+        {"identity": IDENTITY, "world_size": 2, "shards": [info(0, 0), info(0, 1)]}).encode())
+    location.write_whole("journal/rank001.json", json.dumps(
+        {"identity": IDENTITY, "world_size": 2, "shards": [info(1, 0)]}).encode())
+    with pytest.raises(CacheError, match="grew out of commit order"):
+        follower.refresh()
+    assert isinstance(follower.shards[0], ShardInfo)
+
+
+def test_a_follower_without_a_cache_stage_times_out_with_one_line(tmp_path):
+    follower = Follower(Location(tmp_path), poll_s=0.01, timeout_s=0.05)
+    with pytest.raises(CacheError, match=r"no first committed shard in 0 s \(train.follow_timeout_s\)"):
+        CacheSource(Location(tmp_path), follower)
+
+
+FOLLOW = ["data.max_length=64", "data.max_samples=120", "data.eval_fraction=0", "cache.splits=[train]",
+          "cache.batch_size=2", "cache.shard_tokens=200", "cache.chunk_tokens=64", "cache.k=8",
+          "train.batch_size=4", "train.steps=34", "train.log_every=10", "train.checkpoint_every=100",
+          "train.warmup_steps=1", "train.lr=1e-3", "train.shuffle_window=6", "train.num_workers=0",
+          "train.follow=true", "train.follow_poll_s=0.1", "train.follow_timeout_s=300"]
+
+
+@pytest.mark.slow
+def test_a_student_trained_while_the_cache_is_written_equals_one_trained_after(make_config, student_path, tmp_path):
+    """`train train.follow=true` started first (it waits for the first shard), then `cache` (paused with
+    SIGSTOP once a few shards are committed, until the trainer plans steps on them): the follower trains
+    while the cache is incomplete, goes on past its manifest into epoch 1, and ends with the student of
+    `train train.follow=true` on the finished cache, bit for bit."""
+    from safetensors.numpy import load_file
+
+    from stages import prepare
+
+    cfg = make_config(*FOLLOW, "run.name=live", f"student.path={student_path}")
+    prepare.run(cfg)
+    base = [f"run.root={cfg.run.root}", f"data.source={cfg.data.source}", f"teacher.path={cfg.teacher.path}",
+            f"student.path={student_path}", *FOLLOW]
+
+    def run(command: str, *extra: str) -> subprocess.Popen:
+        err = open(tmp_path / f"{command}-{len(extra)}.err", "w")
+        return subprocess.Popen([sys.executable, "run_pipeline.py", command, *base, *extra], cwd=REPO,
+                                env=subprocess_env(), stdout=subprocess.PIPE, stderr=err, text=True)
+
+    train = run("train", "run.name=live")
+    lines = []
+    while not any(line.startswith("follow: waiting") for line in lines):  # then nothing is committed yet
+        lines.append(train.stdout.readline())
+        assert lines[-1], f"the trainer stopped: {(tmp_path / 'train-1.err').read_text()[-3000:]}"
+    cache = run("cache", "run.name=live")
+    # pause the cache stage once a few shards are committed, until the trainer has planned steps on them:
+    # the overlap is then certain, whatever the two processes' speeds
+    journaled = lambda: sum(s.n_seqs for s in committed_shards(cfg.run_dir / "cache"))  # noqa: E731
+    deadline = time.time() + 300
+    while journaled() < 16:
+        assert cache.poll() is None and time.time() < deadline, "the cache ended before the pause"
+        time.sleep(0.01)
+    os.kill(cache.pid, signal.SIGSTOP)
+    try:
+        while not any("still growing" in line for line in lines):
+            lines.append(train.stdout.readline())
+            assert lines[-1], f"the trainer stopped: {(tmp_path / 'train-1.err').read_text()[-3000:]}"
+    finally:
+        os.kill(cache.pid, signal.SIGCONT)
+    assert cache.wait(timeout=600) == 0, (tmp_path / "cache-1.err").read_text()[-3000:]
+    train_out, _ = train.communicate(timeout=600)
+    assert train.returncode == 0, (tmp_path / "train-1.err").read_text()[-3000:]
+    follow_lines = [line for line in lines + train_out.splitlines() if line.startswith("follow: ")]
+    assert any("still growing" in line for line in follow_lines), follow_lines
+
+    after = run("train", "run.name=after", f"cache.dir={cfg.run_dir}")  # the finished cache, in place
+    out, _ = after.communicate(timeout=600)
+    assert after.returncode == 0, (tmp_path / "train-2.err").read_text()[-3000:]
+    live = load_file(str(cfg.run_dir / "train" / "final" / "model.safetensors"))
+    finished = load_file(str(cfg.run_dir.parent / "after" / "train" / "final" / "model.safetensors"))
+    assert sorted(live) == sorted(finished)
+    for name in live:
+        np.testing.assert_array_equal(live[name], finished[name], err_msg=name)
