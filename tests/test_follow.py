@@ -23,7 +23,7 @@ from test_stores import teacher_batch
 from cache.codec import Codec
 from cache.follow import Follower, settled
 from cache.location import Location
-from cache.schema import CacheError, ShardInfo
+from cache.schema import CacheError, ShardInfo, sequences_from_flat
 from cache.stream import CacheSource, ShardStream, StreamPlan
 from cache.writer import CacheWriter, committed_shards, finalize
 
@@ -50,7 +50,7 @@ def test_steps_taken_while_the_cache_grows_are_the_finished_caches_steps(tmp_pat
         with CacheWriter(location, rank=0, identity=IDENTITY, store="zarr", codec=Codec("plain"), shard_tokens=60,
                          chunk_rows=16, compression="zstd", level=1) as writer:
             for i, batch in enumerate(batches()):
-                writer.add(batch)
+                writer.add(sequences_from_flat(batch))
                 writer._wait()
                 if stream is None and location.exists("journal/rank000.json"):
                     stream = ShardStream(CacheSource(location, Follower(location, poll_s=0.01)), plan(**kw))

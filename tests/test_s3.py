@@ -21,7 +21,7 @@ from cache import zarr_store
 from cache.codec import Codec
 from cache.location import Location
 from cache.reader import CacheReader
-from cache.schema import CacheError, Manifest, read_manifest, write_manifest
+from cache.schema import CacheError, Manifest, read_manifest, sequences_from_flat, write_manifest
 from cache.shards import commit_shard, open_shard, resolve_compression, shard_name
 from cache.stream import CacheSource, ShardStream, StreamPlan
 from cache.writer import CacheWriter, committed_shards, finalize, read_journals
@@ -112,7 +112,7 @@ def write(location: Location, batches: list[dict], stop_after: int | None = None
             if stop_after is not None and len(committed_shards(location)) >= stop_after:
                 writer._buffer.clear()
                 break
-            writer.add({key: value.copy() for key, value in batch.items()})
+            writer.add(sequences_from_flat({key: value.copy() for key, value in batch.items()}))
             writer._wait()
 
 
