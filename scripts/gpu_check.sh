@@ -82,9 +82,13 @@ for name in ("triton", "transformers", "accelerate", "h5py", "zarr", "numcodecs"
 EOF
 } 2>&1 | tee "$LOGS/env.log"
 
-step tests 140 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_triton_fused_loss.py tests/test_triton_extract.py
+# the tests compile a few dozen kernel variants (a CPU-bound minute or two): spread over processes when xdist is there
+PARALLEL=()
+python3 -c "import xdist" 2>/dev/null && PARALLEL=(-n 6)
+step tests 150 python3 -m pytest -q -p no:cacheprovider -rfE "${PARALLEL[@]}" \
+  tests/test_triton_fused_loss.py tests/test_triton_extract.py
 step bench_cache 120 python3 scripts/bench_cache.py --gpu --repeats 2 --batches 4
-step bench_train 200 python3 scripts/bench_train.py --gpu --repeats 1 --steps 2 --warmup 1 \
+step bench_train 190 python3 scripts/bench_train.py --gpu --repeats 1 --steps 2 --warmup 1 \
   --variants hf_ce,fused_kd,triton_kd,fused_sampled,triton_sampled
 
 echo "== gpu_check: $FAILED failed step(s), $(($(date +%s) - START))s in all"
