@@ -97,7 +97,11 @@ class CacheReader:
 
     def prefetch(self, names: list[str]) -> None:
         """Open the next shards (at most PREFETCH_SHARDS) in background threads: on an object store their
-        download and hash overlap the reads of the current one."""
+        download and hash overlap the reads of the current one. Local shards open on demand: the page
+        cache has nothing to hide, and threads opening handles only compete with decoding (measured:
+        scripts/bench_s3.py)."""
+        if self.location.local:
+            return
         if self._pool is None or self._pool_pid != os.getpid():  # threads do not survive fork
             self._pool, self._pool_pid, self._ahead = ThreadPoolExecutor(PREFETCH_SHARDS), os.getpid(), {}
         for name in names[:PREFETCH_SHARDS]:

@@ -70,6 +70,35 @@ def test_steps_taken_while_the_cache_grows_are_the_finished_caches_steps(tmp_pat
         assert len(taken) >= 5
 
 
+def test_a_follower_resumed_from_its_state_takes_the_same_next_steps(tmp_path):
+    """The state saved mid-way while the cache grew, loaded by a fresh follower that lists a larger cache:
+    the next steps are the uninterrupted follower's; a state from another cache is refused."""
+    location = Location(tmp_path / "c")
+    data = batches()
+    with CacheWriter(location, rank=0, identity=IDENTITY, store="zarr", codec=Codec("plain"), shard_tokens=60,
+                     chunk_rows=16, compression="zstd", level=1) as writer:
+        for batch in data[:6]:
+            writer.add(sequences_from_flat(batch))
+        writer._wait()
+        first = ShardStream(CacheSource(location, Follower(location)), plan())
+        steps = first.steps(0)
+        assert len(steps) >= 2 and first.growing(0)
+        first.advance(steps[0])
+        state = first.state_dict()
+        for batch in data[6:]:
+            writer.add(sequences_from_flat(batch))
+    finalize(location, IDENTITY, "zarr", FIELDS)
+    resumed = ShardStream(CacheSource(location, Follower(location)), plan())  # lists the finished cache
+    assert len(resumed) > state["sequences"]
+    resumed.load_state_dict(state)
+    first.grow()
+    want = [step_ids(first, s) for s in first.steps(0, first.position)]
+    assert [step_ids(resumed, s) for s in resumed.steps(0, resumed.position)] == want
+    other = dict(state, fingerprint="0" * 16)
+    with pytest.raises(CacheError, match="belongs to another cache"):
+        ShardStream(CacheSource(location, Follower(location)), plan()).load_state_dict(other)
+
+
 def step_ids(stream: ShardStream, step: np.ndarray) -> list[int]:
     return stream.index.sample_ids[step].tolist()
 
