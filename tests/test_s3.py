@@ -8,6 +8,7 @@ with SIGKILL mid-run and resumed on the bucket, equal to an uninterrupted local 
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -198,3 +199,30 @@ def test_killed_cache_on_s3_resumes_to_the_uninterrupted_result(make_config, s3_
     progress = status.status(cfg.run_dir)["caches"]["cache"]
     assert progress["complete"] and progress["shards"] == len(reference)
     assert inspect_cache.main(str(location), verify=True)["shards"] == len(reference)
+
+
+@pytest.mark.slow
+def test_train_and_eval_read_a_cache_on_s3_as_on_disk(train_config, s3_bucket):
+    """The run's caches uploaded to a bucket (object for object): train and evaluate with cache.dir on the
+    bucket give the student and the results of the same run on the local caches (every shard fetched,
+    verified and prefetched through the object-store path)."""
+    import fsspec
+    from safetensors.numpy import load_file
+
+    from stages import evaluate, train_student
+
+    settings = ("train.steps=3", "train.num_workers=1", "eval.run_teacher=false", "eval.before=false")
+    local = train_config(*settings, name="local")
+    fs = fsspec.filesystem("s3")
+    for name in ("cache", "cache_eval"):
+        for path in sorted(p for p in (local.run_dir / name).rglob("*") if p.is_file()):
+            fs.pipe_file(f"{s3_bucket[5:]}/runs/{path.relative_to(local.run_dir)}", path.read_bytes())
+    remote = train_config(*settings, f"cache.dir={s3_bucket}/runs", name="remote")
+    for name in ("cache", "cache_eval"):
+        shutil.rmtree(remote.run_dir / name)  # nothing local to fall back on
+    finals = [train_student.run(cfg) for cfg in (local, remote)]
+    want, got = (load_file(str(f / "model.safetensors")) for f in finals)
+    assert sorted(want) == sorted(got)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert evaluate.run(remote) == evaluate.run(local)
