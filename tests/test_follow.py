@@ -159,17 +159,20 @@ def test_a_student_trained_while_the_cache_is_written_equals_one_trained_after(m
     base = [f"run.root={cfg.run.root}", f"data.source={cfg.data.source}", f"teacher.path={cfg.teacher.path}",
             f"student.path={student_path}", *FOLLOW]
 
-    def run(command: str, *extra: str) -> subprocess.Popen:
-        err = open(tmp_path / f"{command}-{len(extra)}.err", "w")
-        return subprocess.Popen([sys.executable, "run_pipeline.py", command, *base, *extra], cwd=REPO,
-                                env=subprocess_env(), stdout=subprocess.PIPE, stderr=err, text=True)
+    def run(command: str, name: str, *extra: str) -> subprocess.Popen:
+        err = open(tmp_path / f"{command}-{name}.err", "w")
+        return subprocess.Popen([sys.executable, "run_pipeline.py", command, *base, f"run.name={name}", *extra],
+                                cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=err, text=True)
 
-    train = run("train", "run.name=live")
+    def errors(command: str, name: str) -> str:
+        return (tmp_path / f"{command}-{name}.err").read_text()[-3000:]
+
+    train = run("train", "live", "train.num_workers=1")  # a worker forked per batch of new shards
     lines = []
     while not any(line.startswith("follow: waiting") for line in lines):  # then nothing is committed yet
         lines.append(train.stdout.readline())
-        assert lines[-1], f"the trainer stopped: {(tmp_path / 'train-1.err').read_text()[-3000:]}"
-    cache = run("cache", "run.name=live")
+        assert lines[-1], f"the trainer stopped: {errors('train', 'live')}"
+    cache = run("cache", "live")
     # pause the cache stage once a few shards are committed, until the trainer has planned steps on them:
     # the overlap is then certain, whatever the two processes' speeds
     journaled = lambda: sum(s.n_seqs for s in committed_shards(cfg.run_dir / "cache"))  # noqa: E731
@@ -181,18 +184,18 @@ def test_a_student_trained_while_the_cache_is_written_equals_one_trained_after(m
     try:
         while not any("still growing" in line for line in lines):
             lines.append(train.stdout.readline())
-            assert lines[-1], f"the trainer stopped: {(tmp_path / 'train-1.err').read_text()[-3000:]}"
+            assert lines[-1], f"the trainer stopped: {errors('train', 'live')}"
     finally:
         os.kill(cache.pid, signal.SIGCONT)
-    assert cache.wait(timeout=600) == 0, (tmp_path / "cache-1.err").read_text()[-3000:]
+    assert cache.wait(timeout=600) == 0, errors("cache", "live")
     train_out, _ = train.communicate(timeout=600)
-    assert train.returncode == 0, (tmp_path / "train-1.err").read_text()[-3000:]
+    assert train.returncode == 0, errors("train", "live")
     follow_lines = [line for line in lines + train_out.splitlines() if line.startswith("follow: ")]
     assert any("still growing" in line for line in follow_lines), follow_lines
 
-    after = run("train", "run.name=after", f"cache.dir={cfg.run_dir}")  # the finished cache, in place
-    out, _ = after.communicate(timeout=600)
-    assert after.returncode == 0, (tmp_path / "train-2.err").read_text()[-3000:]
+    after = run("train", "after", f"cache.dir={cfg.run_dir}")  # the finished cache, in place, no worker
+    after.communicate(timeout=600)
+    assert after.returncode == 0, errors("train", "after")
     live = load_file(str(cfg.run_dir / "train" / "final" / "model.safetensors"))
     finished = load_file(str(cfg.run_dir.parent / "after" / "train" / "final" / "model.safetensors"))
     assert sorted(live) == sorted(finished)
