@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -201,3 +202,38 @@ def test_a_student_trained_while_the_cache_is_written_equals_one_trained_after(m
     assert sorted(live) == sorted(finished)
     for name in live:
         np.testing.assert_array_equal(live[name], finished[name], err_msg=name)
+
+
+def _follow_on_two_ranks(rank: int, port: int, cache: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+
+    def share(value):
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    # rank 1 is pointed at a folder that does not exist: it can only know the shards from rank 0
+    location = Location(cache if rank == 0 else f"{cache}-nowhere")
+    follower = Follower(location, poll_s=0.01, is_main=rank == 0, share=share)
+    names = [s.name for s in follower.wait()]
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"names": names, "complete": follower.complete}))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_rank_0_lists_and_the_other_ranks_receive(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    location = Location(tmp_path / "c")
+    location.write_whole("journal/rank000.json", json.dumps(
+        {"identity": IDENTITY, "world_size": 1, "shards": [info(0, 0), info(0, 1)]}).encode())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_follow_on_two_ranks, args=(port, str(tmp_path / "c"), str(tmp_path)), nprocs=2)
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert got[0] == got[1] == {"names": ["r000-00000.zarr", "r000-00001.zarr"], "complete": False}
