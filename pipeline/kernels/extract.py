@@ -18,8 +18,10 @@ GPU: no fp32 copy of the chunk). One program per row, two sweeps over vocabulary
 
 The uniforms are the torch path's own (``pipeline.seeding.sequence_generator(seed, sample id)``,
 drawn on the host), so the draws are reproducible from (seed, sample id) on any rank and resume, and equal the
-torch path's except where fp32 rounding of the two cumulative sums puts a uniform on the other
-side of a boundary.
+torch path's except where rounding puts a uniform on the other side of a boundary. The running
+sums across tiles are fp64 (within a tile fp32). Against a float64 inverse CDF at V = 151,936 (3
+rows of random logits, 192 draws), 3 draws land on a neighbouring id, where fp32 running sums moved
+5. The torch path on CPU, whose cumsum accumulates in double, moved 1.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def _extract_kernel(z_ptr, stride_z, V, inv_t_ptr, NT, tgt_ptr, u_ptr, N, DRAW_T
     ts = tl.arange(0, TP)
     inv_t = tl.load(inv_t_ptr + ts, mask=ts < NT, other=1.0)
     m = tl.max(tl.full((BV,), float("-inf"), tl.float32), axis=0)
-    sums = tl.zeros((TP,), tl.float32)
+    sums = tl.zeros((TP,), tl.float64)  # fp64 across tiles: the draws' CDF resolves 1/V-sized steps at V = 152k
     tgt = tl.load(tgt_ptr + row)
     z_tgt = tl.sum(tl.zeros((BV,), tl.float32), axis=0)
     ks = tl.arange(0, KP)
@@ -84,7 +86,8 @@ def _extract_kernel(z_ptr, stride_z, V, inv_t_ptr, NT, tgt_ptr, u_ptr, N, DRAW_T
         z = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(z, axis=0))
         ref = tl.where(m_new > float("-inf"), m_new, 0.0)
-        sums = sums * tl.exp((m - ref) * inv_t) + tl.sum(tl.exp((z[None, :] - ref) * inv_t[:, None]), axis=1)
+        tile = tl.sum(tl.exp((z[None, :] - ref) * inv_t[:, None]), axis=1)
+        sums = sums * tl.exp((m - ref) * inv_t).to(tl.float64) + tile.to(tl.float64)
         m = m_new
         z_tgt += tl.sum(tl.where(cols == tgt, z, 0.0), axis=0)
         if HAS_TOPK:
@@ -103,7 +106,8 @@ def _extract_kernel(z_ptr, stride_z, V, inv_t_ptr, NT, tgt_ptr, u_ptr, N, DRAW_T
                 tl.debug_barrier()  # every thread read the scratch before the next tile writes it
                 top = _merge(top, best, KP)
     m = tl.where((m > float("-inf")) & (m < float("inf")), m, 0.0)
-    lz = tl.log(sums) + m * inv_t  # log sum exp(z / t) = log sum exp((z - m) / t) + m / t
+    # log sum exp(z / t) = log sum exp((z - m) / t) + m / t; the log in fp32 (no libdevice fp64 call)
+    lz = tl.log(sums.to(tl.float32)) + m * inv_t
     tl.store(lz_ptr + row * P + ts, lz, mask=ts < P)
     lz1 = tl.sum(tl.where(ts == 0, lz, 0.0), axis=0)
     tl.store(tlp_ptr + row, tl.where(tgt >= 0, z_tgt - lz1, 0.0))
@@ -116,19 +120,19 @@ def _extract_kernel(z_ptr, stride_z, V, inv_t_ptr, NT, tgt_ptr, u_ptr, N, DRAW_T
     if HAS_DRAWS:
         inv_td = tl.sum(tl.where(ts == DRAW_T, inv_t, 0.0), axis=0)
         total = tl.sum(tl.where(ts == DRAW_T, sums, 0.0), axis=0)
-        base = tl.sum(tl.zeros((BV,), tl.float32), axis=0)
+        base = tl.sum(tl.zeros((BV,), tl.float64), axis=0)
         n = 0
-        nxt = tl.load(u_ptr + row * N) * total
+        nxt = tl.load(u_ptr + row * N).to(tl.float64) * total
         for v0 in range(0, V, BV):
             cols = v0 + tl.arange(0, BV)
             z = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-            cum = tl.cumsum(tl.exp((z - m) * inv_td), axis=0) + base
+            cum = tl.cumsum(tl.exp((z - m) * inv_td), axis=0).to(tl.float64) + base  # tile in fp32, offset fp64
             hi = tl.max(cum, axis=0)
             while (n < N) & (nxt < hi):
                 idx = v0 + tl.sum((cum < nxt).to(tl.int32), axis=0)
                 tl.store(draw_ptr + row * N + n, tl.minimum(idx, V - 1))
                 n += 1
-                nxt = tl.load(u_ptr + row * N + n, mask=n < N, other=2.0) * total
+                nxt = tl.load(u_ptr + row * N + n, mask=n < N, other=2.0).to(tl.float64) * total
             base = hi
         while n < N:  # u * total at or past the rounded total: the last id, as searchsorted + clamp
             tl.store(draw_ptr + row * N + n, V - 1)
