@@ -106,6 +106,7 @@ def in_stage(cfg, stage: str, body):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cache.location import StorageError
     from cache.schema import CacheError
     from pipeline.config import ConfigError
 
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             from stages import demo
 
             demo.main()
-    except (ConfigError, CacheError) as err:
+    except (ConfigError, CacheError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:

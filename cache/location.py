@@ -30,6 +30,27 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 
+class StorageError(ValueError):
+    """An object store that cannot be reached as configured (endpoint, credentials, bucket): one line."""
+
+
+@contextlib.contextmanager
+def reaching(location: "Location"):
+    """Remote calls: an unreachable store is a StorageError naming it and the fix; a missing object stays
+    FileNotFoundError (what the callers test for)."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        if location.local:
+            raise
+        detail = (str(err).splitlines() or [""])[0]
+        raise StorageError(f"cannot reach {location.url} ({type(err).__name__}: {detail}); check the credentials "
+                           f"(AWS_* environment, ~/.aws), the endpoint (AWS_ENDPOINT_URL or cache.storage_options) "
+                           f"and that the bucket exists") from None
+
+
 class Location:
     """A cache directory. ``Location("runs/x/cache")`` or ``Location("s3://bucket/x/cache", {...})``:
     ``storage_options`` go to fsspec (endpoint, profile, ...); credentials come from the usual AWS
@@ -83,11 +104,15 @@ class Location:
     def exists(self, name: str = "") -> bool:
         if self.local:
             return self.path(name).exists()
-        self.fs.invalidate_cache()  # another process may have written it since this one last listed
-        return self.fs.exists(self.key(name))
+        with reaching(self):
+            self.fs.invalidate_cache()  # another process may have written it since this one last listed
+            return self.fs.exists(self.key(name))
 
     def read_bytes(self, name: str) -> bytes:
-        return self.path(name).read_bytes() if self.local else self.fs.cat_file(self.key(name))
+        if self.local:
+            return self.path(name).read_bytes()
+        with reaching(self):
+            return self.fs.cat_file(self.key(name))
 
     def read_text(self, name: str) -> str:
         return self.read_bytes(name).decode("utf-8")
@@ -95,7 +120,8 @@ class Location:
     def write_whole(self, name: str, data: bytes) -> None:
         """Readers see the old object or the whole new one: temp file + fsync + rename, or one PUT."""
         if not self.local:
-            self.fs.pipe_file(self.key(name), data)
+            with reaching(self):
+                self.fs.pipe_file(self.key(name), data)
             return
         path = self.path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,8 +133,9 @@ class Location:
         if self.local:
             return sorted(str(p.relative_to(self.path())) for p in self.path().glob(pattern))
         prefix = len(self.root) + 1
-        self.fs.invalidate_cache()  # listings are cached per process; another one may have committed since
-        return sorted(k[prefix:] for k in self.fs.glob(self.key(pattern)))
+        with reaching(self):
+            self.fs.invalidate_cache()  # listings are cached per process; another one may have committed since
+            return sorted(k[prefix:] for k in self.fs.glob(self.key(pattern)))
 
     def makedirs(self) -> None:
         if self.local:  # an object store has no folders; its bucket must exist

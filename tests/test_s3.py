@@ -226,3 +226,14 @@ def test_train_and_eval_read_a_cache_on_s3_as_on_disk(train_config, s3_bucket):
     for key in want:
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
     assert evaluate.run(remote) == evaluate.run(local)
+
+
+def test_an_unreachable_store_is_one_line(s3_bucket):
+    from s3_server import free_port
+
+    from cache.location import StorageError
+
+    nowhere = Location(f"{s3_bucket}/x", {"endpoint_url": f"http://127.0.0.1:{free_port()}",
+                                          "config_kwargs": {"retries": {"max_attempts": 1}}})
+    with pytest.raises(StorageError, match=r"cannot reach s3://.*/x \(EndpointConnectionError: .*check the credentials"):
+        read_manifest(nowhere)
