@@ -12,7 +12,8 @@ batch + its cross-entropy), backward, clip, AdamW. Every other variant is the tr
 ``chunked_ce`` (the project's CE path, α = 0), ``chunked_kd`` / ``fused_kd`` (CE + forward KL over
 the top-64 + tail bucket, train.fused_loss never / always), ``chunked_sampled`` / ``fused_sampled``
 (CE + KD on 64 draws), and with ``--gpu`` also ``triton_ce`` / ``triton_kd`` / ``triton_sampled``
-(train.fused_loss=triton: the same fused loss from the Triton kernel, pipeline/kernels/). Each (repeat, variant) runs in a fresh subprocess, interleaved
+(train.fused_loss=triton: the same fused loss from the Triton kernel, pipeline/kernels/). Each
+(repeat, variant) runs in a fresh subprocess, interleaved
 (hf_ce chunked_ce ... hf_ce chunked_ce ...); the table reports medians, ratios to hf_ce.
 
 Workload (default, CPU): Qwen3-MoE from its config class with random weights, vocab 32,768,
