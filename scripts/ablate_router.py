@@ -13,7 +13,6 @@ configs/demo.yaml with the variant's train.* overrides. The demo's own student (
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -79,17 +78,10 @@ def table(rows: dict[str, dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default="runs", help="where the variants' runs go")
+    parser = demo.study_parser(__doc__, root_help="where the variants' runs go")
     parser.add_argument("--demo-root", default="", help="where the demo's runs are (default: --root)")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--steps", type=int, default=0, help="optimizer steps per variant (0 = the demo's train.steps)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (shared CPU: 1)")
-    parser.add_argument("--out", default="", help="also write the table and per-variant JSON here (markdown)")
-    args = parser.parse_args()
-    import torch
-
-    torch.set_num_threads(args.threads)
+    args = demo.study_args(parser)
     root, demo_root = Path(args.root), Path(args.demo_root or args.root)
     base = [f"run.root={root}"] + demo.demo_overrides(demo_root)
     demo_dir = demo_root / "demo"

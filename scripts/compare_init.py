@@ -15,7 +15,6 @@ cached top-k + tail-bucket lower bound of it, and top-1 agreement.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -58,11 +57,7 @@ def table(rows: dict[str, dict], steps: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default="runs", help="where the demo's runs are and the variants' go")
-    parser.add_argument("--steps", type=int, default=0, help="optimizer steps per variant (0 = the demo's)")
-    parser.add_argument("--out", default="", help="also write the table here (markdown)")
-    args = parser.parse_args()
+    args = demo.study_args(demo.study_parser(__doc__))
     root = Path(args.root)
     base = [f"run.root={root}"] + demo.demo_overrides(root)
     rows = {name: run_variant(name, base, args.steps, root / "demo") for name in VARIANTS}

@@ -20,7 +20,6 @@ token-level loss.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -92,17 +91,10 @@ def table(rows: dict[str, dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default="runs", help="where the demo's runs are and the variants' go")
-    parser.add_argument("--steps", type=int, default=0, help="optimizer steps per variant (0 = the demo's train.steps)")
+    parser = demo.study_parser(__doc__)
     parser.add_argument("--losses", nargs="*", default=[],
                         help=f"a subset of the KD losses (and/or {BASELINE}, {', '.join(EXTRA)}); default: all")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (shared CPU: 1)")
-    parser.add_argument("--out", default="", help="also write the table here (markdown)")
-    args = parser.parse_args()
-    import torch
-
-    torch.set_num_threads(args.threads)
+    args = demo.study_args(parser)
     root = Path(args.root)
     base = [f"run.root={root}"] + demo.demo_overrides(root)
     demo_dir = root / "demo"

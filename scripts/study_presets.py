@@ -16,7 +16,6 @@ The last line is one JSON object: per variant its KL, bytes/token of its train c
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -90,17 +89,9 @@ def table(rows: dict[str, dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default="runs", help="where the demo's runs are and the variants' go")
-    parser.add_argument("--steps", type=int, default=0, help="optimizer steps per variant (0 = the demo's train.steps)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (shared CPU: 1)")
-    parser.add_argument("--out", default="", help="also write the table here (markdown)")
-    args = parser.parse_args()
-    import torch
-
     from pipeline.models import load_tokenizer
 
-    torch.set_num_threads(args.threads)
+    args = demo.study_args(demo.study_parser(__doc__))
     root = Path(args.root)
     base = [f"run.root={root}"] + demo.demo_overrides(root)
     vocab = len(load_tokenizer(str(root / "demo_assets" / "tokenizer")))

@@ -13,6 +13,8 @@ Running it again skips finished stages and resumes interrupted ones.
 
 from __future__ import annotations
 
+import argparse
+
 import os
 import platform
 import subprocess
@@ -101,6 +103,23 @@ def machine() -> str:
     model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
                  platform.processor())
     return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s)"
+
+
+def study_parser(doc: str, root_help: str = "where the demo's runs are and the variants' go") -> argparse.ArgumentParser:
+    """The options every study script shares (--root, --steps, --threads, --out); add your own."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--root", default="runs", help=root_help)
+    parser.add_argument("--steps", type=int, default=0, help="optimizer steps per variant (0 = the demo's train.steps)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (shared CPU: 1)")
+    parser.add_argument("--out", default="", help="also write the table here (markdown)")
+    return parser
+
+
+def study_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parsed options, torch's intra-op threads set from --threads."""
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def study_header(steps: int) -> str:
