@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -179,7 +180,8 @@ def test_killed_cache_on_s3_resumes_to_the_uninterrupted_result(make_config, s3_
     location = cache_location(cfg, "train")
     proc = subprocess.Popen([sys.executable, "run_pipeline.py", "cache", *overrides], cwd=REPO, env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    kill_when(proc, lambda: len(committed_shards(location)) >= 1, timeout=120)
+    # polled every ~50 ms, not 2: moto serves from this process, and a busy poll would slow the run it watches
+    kill_when(proc, lambda: time.sleep(0.05) or len(committed_shards(location)) >= 1, timeout=120)
     assert 1 <= len(committed_shards(location)) < len(reference), "the kill must land mid-way"
     assert not location.exists("manifest.json")
 
