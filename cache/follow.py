@@ -55,7 +55,6 @@ class Follower:
         """``share(value)``: rank 0's ``value`` on every rank (the others pass None); the default: one process."""
         self.location, self.poll_s, self.timeout_s, self.is_main, self.share = location, poll_s, timeout_s, is_main, share
         self.shards: list[ShardInfo] = []
-        self.manifest: Manifest | None = None
         self.identity: dict = {}
         self.complete = False
 
@@ -83,7 +82,8 @@ class Follower:
             new = self.refresh()
             if new or self.complete:
                 return new
-            if self.timeout_s and time.monotonic() - start > self.timeout_s:
+            # rank 0's clock decides, for every rank: a rank that gave up alone would leave the others in a broadcast
+            if self.timeout_s and self.share(self.is_main and time.monotonic() - start > self.timeout_s):
                 raise CacheError(f"{self.location}: no {for_what} in {self.timeout_s:.0f} s (train.follow_timeout_s); "
                                  f"is the cache stage running?")
             time.sleep(self.poll_s)
