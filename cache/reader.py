@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.codec import Codec, decode_topk
+from cache.codec import Codec, decode_draw_ids, decode_head, decode_router, dequantise
 from cache.location import Location, objects_digest
 from cache.schema import (CacheError, Manifest, Sequences, ShardInfo, TeacherRecord, pad_draws, ragged_arange,
                           read_manifest)
@@ -35,9 +35,10 @@ from cache.zarr_store import open_shard as open_fetched
 
 PREFETCH_SHARDS = 2  # shards opened (object store: fetched whole and verified) ahead of the reads
 
-TOKEN_FIELDS = ("input_ids", "loss_mask", "target_logprob", "log_partition", "topk_ids", "topk_logprobs",
+WHOLE_SHARE = 1 / 16  # an array up to this share of the block cache is decoded (and kept) whole
+
+TOKEN_FIELDS = ("input_ids", "loss_mask", "target_logprob", "log_partition", "topk_ids", "topk_logprobs", "draw_n",
                 "router_ids", "router_probs")
-TEACHER_FIELDS = TOKEN_FIELDS[2:]
 
 
 
@@ -57,6 +58,7 @@ class CacheReader:
         self._handles: dict[str, object] = {}
         self._offsets: dict[str, np.ndarray] = {}
         self._sample_ids: dict[str, np.ndarray] = {}
+        self._draw_offsets: dict[str, np.ndarray] = {}
         self._blocks: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._block_bytes, self._max_block_bytes = 0, block_cache_bytes
         self._verify = verify
@@ -137,33 +139,15 @@ class CacheReader:
             self._offsets[name] = np.asarray(self._index_handle(name)["seq_offsets"][:])
         return self._offsets[name]
 
+    def seq_draw_offsets(self, name: str) -> np.ndarray:
+        if name not in self._draw_offsets:
+            self._draw_offsets[name] = np.asarray(self.shard(name)["seq_draw_offsets"][:])
+        return self._draw_offsets[name]
+
     def sample_ids(self, name: str) -> np.ndarray:
         if name not in self._sample_ids:
             self._sample_ids[name] = np.asarray(self._index_handle(name)["sample_ids"][:])
         return self._sample_ids[name]
-
-    def _block(self, name: str, key: str, index: int, rows: int) -> np.ndarray:
-        cache_key = (name, key, index)
-        block = self._blocks.get(cache_key)
-        if block is None:
-            block = np.asarray(self.shard(name)[key][index * rows:(index + 1) * rows])
-            self._blocks[cache_key] = block
-            self._block_bytes += block.nbytes
-            while self._block_bytes > self._max_block_bytes and len(self._blocks) > 1:
-                self._block_bytes -= self._blocks.popitem(last=False)[1].nbytes
-        else:
-            self._blocks.move_to_end(cache_key)
-        return block
-
-    def rows(self, name: str, key: str, a: int, b: int) -> np.ndarray:
-        """Rows [a, b) of one array, assembled from cached decoded chunks."""
-        array = self.shard(name)[key]
-        rows = (array.chunks or (0,))[0]
-        if not rows or b <= a:
-            return np.asarray(array[a:b])
-        parts = [self._block(name, key, i, rows) for i in range(a // rows, (b - 1) // rows + 1)]
-        start = a - (a // rows) * rows
-        return np.concatenate(parts)[start:start + (b - a)] if len(parts) > 1 else parts[0][start:start + (b - a)]
 
     def _fetch_runs(self, name: str, key: str, chunks: np.ndarray, rows: int) -> None:
         """Put the chunks not cached yet into the block cache, one store read per contiguous run."""
@@ -182,13 +166,29 @@ class CacheReader:
         while self._block_bytes > self._max_block_bytes and len(self._blocks) > 1:
             self._block_bytes -= self._blocks.popitem(last=False)[1].nbytes
 
+    def _whole(self, name: str, key: str, array) -> np.ndarray | None:
+        """The whole decoded array when it takes at most WHOLE_SHARE of the block cache (one store read, and
+        every later gather a single take), else None (the chunk path: large-k shards)."""
+        cache_key = (name, key, "whole")
+        if cache_key in self._blocks:
+            self._blocks.move_to_end(cache_key)
+            return self._blocks[cache_key]
+        if int(np.prod(array.shape)) * np.dtype(array.dtype).itemsize > self._max_block_bytes * WHOLE_SHARE:
+            return None
+        self._put(cache_key, np.asarray(array[:]))
+        return self._blocks[cache_key]
+
     def gather(self, name: str, key: str, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-        """Rows [starts[i], ends[i]) of one array, concatenated in order, from cached decoded chunks."""
+        """Rows [starts[i], ends[i]) of one array, concatenated in order, from the cached decoded array (or
+        its cached decoded chunks)."""
         array = self.shard(name)[key]
         rows = (array.chunks or (0,))[0]
         index = ragged_arange(starts, ends)
         if not len(index):
             return np.asarray(array[0:0])
+        whole = self._whole(name, key, array)
+        if whole is not None:
+            return whole.take(index, axis=0)
         if not rows:  # an unchunked array: one read over the span the rows lie in
             lo = int(index[0] if len(starts) == 1 else index.min())
             return np.asarray(array[lo:int(np.max(ends))])[index - lo]
@@ -210,44 +210,34 @@ class CacheReader:
         return buffer[position]
 
     def read_many(self, name: str, seqs: np.ndarray) -> Sequences:
-        """Sequences ``seqs`` of a shard (local indices, in that order), decoded in one go: equal to
-        concatenating ``read(name, s, s + 1)`` over ``seqs``."""
-        offsets = self.seq_offsets(name)
+        """Sequences ``seqs`` of a shard (local indices, in that order), decoded in one go: one gather per
+        stored array over all their rows, then one vectorised decode per field (cache/codec.py)."""
+        shard, offsets, codec = self.shard(name), self.seq_offsets(name), self.codec
         seqs = np.asarray(seqs, np.int64)
         a, b = offsets[seqs], offsets[seqs + 1]
-        fields = {k: self.gather(name, k, a, b) for k in TOKEN_FIELDS if k in self.shard(name)}
-        draws = None
-        if "draw_offsets" in self.shard(name):
-            bounds = self.gather(name, "draw_offsets", a, b + 1)  # each sequence's b - a + 1 bounds
-            last = np.cumsum(b - a + 1) - 1  # a sequence's last bound: no position of its own
-            d_a, d_b = bounds[last - (b - a)], bounds[last]
-            draws = (np.delete(np.diff(bounds), last[:-1]), self.gather(name, "draw_ids", d_a, d_b),
-                     self.gather(name, "draw_counts", d_a, d_b))
-        return self._record(self.sample_ids(name)[seqs], b - a, fields, draws)
+        get = {k: self.gather(name, k, a, b) for k in TOKEN_FIELDS if k in shard}
+        unit = np.zeros((int((b - a).sum()), 1), np.float32)  # the gauge log Z_1 = 0 (column 0 is not stored)
+        t = {"target_logprob": dequantise(get["target_logprob"], 32 if codec.logprob_bits == 32 else 16),
+             "log_partition": np.concatenate([unit, get["log_partition"]], 1) if "log_partition" in get else unit}
+        if "topk_ids" in get:
+            t["topk_ids"], t["topk_logprobs"] = decode_head(get["topk_ids"], get["topk_logprobs"], codec)
+        if "draw_n" in get:
+            draw_n = get["draw_n"].astype(np.int64)
+            bounds = self.seq_draw_offsets(name)
+            d_a, d_b = bounds[seqs], bounds[seqs + 1]
+            ragged = [decode_draw_ids(draw_n, self.gather(name, "draw_ids", d_a, d_b), codec),
+                      self.gather(name, "draw_counts", d_a, d_b).astype(np.int32),
+                      dequantise(self.gather(name, "draw_logprobs", d_a, d_b), codec.logprob_bits)]
+            t["draw_ids"], t["draw_counts"], t["draw_logprobs"] = pad_draws(draw_n, ragged)
+        if "router_ids" in get:
+            t["router_ids"], t["router_probs"] = decode_router(get["router_ids"], get.get("router_probs"), codec)
+        teacher = TeacherRecord(temperatures=self.temperatures, draw_temperature=self.draw_temperature, **t)
+        return Sequences(sample_ids=self.sample_ids(name)[seqs], seq_lens=b - a, input_ids=get["input_ids"],
+                         loss_mask=get["loss_mask"], teacher=teacher)
 
     def read(self, name: str, first_seq: int, last_seq: int) -> Sequences:
         """Sequences [first_seq, last_seq) of a shard, decoded."""
-        offsets = self.seq_offsets(name)
-        a, b = int(offsets[first_seq]), int(offsets[last_seq])
-        fields = {k: self.rows(name, k, a, b) for k in TOKEN_FIELDS if k in self.shard(name)}
-        draws = None
-        if "draw_offsets" in self.shard(name):
-            bounds = self.rows(name, "draw_offsets", a, b + 1)
-            draws = (np.diff(bounds), *(self.rows(name, k, int(bounds[0]), int(bounds[-1]))
-                                        for k in ("draw_ids", "draw_counts")))
-        return self._record(self.sample_ids(name)[first_seq:last_seq], np.diff(offsets[first_seq:last_seq + 1]),
-                            fields, draws)
-
-    def _record(self, sample_ids, seq_lens, fields: dict, draws: tuple | None) -> Sequences:
-        """Decoded token rows as a Sequences record: top-k decoded, draws padded per token."""
-        if "topk_ids" in fields:
-            fields["topk_ids"], fields["topk_logprobs"] = decode_topk(fields["topk_ids"], fields["topk_logprobs"], self.codec)
-        if draws is not None:
-            fields["draw_ids"], fields["draw_counts"] = pad_draws(draws[0], list(draws[1:]))
-        own = [k for k in fields if k in TEACHER_FIELDS + ("draw_ids", "draw_counts")]
-        teacher = TeacherRecord(temperatures=self.temperatures, draw_temperature=self.draw_temperature,
-                                **{k: fields.pop(k) for k in own})
-        return Sequences(sample_ids=sample_ids, seq_lens=seq_lens, teacher=teacher, **fields)
+        return self.read_many(name, np.arange(first_seq, last_seq))
 
     @property
     def draw_temperature(self) -> float:

@@ -23,18 +23,22 @@ import numpy as np
 
 from cache.location import Location, atomic_file  # noqa: F401  (atomic_file lives where bytes go)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
+RECREATE = "re-create it with this kdcache: run_pipeline.py cache --force (sets the old cache aside)"
 
 
 @dataclass(frozen=True)
 class FieldSpec:
     name: str
-    dtype: str
-    axis: str  # which flat axis dim 0 runs over: token | seq | seq+1 | token+1 | draw
+    dtype: str  # the stored dtype, or the dtypes a codec may choose, separated by '|' (cache/codec.py)
+    axis: str  # which flat axis dim 0 runs over: token | seq | seq+1 | draw
     meaning: str
 
 
+# Stored arrays (v2). uint8/uint16 values are quantised log-probs (cache/codec.py: the codec's logprob_bits,
+# 16 bits for the target's, router_bits for router probabilities); float32 where the preset is 'exact'.
+QUANTISED = "uint8|uint16|float32"
 FIELDS: dict[str, FieldSpec] = {
     f.name: f
     for f in [
@@ -42,15 +46,18 @@ FIELDS: dict[str, FieldSpec] = {
         FieldSpec("loss_mask", "uint8", "token", "[T] 1 where the next-token target is trained on"),
         FieldSpec("seq_offsets", "int64", "seq+1", "[S+1] sequence bounds in the token axis"),
         FieldSpec("sample_ids", "int64", "seq", "[S] stable id of each sequence"),
-        FieldSpec("topk_ids", "int32", "token", "[T, K] top-k next-token ids (codec-encoded)"),
-        FieldSpec("topk_logprobs", "float16", "token", "[T, K] their log-probs at temperature 1"),
-        FieldSpec("target_logprob", "float16", "token", "[T] log-prob of the actual next token"),
-        FieldSpec("log_partition", "float32", "token", "[T, P] log sum exp(z/tau) per cached tau"),
-        FieldSpec("draw_offsets", "int64", "token+1", "[T+1] bounds of each position's draws"),
-        FieldSpec("draw_ids", "int32", "draw", "[D] unique ids among the N draws"),
-        FieldSpec("draw_counts", "uint16", "draw", "[D] how often each id was drawn"),
-        FieldSpec("router_ids", "int16", "token", "[T, L, R] top-k_r expert ids per MoE layer"),
-        FieldSpec("router_probs", "float16", "token", "[T, L, R] their router probabilities"),
+        FieldSpec("target_logprob", "uint16|float32", "token", "[T] log-prob of the actual next token"),
+        FieldSpec("log_partition", "float32", "token",
+                  "[T, P-1] log sum p^(1/tau) at each cached tau != 1 (gauge log Z_1 = 0; absent when P = 1)"),
+        FieldSpec("topk_ids", "int32", "token", "[T, K] top-k head: vocabulary ranks ascending, first then deltas"),
+        FieldSpec("topk_logprobs", QUANTISED, "token", "[T, K] their log-probs at tau = 1, in the same order"),
+        FieldSpec("draw_n", "uint8|uint16", "token", "[T] unique draws per position"),
+        FieldSpec("seq_draw_offsets", "int64", "seq+1", "[S+1] sequence bounds in the draw axis"),
+        FieldSpec("draw_ids", "int32", "draw", "[D] unique drawn ids: ranks ascending per position, first then deltas"),
+        FieldSpec("draw_counts", "uint8|uint16", "draw", "[D] how often each id was drawn"),
+        FieldSpec("draw_logprobs", QUANTISED, "draw", "[D] the teacher's log-prob (tau = 1) of each drawn id"),
+        FieldSpec("router_ids", "uint8|int16", "token", "[T, L, R] top-k_r experts per stored layer: ascending deltas"),
+        FieldSpec("router_probs", QUANTISED, "token", "[T, L, R] their router probabilities, in the same order"),
     ]
 }
 
@@ -99,10 +106,8 @@ class Manifest:
     def from_dict(cls, data: dict) -> "Manifest":
         version = data.get("format_version")
         if version != FORMAT_VERSION:
-            raise CacheError(
-                f"cache format version {version!r} is not supported (this kdcache reads "
-                f"version {FORMAT_VERSION}); re-create the cache with this version"
-            )
+            raise CacheError(f"cache format version {version!r} is not supported (this kdcache reads version "
+                             f"{FORMAT_VERSION} only); {RECREATE}")
         shards = [ShardInfo(**s) for s in data.get("shards", [])]
         return cls(**{**data, "shards": shards})
 
@@ -171,7 +176,10 @@ class TeacherRecord:
     reader (phase two) to the loss. Its arrays are numpy in cache/ and the DataLoader workers and
     torch tensors in the trainer (``map``); optional parts are None when the cache lacks them.
     Draws are padded per token (unique ids, their counts, count 0 on padding); a shard stores them
-    ragged (``draw_offsets``), the reader pads them again."""
+    ragged (``draw_n`` per token), the reader pads them again. Decoded from a v2 cache: ids int64,
+    values float32, counts int32; log-probs at tau = 1 in the gauge log Z_1 = 0 (``log_partition[:, 0]``
+    is 0, column j log sum_v p_v^(1/tau_j)); top-k and router entries by descending probability; a
+    token's draws in no particular order (ascending vocabulary rank), padding after them."""
 
     log_partition: Any  # [T, P] float: log sum exp(z / tau) per cached tau
     target_logprob: Any = None  # [T] float: log-prob of the actual next token
@@ -182,7 +190,7 @@ class TeacherRecord:
     draw_counts: Any = None  # [T, D] int: how often each was drawn, 0 on padding
     draw_logprobs: Any = None  # [T, D] float: the teacher's tau = 1 log-prob at each stored draw (v2)
     draw_temperature: float = 1.0  # the temperature the draws were made at
-    router_ids: Any = None  # [T, L, R] int
+    router_ids: Any = None  # [T, L, R] int, L = the stored MoE layers (identity['moe_layers'])
     router_probs: Any = None  # [T, L, R] float (absent for an ids-only router cache)
 
     def arrays(self) -> dict[str, Any]:
@@ -262,7 +270,8 @@ def sequences_from_flat(flat: dict[str, Any], temperatures: tuple[float, ...] = 
     token, ``draw_ids``/``draw_counts`` flat): how synthetic records in tests and benchmarks are written."""
     flat = dict(flat)
     if "draw_n" in flat:
-        flat["draw_ids"], flat["draw_counts"] = pad_draws(flat.pop("draw_n"), [flat["draw_ids"], flat["draw_counts"]])
+        keys = [k for k in PADDED_DRAWS if k in flat]
+        flat.update(zip(keys, pad_draws(flat.pop("draw_n"), [flat[k] for k in keys])))
     teacher = {k: v for k, v in flat.items() if k not in SEQUENCE_FIELDS}
     return Sequences(**{k: flat[k] for k in SEQUENCE_FIELDS},
                      teacher=TeacherRecord(temperatures=temperatures, **teacher) if teacher else None)

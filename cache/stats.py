@@ -72,6 +72,11 @@ def target_in_draws(draw_ids_TD: np.ndarray, draw_counts_TD: np.ndarray, targets
     return ((draw_ids_TD == targets_T[:, None]) & (draw_counts_TD > 0)).any(axis=1)
 
 
+def draw_mass(draw_counts_TD: np.ndarray, draw_logprobs_TD: np.ndarray) -> np.ndarray:
+    """Teacher probability (tau = 1) of each position's unique drawn ids together (padding: count 0): [T]."""
+    return np.where(draw_counts_TD > 0, np.exp(draw_logprobs_TD.astype(np.float64)), 0.0).sum(1)
+
+
 # --- router statistics ------------------------------------------------------------------
 
 
@@ -98,10 +103,13 @@ def expert_load(router_ids_TLR: np.ndarray, router_probs_TLR: np.ndarray | None,
 def router_entropy(router_probs_TLR: np.ndarray) -> np.ndarray:
     """Entropy (nats) of each token's stored router probabilities per layer: [T, L].
 
-    Uses ``bucket_entropy``: exact when all experts are stored (k_r = E), a lower bound otherwise.
+    Uses ``bucket_entropy``: exact when all experts are stored (k_r = E), a lower bound otherwise (up to
+    the quantisation of the stored probabilities; a row summing past 1 is scaled back to 1).
     """
     T, L, R = router_probs_TLR.shape
-    return bucket_entropy(router_probs_TLR.reshape(T * L, R)).reshape(T, L)
+    p_NR = router_probs_TLR.reshape(T * L, R).astype(np.float64)
+    p_NR = p_NR / np.maximum(p_NR.sum(1, keepdims=True), 1.0)  # quantised rows can sum past 1: no mass from nothing
+    return bucket_entropy(p_NR).reshape(T, L)
 
 
 # load_shares and coefficient_of_variation are the one home of the expert-load balance: inspect calls
@@ -138,12 +146,17 @@ def piece_stats(seqs: Sequences, vocab_size: int, num_experts: int, routed_k: in
         part["entropy_lower_T"], part["entropy_upper_T"] = entropy_bounds(out.topk_logprobs, vocab_size)
         part["target_in_topk"] = int(target_in_topk(out.topk_ids, targets_T)[trained_T].sum())
     if out.draw_ids is not None:
-        part["draws_unique"] = int(np.count_nonzero(out.draw_counts))
+        counts_TD = np.asarray(out.draw_counts)
+        part["draws_unique"] = int(np.count_nonzero(counts_TD))
         part["target_in_draws"] = int(target_in_draws(out.draw_ids, out.draw_counts, targets_T)[trained_T].sum())
+        part["draws_total"] = int(counts_TD.astype(np.int64).sum())
+        part["draws_singleton"] = int((counts_TD == 1).sum())
+        part["draw_mass_T"] = draw_mass(counts_TD, out.draw_logprobs)
     if out.router_ids is not None:
         part["router_load"] = expert_load(out.router_ids, out.router_probs, num_experts, routed_k)
     if out.router_probs is not None:
         part["router_entropy"] = router_entropy(out.router_probs).sum(axis=0)
+        part["router_mass_gap"] = np.abs(1.0 - out.router_probs.astype(np.float64).sum(-1)).sum(axis=0)
     return part
 
 
@@ -256,9 +269,27 @@ def teacher_summary(totals: dict) -> dict:
                    entropy_upper_mean=float(totals["entropy_upper_T"].mean()),
                    target_in_topk=totals["target_in_topk"] / trained)
     if "draws_unique" in totals:
-        out.update(draws_unique_mean=totals["draws_unique"] / max(totals["tokens"], 1),
-                   target_in_draws=totals["target_in_draws"] / trained)
+        tokens = max(totals["tokens"], 1)
+        out.update(draws_unique_mean=totals["draws_unique"] / tokens,
+                   target_in_draws=totals["target_in_draws"] / trained,
+                   draws_per_position=totals["draws_total"] / tokens,
+                   draws_singleton_share=totals["draws_singleton"] / max(totals["draws_unique"], 1),
+                   draw_mass_mean=float(totals["draw_mass_T"].mean()),
+                   draw_mass_p50=float(np.percentile(totals["draw_mass_T"], 50)))
     return out
+
+
+def codec_summary(identity: dict) -> dict:
+    """The preset and the documented error bounds of its quantisers (cache/codec.py)."""
+    from cache.codec import LOGPROB_STEP, max_logprob_error
+
+    codec = identity.get("codec", {})
+    bits, router_bits = codec.get("logprob_bits", 32), codec.get("router_bits", 32)
+    return {"preset": codec.get("preset", ""), "logprob_bits": bits, "router_bits": router_bits,
+            "logprob_error_bound": max_logprob_error(bits),
+            "target_error_bound": max_logprob_error(32 if bits == 32 else 16),
+            "router_log_error_bound": 0.0 if router_bits == 32 else LOGPROB_STEP[router_bits] / 2,
+            "vocab_ranked": len(codec.get("vocab_order", []))}
 
 
 def router_summary(totals: dict, identity: dict, num_experts: int) -> dict:
@@ -273,11 +304,14 @@ def router_summary(totals: dict, identity: dict, num_experts: int) -> dict:
         weighting = "router probability (soft load; the teacher's experts per token is not recorded)"
     else:
         weighting = "routed: the stored (routed) expert ids count 1"
-    out = {"layers": layers, "num_experts": num_experts, "router_topk": stored_r, "load_weighting": weighting,
+    out = {"layers": layers, "teacher_layers": list(identity.get("teacher_moe_layers") or layers),
+           "num_experts": num_experts, "router_topk": stored_r, "load_weighting": weighting,
            "load_shares": shares_LE, "load_cv": coefficient_of_variation(shares_LE)}
     if "router_entropy" in totals:
         out["router_entropy"] = totals["router_entropy"] / max(totals["tokens"], 1)
         out["router_entropy_exact"] = stored_r == num_experts
+        if stored_r == num_experts:  # every expert stored: the probabilities should sum to 1, what quantising leaves
+            out["router_mass_gap"] = totals["router_mass_gap"] / max(totals["tokens"], 1)
     return out
 
 
@@ -298,6 +332,7 @@ def cache_stats(reader, max_tokens: int, piece_tokens: int = PIECE_TOKENS) -> di
     sizes = storage(reader.location, manifest.store, [s.name for s in manifest.shards])
     stats.update(storage_summary(sizes, manifest.n_tokens, sum(s.nbytes for s in manifest.shards)))
     stats.update(teacher_summary(totals))
+    stats["codec"] = codec_summary(identity)
     if "router_load" in totals:
         stats["router"] = router_summary(totals, identity, num_experts)
         stats["load_cv_mean"] = float(stats["router"]["load_cv"].mean())

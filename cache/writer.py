@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.codec import Codec, encode_topk, encode_values, router_id_dtype
+from cache.codec import Codec, encode_draws, encode_head, encode_router, quantise
 from cache.location import Location
 from cache.schema import (CacheError, Manifest, Sequences, ShardInfo, concat_sequences, identity_mismatch,
                           take_sequences, write_manifest)
@@ -79,8 +79,8 @@ def sequence_bytes(batch: Sequences) -> np.ndarray:
 
 
 def assemble_shard(batches: list[Sequences], codec: Codec, num_experts: int) -> dict[str, np.ndarray]:
-    """The stored arrays of one shard from its batches (the draws stored ragged: the ids drawn at
-    least once, ``draw_offsets`` their bounds per token)."""
+    """The stored (v2-encoded, cache/codec.py) arrays of one shard from its batches: the draws stored ragged
+    (the ids drawn at least once, ``draw_n`` per token, ``seq_draw_offsets`` per sequence)."""
     cat = concat_sequences(batches)
     batches.clear()  # the batch records go as the shard is assembled: about one copy held, not two
     t = cat.teacher
@@ -89,20 +89,21 @@ def assemble_shard(batches: list[Sequences], codec: Codec, num_experts: int) -> 
         "seq_offsets": np.concatenate([[0], np.cumsum(cat.seq_lens)]).astype(np.int64),
         "input_ids": cat.input_ids.astype(np.int32, copy=False),
         "loss_mask": cat.loss_mask.astype(np.uint8, copy=False),
-        "target_logprob": encode_values(t.target_logprob, codec),
-        "log_partition": t.log_partition.astype(np.float32, copy=False),
+        "target_logprob": quantise(t.target_logprob, 32 if codec.logprob_bits == 32 else 16),
     }
+    if t.log_partition.shape[1] > 1:  # backends hand over the gauge log Z_1 = 0: column 0 is not stored
+        out["log_partition"] = t.log_partition[:, 1:].astype(np.float32)
     if t.topk_ids is not None:
-        out["topk_ids"], out["topk_logprobs"] = encode_topk(t.topk_ids, t.topk_logprobs, codec)
+        out["topk_ids"], out["topk_logprobs"] = encode_head(t.topk_ids, t.topk_logprobs, codec)
     if t.draw_ids is not None:
         drawn_TD = t.draw_counts > 0
-        out["draw_offsets"] = np.concatenate([[0], np.cumsum(drawn_TD.sum(1))]).astype(np.int64)
-        out["draw_ids"] = t.draw_ids[drawn_TD].astype(np.int32, copy=False)
-        out["draw_counts"] = t.draw_counts[drawn_TD].astype(np.uint16)
+        draw_n = drawn_TD.sum(1)
+        out.update(encode_draws(draw_n, t.draw_ids[drawn_TD], t.draw_counts[drawn_TD], t.draw_logprobs[drawn_TD], codec))
+        out["seq_draw_offsets"] = np.concatenate([[0], np.cumsum(draw_n, dtype=np.int64)])[out["seq_offsets"]]
     if t.router_ids is not None:
-        out["router_ids"] = t.router_ids.astype(router_id_dtype(num_experts))
-    if t.router_probs is not None:  # absent in an ids-only router cache (vLLM teacher)
-        out["router_probs"] = t.router_probs.astype(codec.values, copy=False)
+        out["router_ids"], probs = encode_router(t.router_ids, t.router_probs, codec, num_experts)
+        if probs is not None:  # absent in an ids-only router cache (vLLM teacher)
+            out["router_probs"] = probs
     return out
 
 

@@ -83,9 +83,9 @@ def check_raw_logits(logits_NE: torch.Tensor) -> None:
 class RouterCapture:
     """Context manager: collects each MoE layer's raw router logits [N, E] per forward."""
 
-    def __init__(self, model, family: RouterFamily):
+    def __init__(self, model, family: RouterFamily, layers: list[int] | None = None):
         self.family = family
-        self.routers = find_routers(model, family)
+        self.routers = [(i, m) for i, m in find_routers(model, family) if layers is None or i in layers]
         self.layers = [idx for idx, _ in self.routers]
         self.logits: list[torch.Tensor] = []
         self._handles = []

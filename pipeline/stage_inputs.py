@@ -57,7 +57,6 @@ NO_EFFECT: dict[str, tuple[str, ...]] = {
     "cache.compression_level": READERS,
     "cache.chunk_tokens": READERS,
     "cache.store": READERS,
-    "cache.id_codec": READERS,  # lossless
     "cache.splits": ("train",),  # train reads cache/ (the train split) only
     "student.attn_implementation": STAGES,
     "student.gradient_checkpointing": STAGES,  # recomputes the same activations

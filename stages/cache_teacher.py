@@ -24,7 +24,7 @@ from fsspec.core import split_protocol
 from fsspec.registry import known_implementations
 from tqdm.auto import tqdm
 
-from cache.codec import ID_CODECS, VALUE_DTYPES, Codec
+from cache.codec import PRESETS, Codec, frequency_order
 from cache.location import Location
 from cache.schema import MANIFEST_NAME, Manifest, read_manifest
 from cache.shards import STORES, resolve_compression
@@ -36,35 +36,35 @@ from pipeline.run_paths import cache_location
 from pipeline.splits import load_split
 from pipeline.stage_inputs import stage_inputs
 from pipeline.teachers.backends import build_teacher
-from pipeline.teachers.base import TeacherBatch
+from pipeline.teachers.base import TeacherBatch, parse_router_layers
 from pipeline.teachers.extract import TARGETS, ExtractSpec
 from pipeline.teachers.native import KERNELS
 
 
 @dataclass
 class CacheConfig:
-    k: int = ranged(64, min=0)
-    """Top-k teacher log-probs stored per position."""
-    targets: str = choice("topk", TARGETS)
-    """'topk', 'sampled' (N draws per position, unbiased) or both."""
-    num_draws: int = ranged(64, min=1, max=65535)
-    """Draws per position for sampled targets."""
+    preset: str = choice("balanced", tuple(PRESETS))
+    """Codec and default shape: compact (draws + top-4, 8-bit), balanced (top-64, 16-bit), exact (top-64, float32); docs/cache_format.md."""
+    k: int = ranged(-1, min=-1)
+    """Exact top-k head entries stored per position (-1 = the preset's)."""
+    targets: str = choice("preset", ("preset", *TARGETS))
+    """'topk', 'sampled' (N draws per position, unbiased), both, or 'preset' (the preset's)."""
+    num_draws: int = ranged(0, min=0, max=65535)
+    """Draws per position for sampled targets (0 = the preset's)."""
     draw_temperature: float = ranged(1.0, above=0.0)
     """Temperature of the distribution the draws come from."""
     temperatures: list[float] = ranged([1.0], above=0.0)
     """Temperatures whose log-partition is cached (tail buckets are exact at these)."""
-    router_topk: str = "all"
-    """Router entries per MoE layer: 'all', 'none' or an integer k_r."""
+    router_topk: str = "preset"
+    """Router entries per stored MoE layer: 'all', 'routed' (the teacher's experts per token), 'none', an integer k_r, or 'preset'."""
+    router_layers: Any = "all"
+    """MoE layers whose router data is stored: 'all', 'last', 'every:N' or a list of decoder-layer indices."""
     store: str = choice("zarr", tuple(STORES))
     """Shard format."""
     compression: str = "auto"
     """'auto' (zstd for zarr, gzip for hdf5), zstd, gzip, lzf (hdf5) or none."""
     compression_level: int = 3
     """Compressor level: 1..22 for zstd, 0..9 for gzip (unused by lzf and none)."""
-    id_codec: str = choice("sorted_delta", ID_CODECS)
-    """How top-k ids are stored."""
-    value_dtype: str = choice("float16", VALUE_DTYPES)
-    """How log-probs and router probabilities are stored."""
     shard_tokens: int = ranged(262144, min=1)
     """Most tokens per shard (the unit of resume)."""
     shard_bytes: int = ranged(1 << 30, min=1)
@@ -87,14 +87,17 @@ class CacheConfig:
     """fsspec options for a URL cache.dir (e.g. endpoint_url, profile); credentials come from the usual AWS env/config."""
 
     def validate(self) -> None:
+        self.resolve_preset()
+        parse_router_layers(self.router_layers)
         if self.k == 0 and "topk" in self.targets:
             raise ConfigError(f"cache.k={self.k} must be positive for cache.targets={self.targets}")
         unknown = [s for s in self.splits if s not in ("train", "eval")]
         if unknown or not self.splits or len(set(self.splits)) < len(self.splits):
             raise ConfigError(f"cache.splits={self.splits} is not allowed; allowed: a non-empty list of train, eval "
                               f"(each at most once)")
-        if self.router_topk not in ("all", "none") and not (str(self.router_topk).isdigit() and int(self.router_topk) > 0):
-            raise ConfigError(f"cache.router_topk={self.router_topk!r} is not allowed; allowed: all, none or an integer >= 1")
+        if self.router_topk not in ROUTER_TOPK and not (str(self.router_topk).isdigit() and int(self.router_topk) > 0):
+            raise ConfigError(f"cache.router_topk={self.router_topk!r} is not allowed; allowed: "
+                              f"{', '.join(ROUTER_TOPK)} or an integer >= 1")
         try:
             compression = resolve_compression(self.store, self.compression)
         except ValueError as err:  # cache/ raises plain ValueError; users get a ConfigError like every key
@@ -105,6 +108,16 @@ class CacheConfig:
             raise ConfigError(f"cache.compression_level={self.compression_level} is out of range for {compression}; "
                               f"allowed: in [{levels[0]}, {levels[1]}]")
 
+    def resolve_preset(self) -> None:
+        """The keys left at 'preset' (-1, 0) take the preset's value (once: the result is what is saved)."""
+        p = PRESETS[self.preset]
+        self.targets = p.targets if self.targets == "preset" else self.targets
+        self.k = p.k if self.k < 0 else self.k
+        self.num_draws = p.num_draws if self.num_draws == 0 else self.num_draws
+        self.router_topk = p.router_topk if self.router_topk == "preset" else str(self.router_topk)
+
+    def codec(self, vocab_size: int, vocab_order: list[int]) -> Codec:
+        return Codec.for_preset(self.preset, vocab_size, vocab_order)
 
     def validate_location(self) -> None:
         protocol = split_protocol(self.dir)[0] if self.dir else None
@@ -122,12 +135,15 @@ class CacheConfig:
             raise ConfigError(f"cache.storage_options.{bad[0]} must be a string, number, boolean or mapping")
 
 
+ROUTER_TOPK = ("preset", "all", "routed", "none")
+
+
 def extract_spec(cfg: CacheConfig, vocab_limit: int) -> ExtractSpec:
     temps = tuple([1.0] + [t for t in cfg.temperatures if t != 1.0])
     return ExtractSpec(k=cfg.k, temperatures=temps, targets=cfg.targets, num_draws=cfg.num_draws,
                        draw_temperature=cfg.draw_temperature, seed=cfg.seed, vocab_limit=vocab_limit,
                        chunk_tokens=cfg.extract_chunk_tokens, router_topk=str(cfg.router_topk),
-                       kernel=cfg.extract_kernel)
+                       router_layers=parse_router_layers(cfg.router_layers), kernel=cfg.extract_kernel)
 
 
 def plan_batches(sample_ids: np.ndarray, batch_size: int) -> list[np.ndarray]:
@@ -161,14 +177,22 @@ def check_teacher_fits(teacher, data_manifest: dict, spec: ExtractSpec) -> None:
                           "set data.tokenizer to the teacher's and re-run prepare")
 
 
-def identity(cfg, teacher, spec: ExtractSpec, data_manifest: dict, split: str) -> dict:
+def split_codec(c: CacheConfig, ds, vocab_size: int) -> Codec:
+    """The split's codec: the preset's, with the vocabulary ranked by the split's own token counts."""
+    import pyarrow.compute as pc
+
+    tokens = pc.list_flatten(ds.data.column("input_ids")).to_numpy()
+    return c.codec(vocab_size, frequency_order(tokens, vocab_size))
+
+
+def identity(cfg, teacher, spec: ExtractSpec, data_manifest: dict, split: str, codec: Codec) -> dict:
     c = cfg.cache
     return {
         **teacher.identity(), "tokenizer": data_manifest["tokenizer"], "vocab_size": data_manifest["vocab_size"],
         "dataset": data_manifest["splits"][split]["fingerprint"], "split": split, "k": c.k if spec.wants_topk else 0,
         "targets": c.targets, "temperatures": list(spec.temperatures),
         "draws": {"n": c.num_draws, "temperature": c.draw_temperature, "seed": c.seed} if spec.wants_draws else None,
-        "codec": {"ids": c.id_codec, "values": c.value_dtype}, "store": c.store,
+        "codec": codec.to_dict(), "store": c.store,
     }
 
 
@@ -177,7 +201,8 @@ def cache_split(cfg, teacher, spec: ExtractSpec, split: str, dist: Dist) -> Mani
     out_dir = cache_location(cfg, split)
     if len(ds) == 0:
         return None
-    ident = identity(cfg, teacher, spec, data_manifest, split)
+    codec = split_codec(cfg.cache, ds, data_manifest["vocab_size"])
+    ident = identity(cfg, teacher, spec, data_manifest, split, codec)
     out_dir.makedirs()
     check_identity(out_dir, ident)
     if out_dir.exists(MANIFEST_NAME) and read_manifest(out_dir).identity == ident:
@@ -190,7 +215,7 @@ def cache_split(cfg, teacher, spec: ExtractSpec, split: str, dist: Dist) -> Mani
     sample_ids = np.asarray(ds["sample_id"])
     mine = plan_batches(sample_ids, c.batch_size)[dist.rank::dist.world_size]
     todo = [rows for rows in mine if not all(int(s) in done for s in sample_ids[rows])]
-    writer = CacheWriter(out_dir, rank=dist.rank, identity=ident, store=c.store, codec=Codec(c.id_codec, c.value_dtype),
+    writer = CacheWriter(out_dir, rank=dist.rank, identity=ident, store=c.store, codec=codec,
                          shard_tokens=c.shard_tokens, shard_bytes=c.shard_bytes, chunk_rows=c.chunk_tokens,
                          compression=resolve_compression(c.store, c.compression), level=c.compression_level,
                          num_experts=teacher.num_experts, skip=done, world_size=dist.world_size)
@@ -211,8 +236,10 @@ def cached_fields(spec: ExtractSpec, teacher) -> set[str]:
     out = {"input_ids", "loss_mask", "seq_offsets", "sample_ids", "target_logprob", "log_partition"}
     if spec.wants_topk:
         out |= {"topk_ids", "topk_logprobs"}
+    if len(spec.temperatures) == 1:
+        out.remove("log_partition")  # the gauge log Z_1 = 0 leaves nothing to store at tau = 1 alone
     if spec.wants_draws:
-        out |= {"draw_offsets", "draw_ids", "draw_counts"}
+        out |= {"draw_n", "seq_draw_offsets", "draw_ids", "draw_counts", "draw_logprobs"}
     if teacher.router_topk:
         out |= {"router_ids", "router_probs"} if teacher.router_has_probs else {"router_ids"}
     return out

@@ -94,9 +94,25 @@ def teacher_lines(s: dict) -> list[str]:
                  ("entropy upper bound (tail uniform), nats", f"{s['entropy_upper_mean']:.3f}", "", ""),
                  ("target in top-k (trained positions)", f"{s['target_in_topk']:.1%}", "", "")]
     if "draws_unique_mean" in s:
-        rows += [("unique draws per position", f"{s['draws_unique_mean']:.2f}", "", ""),
+        rows += [("draws per position (counts summed)", f"{s['draws_per_position']:.2f}", "", ""),
+                 ("unique draws per position", f"{s['draws_unique_mean']:.2f}", "", ""),
+                 ("unique draws drawn once", f"{s['draws_singleton_share']:.1%}", "", ""),
+                 ("teacher mass of the unique draws", f"{s['draw_mass_mean']:.3f}", "", f"{s['draw_mass_p50']:.3f}"),
                  ("target among draws (trained positions)", f"{s['target_in_draws']:.1%}", "", "")]
     return ["teacher signal", *table(rows)]
+
+
+def codec_lines(s: dict) -> list[str]:
+    c = s["codec"]
+    bits = lambda b: "float32" if b == 32 else f"{b}-bit"
+    rows = [("preset", c["preset"]),
+            ("top-k / draw log-probs", f"{bits(c['logprob_bits'])}, |error| <= {c['logprob_error_bound']:.2g} nats"),
+            ("target log-prob", f"{bits(32 if c['logprob_bits'] == 32 else 16)}, |error| <= {c['target_error_bound']:.2g} nats"),
+            ("router probabilities", f"{bits(c['router_bits'])}, |error of log p| <= {c['router_log_error_bound']:.2g}"),
+            ("vocabulary ranked by frequency", f"{c['vocab_ranked']:,} ids (the rest in id order)")]
+    if "router" in s and "router_mass_gap" in s["router"]:
+        rows.append(("router |1 - sum p| (all experts stored), mean", f"{float(np.mean(s['router']['router_mass_gap'])):.2g}"))
+    return ["codec (bounds hold for log p above the quantiser's floor, docs/cache_format.md)", *table(rows)]
 
 
 def router_lines(s: dict) -> list[str]:
@@ -112,12 +128,13 @@ def router_lines(s: dict) -> list[str]:
              f"  uniform share 1/E = {1 / r['num_experts']:.3f}" + (f"; entropy in nats ({bound}), "
                                                                      f"max log E = {np.log(r['num_experts']):.3f}"
                                                                      if has_entropy else "")]
-    title = f"router ({len(r['layers'])} MoE layers, {r['num_experts']} experts, {r['router_topk']} stored per token)"
+    title = (f"router ({len(r['layers'])} of the teacher's {len(r['teacher_layers'])} MoE layers stored, "
+             f"{r['num_experts']} experts, {r['router_topk']} stored per token)")
     return [title, *table(rows), *notes]
 
 
 def format_report(cache_dir, stats: dict) -> str:
-    sections = [header_lines(cache_dir, stats), storage_lines(stats), teacher_lines(stats)]
+    sections = [header_lines(cache_dir, stats), storage_lines(stats), teacher_lines(stats), codec_lines(stats)]
     if "router" in stats:
         sections.append(router_lines(stats))
     return "\n\n".join("\n".join(lines) for lines in sections)

@@ -27,6 +27,7 @@ def by_sample(cache_dir) -> dict[int, dict[str, np.ndarray]]:
                 drawn = rec.teacher.draw_counts[a:b] > 0
                 seq.update(draw_n=drawn.sum(1), draw_ids=rec.teacher.draw_ids[a:b][drawn],
                            draw_counts=rec.teacher.draw_counts[a:b][drawn])
+                seq["draw_logprobs"] = rec.teacher.draw_logprobs[a:b][drawn]
             assert sid not in out, f"sample {sid} is cached twice"
             out[sid] = seq
     reader.close()

@@ -154,7 +154,7 @@ def test_bild_recipe_at_its_temperature_equals_the_paper(train_config, pairs_jso
                                                         student_path):
     """BiLD's recipe at BiLD's tau = 3 on a cache of the whole vocabulary (so both halves are exact):
     loss = bild + prompt KL, with no tau² (= 9) on bild and the prompt KL a mean over prompt tokens."""
-    full = (f"data.source={pairs_jsonl}", f"cache.k={len(tokenizer)}", "cache.value_dtype=float32",
+    full = (f"data.source={pairs_jsonl}", f"cache.k={len(tokenizer)}", "cache.preset=exact",
             "cache.targets=topk")
     cfg = train_config("train.steps=1", "train.alpha=1", "train.kd_loss=bild", "train.temperature=3",
                        "train.prompt_kl_weight=1", "train.router_weight=0", cache=full)

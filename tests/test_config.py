@@ -34,7 +34,7 @@ def test_unknown_top_level_section():
 @pytest.mark.parametrize("override,key,allowed", [
     ("cache.store=foo", "cache.store", ["zarr", "hdf5"]),
     ("cache.targets=all", "cache.targets", ["topk", "sampled", "topk+sampled"]),
-    ("cache.id_codec=huffman", "cache.id_codec", ["sorted_delta", "plain"]),
+    ("cache.preset=huffman", "cache.preset", ["compact", "balanced", "exact"]),
     ("cache.compression=lzf", "cache.compression", ["zstd", "gzip", "none"]),  # lzf is hdf5-only
     ("cache.router_topk=some", "cache.router_topk", ["all", "none", "integer"]),
     ("teacher.backend=onnx", "teacher.backend", ["hf", "vllm"]),
@@ -57,7 +57,7 @@ def test_bad_typed_value_names_key_and_type(override, key, expected):
     assert key in message and expected in message
 
 
-@pytest.mark.parametrize("override", ["cache.k=-1", "cache.num_draws=0", "data.max_length=1",
+@pytest.mark.parametrize("override", ["cache.k=-2", "cache.num_draws=-1", "data.max_length=1",
                                       "data.eval_fraction=1.0", "cache.temperatures=[0.0]", "run.name=a/b"])
 def test_out_of_range_values(override):
     assert override.split("=")[0] in config_error(override)
@@ -238,3 +238,16 @@ def test_cache_splits_are_checked_at_config_load(splits):
     """An unknown (or repeated) split is one line when the config loads, long before a teacher loads."""
     message = config_error(f"cache.splits={splits}")
     assert "cache.splits" in message and "train, eval" in message
+
+
+def test_preset_fills_the_shape_keys_left_at_their_defaults():
+    cfg = load_config(PipelineConfig, [], ["cache.preset=compact", "cache.k=2"])
+    assert (cfg.cache.targets, cfg.cache.k, cfg.cache.num_draws, cfg.cache.router_topk) == ("topk+sampled", 2, 48, "routed")
+    default = load_config(PipelineConfig, [], [])
+    assert (default.cache.preset, default.cache.targets, default.cache.k) == ("balanced", "topk", 64)
+
+
+@pytest.mark.parametrize("value", ["'every:0'", "first", "[]", "'[1, x]'"])
+def test_router_layers_syntax_is_one_line(value):
+    message = config_error(f"cache.router_layers={value}")
+    assert "cache.router_layers" in message and "allowed: all, last, every:N" in message and "\n" not in message

@@ -68,12 +68,12 @@ def dense(seq: dict) -> np.ndarray:
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_router_probs_match_reference(make_config, family):
-    cfg, cache, manifest = run_cache(make_config, "cache.router_topk=all", teacher=family)
+    cfg, cache, manifest = run_cache(make_config, "cache.router_topk=all", "cache.preset=exact", teacher=family)
     assert {"router_ids", "router_probs"} <= set(manifest.fields)
     assert manifest.identity["num_experts"] == EXPERTS and manifest.identity["moe_layers"] == [0, 1]
     for seq in cache.values():
         T = len(seq["input_ids"])
-        assert seq["router_ids"].shape == (T, 2, EXPERTS) and seq["router_probs"].dtype == np.float16
+        assert seq["router_ids"].shape == (T, 2, EXPERTS) and seq["router_probs"].dtype == np.float32
         got = dense(seq)
         np.testing.assert_allclose(got, reference_router_probs(cfg.teacher.path, seq["input_ids"]), atol=PROB_ATOL)
         np.testing.assert_allclose(seq["router_probs"].astype(np.float32).sum(-1), 1.0, atol=SUM_ATOL)
@@ -94,7 +94,7 @@ def test_double_softmax_trap(make_config, tokenizer, tmp_path):
             layer.mlp.gate.weight.mul_(200.0)
     model.save_pretrained(peaked)
     tokenizer.save_pretrained(peaked)
-    cfg, cache, _ = run_cache(make_config, f"teacher.path={peaked}")
+    cfg, cache, _ = run_cache(make_config, f"teacher.path={peaked}", "cache.preset=exact")
     double_max = np.exp(1.0) / (np.exp(1.0) + EXPERTS - 1)  # the most a twice-softmaxed row can reach
     for seq in cache.values():
         ref = reference_router_probs(peaked, seq["input_ids"])
@@ -104,6 +104,33 @@ def test_double_softmax_trap(make_config, tokenizer, tmp_path):
         assert (stored_max > double_max + 0.2).mean() > 0.9
         twice = torch.softmax(torch.from_numpy(ref), -1).max(-1).values.numpy()
         assert (np.abs(stored_max - twice) > 0.5).mean() > 0.8
+
+
+@pytest.mark.parametrize("preset, bound", [("balanced", 1 / 32), ("compact", 1 / 16)])
+def test_quantised_router_probs_are_within_the_codec_bound(make_config, preset, bound):
+    """8-bit (balanced) and 7-bit (compact) router probabilities: |Δ log p| ≤ half a step of the reference."""
+    cfg, cache, manifest = run_cache(make_config, "cache.router_topk=all", f"cache.preset={preset}")
+    for seq in cache.values():
+        ref = reference_router_probs(cfg.teacher.path, seq["input_ids"])
+        picked = np.take_along_axis(ref, seq["router_ids"].astype(np.int64), axis=2)
+        assert np.abs(np.log(seq["router_probs"]) - np.log(picked)).max() <= bound + 1e-4
+        assert (np.diff(seq["router_probs"], axis=-1) <= 0).all(), "by descending probability"
+
+
+@pytest.mark.parametrize("layers, want", [("last", [1]), ("[0]", [0]), ("every:2", [0])])
+def test_router_layers_store_only_those_layers(make_config, layers, want):
+    cfg, cache, manifest = run_cache(make_config, "cache.router_topk=all", f"cache.router_layers={layers}")
+    assert manifest.identity["moe_layers"] == want
+    assert all(seq["router_ids"].shape[1] == len(want) for seq in cache.values())
+
+
+def test_router_layers_outside_the_teachers_moe_layers_is_one_line(make_config):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        run_cache(make_config, "cache.router_layers=[1,5]")
+    message = str(info.value)
+    assert "[5]" in message and "allowed: 0, 1" in message and "\n" not in message
 
 
 def test_check_raw_logits_refuses_probability_rows():
@@ -117,7 +144,7 @@ def test_check_raw_logits_refuses_probability_rows():
 
 
 def test_router_topk_2_is_the_top2_of_the_same_distribution(make_config):
-    cfg, cache, manifest = run_cache(make_config, "cache.router_topk=2")
+    cfg, cache, manifest = run_cache(make_config, "cache.router_topk=2", "cache.preset=exact")
     assert manifest.identity["router_topk"] == 2
     for seq in cache.values():
         ref = reference_router_probs(cfg.teacher.path, seq["input_ids"])

@@ -48,7 +48,7 @@ def caches(tmp_path_factory, text_jsonl, moe_hd32):
     root = tmp_path_factory.mktemp("vllm_runs")
     base = [f"run.root={root}", f"data.source={text_jsonl}", f"teacher.path={moe_hd32}", "data.max_length=64",
             "data.max_samples=60", f"cache.k={K}", "cache.batch_size=16", "cache.shard_tokens=1000",
-            "cache.value_dtype=float32", "run.device=cpu"]
+            "cache.preset=exact", "run.device=cpu"]
     cfgs = []
     for backend in ("hf", "vllm"):
         cfg = load_config(PipelineConfig, [], base + [f"run.name={backend}", f"teacher.backend={backend}",

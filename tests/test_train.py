@@ -118,7 +118,7 @@ class _OneProcess:
 @pytest.mark.parametrize("tau", [1.0, 2.0])
 def test_logged_losses_equal_a_dense_reference_when_k_is_the_vocabulary(train_config, tokenizer, teacher_path,
                                                                         student_path, tau):
-    full = (f"cache.k={len(tokenizer)}", "cache.value_dtype=float32", "cache.targets=topk")
+    full = (f"cache.k={len(tokenizer)}", "cache.preset=exact", "cache.targets=topk")
     cfg = train_config("train.steps=1", "train.alpha=0.5", f"train.temperature={tau}", "train.router_weight=0",
                        cache=full)
     train_student.run(cfg)

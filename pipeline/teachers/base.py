@@ -12,7 +12,7 @@ from typing import Protocol
 import torch
 
 from cache.schema import Sequences
-from pipeline.config import choice, ranged
+from pipeline.config import ConfigError, choice, ranged
 
 BACKENDS = ("hf", "vllm")  # the names of backends.TEACHERS (which imports this module, so cannot be read here)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -84,3 +84,36 @@ def padded_draws(keys: torch.Tensor, counts: torch.Tensor, rows: int, width: int
     ids_CN[row, col] = (keys % vocab).to(torch.int32)
     counts_CN[row, col] = counts.to(torch.int32)
     return {"draw_ids": ids_CN, "draw_counts": counts_CN}
+
+
+def parse_router_layers(setting) -> str | tuple[int, ...]:
+    """cache.router_layers → 'all', 'last', 'every:N' or a tuple of decoder-layer indices (a syntax check: the
+    teacher's MoE layers are known only once it is loaded, see ``router_layers``)."""
+    allowed = "allowed: all, last, every:N (every N-th MoE layer, from the first), or a list of MoE layer indices"
+    if isinstance(setting, (list, tuple)):
+        if not setting or not all(isinstance(x, int) and not isinstance(x, bool) for x in setting):
+            raise ConfigError(f"cache.router_layers={list(setting)} is not allowed; {allowed}")
+        return tuple(sorted(set(setting)))
+    text = str(setting).strip().replace(" ", ":")
+    if text in ("all", "last"):
+        return text
+    every = text.split(":")
+    if len(every) == 2 and every[0] == "every" and every[1].isdigit() and int(every[1]) >= 1:
+        return f"every:{int(every[1])}"
+    raise ConfigError(f"cache.router_layers={setting!r} is not allowed; {allowed}")
+
+
+def router_layers(setting, moe_layers: list[int]) -> list[int]:
+    """The decoder layers whose router data a cache stores, out of the teacher's MoE layers."""
+    parsed = parse_router_layers(setting)
+    if parsed == "all":
+        return list(moe_layers)
+    if parsed == "last":
+        return list(moe_layers[-1:])
+    if isinstance(parsed, str):
+        return list(moe_layers[::int(parsed.split(":")[1])])
+    outside = [x for x in parsed if x not in moe_layers]
+    if outside:
+        raise ConfigError(f"cache.router_layers lists {outside}, not MoE layers of the teacher; allowed: "
+                          f"{', '.join(map(str, moe_layers))} (or all, last, every:N)")
+    return list(parsed)

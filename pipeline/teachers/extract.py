@@ -30,7 +30,8 @@ class ExtractSpec:
     seed: int = 0
     vocab_limit: int = 0  # ids >= this are vocabulary padding and never a target
     chunk_tokens: int = 1024
-    router_topk: str = "all"  # 'all' | 'none' | an integer
+    router_topk: str = "all"  # 'all' | 'routed' | 'none' | an integer
+    router_layers: object = "all"  # 'all' | 'last' | 'every:N' | a tuple of decoder-layer indices (base.router_layers)
     kernel: str = "auto"  # the teacher resolves it to 'native' (CPU kernel), 'torch' or 'triton': native.resolve_kernel
 
     @property
@@ -134,6 +135,13 @@ def triton_chunk(z_CV: torch.Tensor, targets_C: torch.Tensor, u_CN: torch.Tensor
                          spec.draw_temperature)
 
 
+def to_unit_gauge(log_z_CP: torch.Tensor, temperatures: tuple[float, ...]) -> torch.Tensor:
+    """log sum exp(z/tau) → the gauge log Z_1 = 0 (z := log p): log sum p^(1/tau) = log Z_tau - log Z_1 / tau.
+    The cache stores this: the logits' offset carries no information, and column 0 is then always 0."""
+    inv_P = torch.tensor([1.0 / t for t in temperatures], dtype=log_z_CP.dtype, device=log_z_CP.device)
+    return log_z_CP - log_z_CP[:, :1] * inv_P
+
+
 def extract_sequence(z_LV: torch.Tensor, targets_L: torch.Tensor, u_LN: torch.Tensor | None,
                      spec: ExtractSpec) -> dict[str, torch.Tensor]:
     """All cache fields for one sequence's L positions, computed chunk by chunk."""
@@ -144,6 +152,10 @@ def extract_sequence(z_LV: torch.Tensor, targets_L: torch.Tensor, u_LN: torch.Te
     for start in range(0, z_LV.shape[0], spec.chunk_tokens):
         stop = min(start + spec.chunk_tokens, z_LV.shape[0])
         out = chunk(z_LV[start:stop], targets_L[start:stop], None if u_LN is None else u_LN[start:stop], spec)
+        if "draw_ids" in out:  # the teacher's tau = 1 log-prob at each stored draw (0 on padding), any kernel
+            lp_CD = z_LV[start:stop].gather(1, out["draw_ids"].long()).float() - out["log_partition"][:, :1]
+            out["draw_logprobs"] = torch.where(out["draw_counts"] > 0, lp_CD, 0.0)
+        out["log_partition"] = to_unit_gauge(out["log_partition"], spec.temperatures)
         for key, value in out.items():
             parts.setdefault(key, []).append(value)
     return {key: torch.cat(values) for key, values in parts.items()}

@@ -18,19 +18,22 @@ from pipeline.config import ConfigError
 from pipeline.models import load_causal_lm, own_tokenizer_fingerprint, teacher_identity
 from pipeline.router import RouterCapture, check_raw_logits, num_experts, router_family
 from pipeline.seeding import sequence_generator
-from pipeline.teachers.base import TeacherBatch, TeacherConfig, resolve_dtype
+from pipeline.teachers.base import TeacherBatch, TeacherConfig, resolve_dtype, router_layers
 from pipeline.teachers.extract import ExtractSpec, extract_sequence
 from pipeline.teachers.native import resolve_kernel
 
 
-def resolve_router_topk(setting: str, experts: int) -> int:
-    """'all' → every expert, 'none' → no router data, an integer → that many (≤ experts)."""
+def resolve_router_topk(setting: str, experts: int, routed: int) -> int:
+    """'all' → every expert, 'routed' → the teacher's experts per token, 'none' → no router data, an
+    integer → that many (≤ experts)."""
     if setting == "none" or experts == 0:
         return 0
     if setting == "all":
         return experts
+    if setting == "routed":
+        return routed or experts
     if not setting.isdigit() or not 0 < int(setting) <= experts:
-        raise ConfigError(f"cache.router_topk={setting!r} must be 'all', 'none' or 1..{experts}")
+        raise ConfigError(f"cache.router_topk={setting!r} must be 'all', 'routed', 'none' or 1..{experts}")
     return int(setting)
 
 
@@ -56,8 +59,12 @@ class HFTeacher:
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
         self.family = router_family(config) if spec.router_topk != "none" else None
         self.num_experts = num_experts(config) if self.family else 0
-        self.router_topk = resolve_router_topk(spec.router_topk, self.num_experts)
-        self.capture = RouterCapture(self.model, self.family) if self.router_topk else None
+        self.experts_per_token = getattr(config, "num_experts_per_tok", 0) if self.num_experts else 0
+        self.router_topk = resolve_router_topk(spec.router_topk, self.num_experts, self.experts_per_token)
+        self.capture, self.moe_layers = None, []
+        if self.router_topk:
+            self.moe_layers = RouterCapture(self.model, self.family).layers
+            self.capture = RouterCapture(self.model, self.family, router_layers(spec.router_layers, self.moe_layers))
         self.tokenizer_fingerprint = own_tokenizer_fingerprint(cfg.path)
         self.router_has_probs = True
         self._checked = False
@@ -71,8 +78,9 @@ class HFTeacher:
             **teacher_identity(self.cfg.path, config),
             "router_topk": self.router_topk,
             "num_experts": self.num_experts,
-            "experts_per_token": getattr(config, "num_experts_per_tok", 0) if self.num_experts else 0,
-            "moe_layers": self.capture.layers if self.capture else [],
+            "experts_per_token": self.experts_per_token,
+            "moe_layers": self.capture.layers if self.capture else [],  # the stored ones (cache.router_layers)
+            "teacher_moe_layers": self.moe_layers,
         }
 
     @torch.inference_mode()

@@ -35,7 +35,7 @@ from cache.schema import Sequences, TeacherRecord
 from pipeline.config import ConfigError
 from pipeline.models import check_model_dir, own_tokenizer_fingerprint, teacher_identity
 from pipeline.router import num_experts as count_experts
-from pipeline.teachers.base import TeacherBatch, TeacherConfig, resolve_dtype
+from pipeline.teachers.base import TeacherBatch, TeacherConfig, resolve_dtype, router_layers
 from pipeline.teachers.extract import ExtractSpec
 from pipeline.teachers.vllm_rows import cache_fields, logprobs_asked, sequences_short_of_k
 
@@ -63,10 +63,10 @@ def resolve_routed_topk(setting: str, per_token: int) -> int:
     """vLLM returns the routed experts only (top num_experts_per_tok ids, no probabilities)."""
     if setting == "none" or per_token == 0:
         return 0
-    if setting == "all" or setting == str(per_token):
+    if setting in ("all", "routed", str(per_token)):
         return per_token
     raise ConfigError(f"cache.router_topk={setting!r}: teacher.backend=vllm returns exactly the {per_token} routed "
-                      f"experts per token; use 'all', 'none' or {per_token}")
+                      f"experts per token; use 'all', 'routed', 'none' or {per_token}")
 
 
 def engine_kwargs(cfg: TeacherConfig, num_logprobs: int, dtype: str, routed: bool) -> dict:
@@ -97,7 +97,8 @@ class VLLMTeacher:
         self.tokenizer_fingerprint = own_tokenizer_fingerprint(cfg.path)  # checked against the prepared data
         self.num_experts = count_experts(text)
         self.router_topk = self._router_topk(text, spec)
-        self.moe_layers = moe_layer_indices(text) if self.router_topk else []
+        self.teacher_moe_layers = moe_layer_indices(text) if self.router_topk else []
+        self.moe_layers = router_layers(spec.router_layers, self.teacher_moe_layers) if self.router_topk else []
         self.router_has_probs = False  # vLLM never returns router probabilities: an ids-only router cache
         # k per position; a sequence where padding rows (ids >= vocab_limit) took top-k places is re-scored wider
         self.n_logprobs, self.n_logprobs_wide = logprobs_asked(spec.k, self.vocab_size, spec.vocab_limit)
@@ -136,7 +137,8 @@ class VLLMTeacher:
             "router_topk": self.router_topk,
             "num_experts": self.num_experts,
             "experts_per_token": self.experts_per_token,
-            "moe_layers": self.moe_layers,
+            "moe_layers": self.moe_layers,  # the stored ones (cache.router_layers)
+            "teacher_moe_layers": self.teacher_moe_layers,
         }
 
     def score(self, batch: TeacherBatch) -> Sequences:
