@@ -48,6 +48,7 @@ import numpy as np  # noqa: E402
 
 from cache.codec import PRESETS, Codec, frequency_order  # noqa: E402
 from cache.reader import CacheReader  # noqa: E402
+from cache.schema import Sequences, concat_sequences, sequences_from_flat  # noqa: E402
 from cache.stats import storage  # noqa: E402
 from cache.writer import CacheWriter, finalize  # noqa: E402
 from pipeline.teachers.synthetic import (ALPHA, BOOST_MEAN, BOOST_SD, EXPERTS, MOE_LAYERS, ROUTED, SIGMA,  # noqa: E402
@@ -93,8 +94,17 @@ def write_cache(cache_dir: Path, records: list[dict], codec: Codec, experts: int
     with CacheWriter(cache_dir, rank=0, identity=identity, store="zarr", codec=codec, shard_tokens=1 << 20,
                      chunk_rows=4096, compression="zstd", level=3, num_experts=experts) as writer:
         for rec in records:
-            writer.add({k: v.copy() for k, v in rec.items()})
+            writer.add(sequences_from_flat({k: v.copy() for k, v in rec.items()}))
     finalize(cache_dir, identity, "zarr", sorted(records[0]))
+
+
+def flat(seqs: Sequences) -> dict[str, np.ndarray]:
+    """A record's arrays with the draws ragged (``draw_n`` per token, the drawn entries flat), as written."""
+    out = {k: getattr(seqs, k) for k in ("sample_ids", "seq_lens", "input_ids", "loss_mask")} | seqs.teacher.arrays()
+    if "draw_ids" in out:
+        drawn = out["draw_counts"] > 0
+        out.update(draw_n=drawn.sum(1), **{k: out[k][drawn] for k in ("draw_ids", "draw_counts", "draw_logprobs")})
+    return out
 
 
 def field_bytes(cache_dir: Path, n_tokens: int) -> dict[str, float]:
@@ -120,28 +130,30 @@ def support_kl(pos: np.ndarray, exact_lp: np.ndarray, stored_lp: np.ndarray, n: 
     return np.bincount(pos, weights=p * (np.log(np.maximum(p, 1e-300)) - np.log(np.maximum(q, 1e-300))), minlength=n)
 
 
-def errors(exact: dict, got) -> dict[str, dict[str, float]]:
+def errors(exact: dict, seqs: Sequences) -> dict[str, dict[str, float]]:
     """|Δ| and support KL per stored value field: the decoded record against the exact float32 one."""
     n = len(exact["input_ids"])
-    out = {"target_logprob": delta_stats(got.target_logprob, exact["target_logprob"])}
+    got = flat(seqs)
+    out = {"target_logprob": delta_stats(got["target_logprob"], exact["target_logprob"])}
     if "topk_ids" in exact:
         k = exact["topk_ids"].shape[1]
         pos = np.repeat(np.arange(n), k)
         e_ids, e_lp = by_id(pos, exact["topk_ids"].ravel().astype(np.int64), exact["topk_logprobs"].ravel())
-        g_ids, g_lp = by_id(pos, got.topk_ids.ravel(), got.topk_logprobs.ravel())
+        g_ids, g_lp = by_id(pos, got["topk_ids"].ravel(), got["topk_logprobs"].ravel())
         assert np.array_equal(e_ids, g_ids), "the head's ids must come back exactly"
         out["topk_logprobs"] = {**delta_stats(g_lp, e_lp), "kl_support": float(support_kl(pos, e_lp, g_lp, n).mean())}
     if "draw_ids" in exact:
         pos = np.repeat(np.arange(n), exact["draw_n"])
         e_ids, e_lp, e_c = by_id(pos, exact["draw_ids"].astype(np.int64), exact["draw_logprobs"], exact["draw_counts"])
-        g_ids, g_lp, g_c = by_id(pos, got.draw_ids, got.draw_logprobs, got.draw_counts)
+        g_ids, g_lp, g_c = by_id(np.repeat(np.arange(n), got["draw_n"]), got["draw_ids"], got["draw_logprobs"],
+                                 got["draw_counts"])
         assert np.array_equal(e_ids, g_ids) and np.array_equal(e_c, g_c), "draw ids and counts come back exactly"
         out["draw_logprobs"] = {**delta_stats(g_lp, e_lp), "kl_support": float(support_kl(pos, e_lp, g_lp, n).mean())}
     if "router_ids" in exact:
         t, layers, r = exact["router_ids"].shape
         pos = np.repeat(np.arange(t * layers), r)
         e_ids, e_p = by_id(pos, exact["router_ids"].reshape(-1).astype(np.int64), exact["router_probs"].reshape(-1))
-        g_ids, g_p = by_id(pos, got.router_ids.reshape(-1), got.router_probs.reshape(-1))
+        g_ids, g_p = by_id(pos, got["router_ids"].reshape(-1), got["router_probs"].reshape(-1))
         assert np.array_equal(e_ids, g_ids), "router ids come back exactly"
         e_lp, g_lp = np.log(np.maximum(e_p, 1e-30)), np.log(np.maximum(g_p, 1e-30))
         out["router_probs"] = {**delta_stats(g_lp, e_lp),
@@ -229,7 +241,7 @@ def demo_records(root: Path, n_seqs: int):
             spec = ExtractSpec(k=k, temperatures=(1.0,), targets="topk+sampled" if num_draws else "topk",
                                num_draws=max(num_draws, 1), vocab_limit=manifest["vocab_size"], router_topk="all")
             teacher = HFTeacher(TeacherConfig(path=str(final)), spec, torch.device("cpu"))
-            made[num_draws] = [teacher.score(make_batch(ds, rows, pad_id=0)).arrays() for rows in batches]
+            made[num_draws] = [flat(teacher.score(make_batch(ds, rows, pad_id=0))) for rows in batches]
             made["shape"] = (teacher.num_experts, teacher.experts_per_token)
         return made[num_draws]
 
@@ -252,10 +264,8 @@ def measure(name: str, make_records, vocab: int, experts: int, routed: int, tmp:
         per_field = field_bytes(cache_dir, tokens)
         reader = CacheReader(cache_dir)
         got = [reader.read_shard(s.name) for s in reader.shards]
-        from cache.stream import concat_outputs
-
         exact = {k: np.concatenate([c[k] for c in cut]) for k in cut[0]}
-        err = errors(exact, concat_outputs(got))
+        err = errors(exact, concat_sequences(got))
         layers = cut[0]["router_ids"].shape[1] if "router_ids" in cut[0] else 0
         signal = sum(v for k, v in per_field.items() if k not in SIGNAL_EXCLUDED and not k.startswith("router_"))
         router = sum(v for k, v in per_field.items() if k.startswith("router_"))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from cache.codec import Codec, max_logprob_error
 from cache.schema import ragged_arange, sequences_from_flat
@@ -50,7 +49,7 @@ def cache(tmp_path, request):
     rng = np.random.default_rng(0)
     records = [distinct_draws(record(rng, first, rng.integers(1, 40, 5).tolist()), rng) for first in range(0, 40, 5)]
     codec = Codec.for_preset(preset, 1000, list(range(999, -1, -3)))
-    identity = {"codec": codec.to_dict(), "k": K}
+    identity = {"codec": codec.to_dict(), "k": K, "temperatures": [1.0, 2.0]}
     with CacheWriter(tmp_path, rank=0, identity=identity, store=store, codec=codec, shard_tokens=120,
                      chunk_rows=8, compression="gzip", level=1, num_experts=EXPERTS) as writer:
         for rec in records:
