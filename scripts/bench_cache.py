@@ -46,7 +46,7 @@ short_spin()  # as run_pipeline.py does, before torch loads
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from cache.codec import Codec  # noqa: E402
+from cache.codec import PRESETS, Codec, frequency_order  # noqa: E402
 from cache.reader import CacheReader  # noqa: E402
 from cache.shards import checksum, get_store, open_shard, resolve_compression  # noqa: E402
 from cache.writer import CacheWriter, assemble_shard, finalize  # noqa: E402
@@ -58,7 +58,7 @@ from stages.cache_teacher import make_batch, run_batches  # noqa: E402
 CPU_SHAPE = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=64, num_experts=16, num_experts_per_tok=2,
                  moe_intermediate_size=256, max_position_embeddings=2048)
-BENCH_IDENTITY = {"bench": True, "codec": {"ids": Codec().ids, "values": Codec().values}}
+CODEC = Codec()  # main sets the --preset's, with the vocabulary ranked by the benchmark's own tokens
 GPU_SHAPE = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=8,
                  num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
                  num_experts_per_tok=8, moe_intermediate_size=768, max_position_embeddings=4096,
@@ -70,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--store", default="zarr", choices=("zarr", "hdf5"))
     p.add_argument("--targets", default="topk", choices=TARGETS)
     p.add_argument("--k", type=int, default=64)
+    p.add_argument("--preset", default="balanced", choices=tuple(PRESETS), help="cache.preset: the codec")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per variant (median reported)")
     p.add_argument("--batches", type=int, default=8, help="batches per repeat")
     p.add_argument("--batch-size", type=int, default=0, help="sequences per batch (default 8 CPU, 4 GPU)")
@@ -208,7 +209,7 @@ def triton_teacher(teacher):
 
 
 def new_writer(out_dir: Path, args, teacher) -> CacheWriter:
-    return CacheWriter(out_dir, rank=0, identity=BENCH_IDENTITY, store=args.store, codec=Codec(),
+    return CacheWriter(out_dir, rank=0, identity={"bench": True, "codec": CODEC.to_dict()}, store=args.store, codec=CODEC,
                        shard_tokens=args.shard_batches * args.batch_size * args.seq_len, chunk_rows=4096,
                        compression=resolve_compression(args.store, "auto"), level=3,
                        num_experts=teacher.num_experts)
@@ -278,11 +279,12 @@ def codec_error(teacher, ds, args, cache_dir: Path) -> dict[str, float]:
         out = reader.read_shard(info.name)
         bounds = np.concatenate([[0], np.cumsum(out.seq_lens)])
         for i, sid in enumerate(out.sample_ids):
-            stored[int(sid)] = (out.topk_ids[bounds[i]:bounds[i + 1]], out.topk_logprobs[bounds[i]:bounds[i + 1]])
+            stored[int(sid)] = (out.teacher.topk_ids[bounds[i]:bounds[i + 1]],
+                                out.teacher.topk_logprobs[bounds[i]:bounds[i + 1]])
     deltas, kls, mismatched = [], [], 0
     for i in range(0, len(ds), args.batch_size):
         exact = teacher.score(make_batch(ds, np.arange(i, i + args.batch_size), pad_id=0))
-        ex_ids, ex_lp = by_id(exact.topk_ids, exact.topk_logprobs)
+        ex_ids, ex_lp = by_id(exact.teacher.topk_ids, exact.teacher.topk_logprobs)
         st_ids, st_lp = by_id(*(np.concatenate(p) for p in zip(*(stored[int(s)] for s in exact.sample_ids))))
         mismatched += int((ex_ids != st_ids).any(1).sum())
         deltas.append(np.abs(ex_lp - st_lp).ravel())
@@ -329,7 +331,7 @@ def breakdown(teacher, ds, args, tmp: Path) -> dict[str, float]:
         parts["to numpy (_output)"] += t
         records.append(out)
     for s in range(0, len(records), args.shard_batches):
-        t, arrays = timed(lambda: assemble_shard(records[s:s + args.shard_batches], Codec(), teacher.num_experts), dev)
+        t, arrays = timed(lambda: assemble_shard(records[s:s + args.shard_batches], CODEC, teacher.num_experts), dev)
         parts["assemble_shard (encode)"] += t
         path = tmp / f"b{s}{get_store(args.store).SUFFIX}"
         t, _ = timed(lambda: get_store(args.store).write_shard(path, arrays, 4096,
@@ -385,6 +387,9 @@ def main(argv=None) -> None:
         tmp = Path(tmp_name)
         teacher, flat, shape = gpu_teacher(args, spec_kw) if args.gpu else cpu_teacher(args, tmp, spec_kw)
         ds = packed_dataset(flat, args)
+        global CODEC
+        vocab = teacher.spec.vocab_limit or teacher.vocab_size
+        CODEC = Codec.for_preset(args.preset, vocab, frequency_order(np.concatenate(list(ds["input_ids"])), vocab))
         batches = [make_batch(ds, np.arange(i, i + args.batch_size), pad_id=0) for i in range(0, len(ds), args.batch_size)]
         runs = iter(range(1_000_000))
         variants = {

@@ -48,6 +48,7 @@ def synthetic_batch(shape: tuple, vocab: int = 151936, seq_len: int = 512, seed:
             "topk_ids": np.argsort(rng.random((tokens, vocab // 1024)), axis=1)[:, :k] * 1024 + rng.integers(0, 1024, (tokens, k)),
             "topk_logprobs": np.ascontiguousarray(lp), "draw_n": n, "draw_ids": rng.integers(0, vocab, int(n.sum())),
             "draw_counts": rng.integers(1, 8, int(n.sum())),
+            "draw_logprobs": -rng.exponential(3.0, int(n.sum())).astype(np.float32),
             "router_ids": rng.integers(0, experts, (tokens, layers, r)), "router_probs": router}
 
 
@@ -55,7 +56,7 @@ def write(out: Path, shape: tuple, store: str) -> str:
     arrays = assemble_shard([sequences_from_flat(synthetic_batch(shape))], Codec(), num_experts=shape[6])
     name = shard_name(store, 0, 0)
     info = commit_shard(out, store, name, 0, arrays, shape[7], resolve_compression(store, "auto"), 3)
-    write_manifest(out, Manifest(identity={"codec": {"ids": "sorted_delta", "values": "float16"}}, store=store,
+    write_manifest(out, Manifest(identity={"codec": Codec().to_dict()}, store=store,
                                  fields=sorted(arrays), shards=[info], complete=True))
     return name
 

@@ -28,7 +28,7 @@ from cache.shards import commit_shard, open_shard, resolve_compression, shard_na
 from cache.stream import CacheSource, ShardStream, StreamPlan
 from cache.writer import CacheWriter, committed_shards, finalize, read_journals
 
-IDENTITY = {"codec": {"ids": "plain", "values": "float16"}, "k": 64}
+IDENTITY = {"codec": Codec().to_dict(), "k": 64}
 
 
 def commit(location: Location, arrays: dict, index: int = 0, chunk_rows: int = 8):
@@ -107,7 +107,7 @@ def write(location: Location, batches: list[dict], stop_after: int | None = None
     """One rank's writer on zarr; ``stop_after`` shards: stop as a killed run would (no flush)."""
     done = {int(i) for s in committed_shards(location)
             for i in open_shard(location, "zarr", s.name)["sample_ids"][:]}
-    with CacheWriter(location, rank=0, identity=IDENTITY, store="zarr", codec=Codec("plain"), chunk_rows=64,
+    with CacheWriter(location, rank=0, identity=IDENTITY, store="zarr", codec=Codec(), chunk_rows=64,
                      compression="zstd", level=3, skip=done, shard_tokens=10_000,
                      shard_bytes=70 * (64 * 8 + 40)) as writer:
         for batch in batches:

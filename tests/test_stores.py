@@ -260,3 +260,19 @@ def test_stale_tmp_name_pattern_matches_commit_shard():
     """The cleanup pattern in CacheWriter must match the tmp names commit_shard makes."""
     name = shard_name("hdf5", 3, 12)
     assert f".{name}.tmp{os.getpid()}".startswith(".r003-")
+
+
+def test_a_v1_cache_is_refused_with_how_to_recreate_it(tmp_path):
+    """Format v2 reads v2 only: a v1 manifest (as v1 wrote it, checksum and all) is one line naming the fix."""
+    import json
+
+    from cache.schema import CacheError, content_checksum
+
+    content = {"format_version": 1, "complete": True, "store": "zarr", "fields": ["input_ids"], "shards": [],
+               "identity": {"codec": {"ids": "sorted_delta", "values": "float16"}}}
+    (tmp_path / "manifest.json").write_text(json.dumps({**content, "checksum": content_checksum(content)}))
+    with pytest.raises(CacheError) as err:
+        CacheReader(tmp_path)
+    message = str(err.value)
+    assert "version 1 is not supported" in message and "version 2 only" in message
+    assert "run_pipeline.py cache --force" in message and "\n" not in message
