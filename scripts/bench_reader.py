@@ -41,6 +41,25 @@ from pipeline.batches import MicroBatches  # noqa: E402
 from pipeline.teachers.synthetic import EXPERTS, ROUTED, SyntheticTeacher, teacher_record  # noqa: E402
 
 SEQ, GENERATED = 2048, 8
+K, VOCAB, LAYERS, R, DRAWS = 64, 151_936, 8, 8, 64  # the random record's shape (scripts/bench_s3.py uses it)
+
+
+def record(rng: np.random.Generator, first_id: int, n_seqs: int) -> dict:
+    """A random teacher batch record (fp32 values, descending top-k; not a teacher's statistics): cheap to
+    make at any size, for benchmarks that time store I/O rather than the codec (scripts/bench_s3.py)."""
+    t = n_seqs * SEQ
+    draw_n = rng.integers(1, DRAWS + 1, t)
+    d = int(draw_n.sum())
+    lp = np.sort(-rng.exponential(2.0, (t, K)).astype(np.float32), axis=1)[:, ::-1]
+    return {"sample_ids": np.arange(first_id, first_id + n_seqs, dtype=np.int64), "seq_lens": np.full(n_seqs, SEQ),
+            "input_ids": rng.integers(0, VOCAB, t), "loss_mask": (rng.random(t) < 0.8).astype(np.uint8),
+            "target_logprob": -rng.random(t).astype(np.float32), "log_partition": np.zeros((t, 1), np.float32),
+            "topk_ids": (np.arange(K) * (VOCAB // K) + rng.integers(0, VOCAB // K, (t, K))).astype(np.int32),  # distinct
+            "topk_logprobs": np.ascontiguousarray(lp), "draw_n": draw_n,
+            "draw_ids": rng.integers(0, VOCAB, d).astype(np.int32), "draw_counts": rng.integers(1, 5, d).astype(np.int32),
+            "draw_logprobs": -rng.exponential(3.0, d).astype(np.float32),
+            "router_ids": (np.arange(R) * (EXPERTS // R) + rng.integers(0, EXPERTS // R, (t, LAYERS, R))).astype(np.uint8),
+            "router_probs": rng.random((t, LAYERS, R)).astype(np.float32)}
 
 
 def records(preset: str, router: bool) -> list[dict]:

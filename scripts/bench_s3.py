@@ -56,7 +56,7 @@ def start_s3() -> object:
 
 
 def write(location: Location, n_seqs: int, shard_seqs: int) -> float:
-    identity = {"codec": {"ids": "sorted_delta", "values": "float16"}, "k": K}
+    identity = {"codec": Codec().to_dict(), "k": K}
     rng = np.random.default_rng(0)
     records = [sequences_from_flat(record(rng, first, 8)) for first in range(0, n_seqs, 8)]
     start = time.perf_counter()

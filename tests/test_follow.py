@@ -28,7 +28,7 @@ from cache.schema import CacheError, ShardInfo, sequences_from_flat
 from cache.stream import CacheSource, ShardStream, StreamPlan
 from cache.writer import CacheWriter, committed_shards, finalize
 
-IDENTITY = {"codec": {"ids": "plain", "values": "float16"}, "k": 8, "store": "zarr"}
+IDENTITY = {"codec": Codec().to_dict(), "k": 8, "store": "zarr"}
 FIELDS = ["input_ids", "loss_mask", "seq_offsets", "sample_ids", "topk_ids", "topk_logprobs", "target_logprob",
           "log_partition", "draw_offsets", "draw_ids", "draw_counts"]
 
@@ -48,7 +48,7 @@ def test_steps_taken_while_the_cache_grows_are_the_finished_caches_steps(tmp_pat
     for kw in ({}, {"batch_tokens": 90, "batch_size": 1}):
         location = Location(tmp_path / f"c{len(kw)}")
         taken, stream = [], None
-        with CacheWriter(location, rank=0, identity=IDENTITY, store="zarr", codec=Codec("plain"), shard_tokens=60,
+        with CacheWriter(location, rank=0, identity=IDENTITY, store="zarr", codec=Codec(), shard_tokens=60,
                          chunk_rows=16, compression="zstd", level=1) as writer:
             for i, batch in enumerate(batches()):
                 writer.add(sequences_from_flat(batch))
@@ -76,7 +76,7 @@ def test_a_follower_resumed_from_its_state_takes_the_same_next_steps(tmp_path):
     the next steps are the uninterrupted follower's; a state from another cache is refused."""
     location = Location(tmp_path / "c")
     data = batches()
-    with CacheWriter(location, rank=0, identity=IDENTITY, store="zarr", codec=Codec("plain"), shard_tokens=60,
+    with CacheWriter(location, rank=0, identity=IDENTITY, store="zarr", codec=Codec(), shard_tokens=60,
                      chunk_rows=16, compression="zstd", level=1) as writer:
         for batch in data[:6]:
             writer.add(sequences_from_flat(batch))
