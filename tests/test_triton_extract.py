@@ -144,7 +144,7 @@ def test_teacher_scores_the_same_with_the_triton_kernel(make_model):
     outs = [HFTeacher(cfg, replace(spec, kernel=kernel), DEVICE).score(batch) for kernel in ("torch", "triton")]
     for key, ref in outs[0].arrays().items():
         got = outs[1].arrays()[key]
-        if key in ("log_partition", "target_logprob", "topk_logprobs", "router_probs"):
+        if key in ("log_partition", "target_logprob", "topk_logprobs", "draw_logprobs", "router_probs"):
             torch.testing.assert_close(torch.as_tensor(got), torch.as_tensor(ref), rtol=0, atol=1e-5)
         else:
             assert (got == ref).all(), key
