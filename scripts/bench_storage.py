@@ -288,10 +288,10 @@ def measure(name: str, make_records, vocab: int, experts: int, routed: int, tmp:
 def print_table(title: str, results: dict, quality: dict) -> None:
     print(f"\n{title}")
     fields = sorted({f for r in results.values() for f in r["fields"]})
-    head = f"{'field':<18}" + "".join(f"{p:>12}" for p in results)
+    head = f"{'field':<20}" + "".join(f"{p:>18}" for p in results)
     print(head)
     for f in fields:
-        print(f"{f:<18}" + "".join(f"{r['fields'].get(f, 0):>12.2f}" for r in results.values()))
+        print(f"{f:<20}" + "".join(f"{r['fields'].get(f, 0):>18.2f}" for r in results.values()))
     rows = [("logit signal B/tok", lambda r: f"{r['signal_bytes_per_token']:.2f}"),
             ("router B/layer", lambda r: f"{r['router_bytes_per_layer']:.2f}"),
             ("total B/tok", lambda r: f"{r['total_bytes_per_token']:.2f}"),
@@ -306,8 +306,8 @@ def print_table(title: str, results: dict, quality: dict) -> None:
             ("decode tok/s/core", lambda r: f"{r['decode_tok_per_s']:,.0f}"),
             ("  without router", lambda r: f"{r['decode_tok_per_s_no_router']:,.0f}")]
     for label, fn in rows:
-        print(f"{label:<18}" + "".join(f"{fn(r):>12}" for r in results.values()))
-    print(f"{'full-KD gain share':<18}" + "".join(f"{'n/a' if quality.get(p) is None else f'{quality[p]:.3f}':>12}"
+        print(f"{label:<20}" + "".join(f"{fn(r):>18}" for r in results.values()))
+    print(f"{'full-KD gain share':<20}" + "".join(f"{'n/a' if quality.get(p) is None else f'{quality[p]:.3f}':>18}"
                                                  for p in results))
 
 
