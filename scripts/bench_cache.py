@@ -246,7 +246,7 @@ def interleaved(variants: dict, repeats: int) -> tuple[dict[str, list[float]], d
 
 
 def bytes_per_token(cache_dir: Path, store: str, n_tokens: int) -> dict[str, float]:
-    manifest = finalize(cache_dir, BENCH_IDENTITY, store, [])
+    manifest = finalize(cache_dir, {"bench": True, "codec": CODEC.to_dict()}, store, [])
     per_field: dict[str, int] = {}
     for info in manifest.shards:
         shard = open_shard(cache_dir, store, info.name)
