@@ -37,7 +37,9 @@ def variants(vocab: int) -> dict[str, list[str]]:
     out = {FULL: [f"cache.k={vocab}", "cache.targets=topk", "cache.router_topk=none", "train.kd_loss=forward_kl"]}
     for name, preset in PRESETS.items():
         loss = "sampled" if "sampled" in preset.targets else "forward_kl"
-        out[name] = [f"cache.preset={name}", f"train.kd_loss={loss}"]
+        # configs/demo.yaml sets the cache's shape; the keys at their 'preset' values take the preset's own
+        out[name] = [f"cache.preset={name}", "cache.k=-1", "cache.targets=preset", "cache.num_draws=0",
+                     "cache.router_topk=preset", f"train.kd_loss={loss}"]
     return out
 
 
