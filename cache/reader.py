@@ -149,16 +149,22 @@ class CacheReader:
             self._sample_ids[name] = np.asarray(self._index_handle(name)["sample_ids"][:])
         return self._sample_ids[name]
 
-    def _fetch_runs(self, name: str, key: str, chunks: np.ndarray, rows: int) -> None:
-        """Put the chunks not cached yet into the block cache, one store read per contiguous run."""
-        missing = np.array([c for c in chunks.tolist() if (name, key, c) not in self._blocks], np.int64)
-        if not len(missing):
-            return
-        breaks = np.flatnonzero(np.diff(missing) != 1) + 1
-        for run in np.split(missing, breaks):
+    def _chunks(self, name: str, key: str, chunks: np.ndarray, rows: int) -> list[np.ndarray]:
+        """The decoded chunks ``chunks`` of one array, in order: cached ones from the block cache, the rest
+        read with one store call per contiguous run and cached. Returned directly, so a gather whose
+        chunks outgrow the block cache (a whole-vocabulary top-k) evicts them after use, not before."""
+        found: dict[int, np.ndarray] = {}
+        for c in chunks.tolist():
+            if (name, key, c) in self._blocks:
+                self._blocks.move_to_end((name, key, c))
+                found[c] = self._blocks[(name, key, c)]
+        missing = np.array([c for c in chunks.tolist() if c not in found], np.int64)
+        for run in np.split(missing, np.flatnonzero(np.diff(missing) != 1) + 1) if len(missing) else []:
             data = np.asarray(self.shard(name)[key][int(run[0]) * rows:(int(run[-1]) + 1) * rows])
             for j, c in enumerate(run.tolist()):
-                self._put((name, key, c), data[j * rows:(j + 1) * rows].copy())
+                found[c] = data[j * rows:(j + 1) * rows].copy()
+                self._put((name, key, c), found[c])
+        return [found[c] for c in chunks.tolist()]
 
     def _put(self, cache_key: tuple, block: np.ndarray) -> None:
         self._blocks[cache_key] = block
@@ -194,11 +200,7 @@ class CacheReader:
             return np.asarray(array[lo:int(np.max(ends))])[index - lo]
         keep = np.asarray(ends) > np.asarray(starts)
         chunks = np.unique(ragged_arange(np.asarray(starts)[keep] // rows, (np.asarray(ends)[keep] - 1) // rows + 1))
-        self._fetch_runs(name, key, chunks, rows)
-        parts = []
-        for c in chunks.tolist():  # per chunk touched (a few), not per sequence or position
-            self._blocks.move_to_end((name, key, c))
-            parts.append(self._blocks[(name, key, c)])
+        parts = self._chunks(name, key, chunks, rows)  # per chunk touched (a few), not per sequence or position
         first = int(chunks[0])
         if len(chunks) == chunks[-1] - first + 1:  # contiguous chunks: an offset
             position = index - first * rows

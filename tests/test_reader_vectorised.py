@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from cache.codec import Codec, max_logprob_error
+from cache.reader import CacheReader
 from cache.schema import ragged_arange, sequences_from_flat
 from cache.stream import CacheSource, ShardStream, StreamPlan
 from cache.writer import CacheWriter, finalize
@@ -113,6 +114,19 @@ def test_load_and_collate_give_back_the_records(cache):
         assert got.teacher.temperatures == (1.0, 2.0) and got.teacher.draw_logprobs.dtype == np.float32
         batch = collate(got)
         assert batch["input_ids"].shape[0] == len(seqs) and int(batch["valid"].sum()) == t
+
+
+def test_a_block_cache_smaller_than_one_read_still_reads_right(cache):
+    """A whole-vocabulary top-k makes one gather's chunks outgrow the block cache: the chunks a read
+    needs are used before they are evicted (the demo's k = V cache once failed with a KeyError)."""
+    cache_dir, by_id, codec = cache
+    tiny = CacheReader(cache_dir, block_cache_bytes=64)  # below one chunk of any array: nothing stays cached
+    for info in tiny.shards:
+        seqs = np.arange(len(tiny.seq_offsets(info.name)) - 1)[::-1]
+        got = tiny.read_many(info.name, seqs)
+        t = 0
+        for sid in got.sample_ids.tolist():
+            t = check_sequence(got, t, by_id[sid], codec)
 
 
 def test_ragged_arange_equals_concatenated_aranges():
