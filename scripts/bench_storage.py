@@ -59,8 +59,12 @@ PRESET_NAMES = tuple(PRESETS)
 
 
 def quality_column(preset: str, demo_dir: Path | None) -> float | None:
-    """Share of full-KD gain of a student trained on ``preset`` (the lead's column; None until filled in)."""
-    return None
+    """Share of full-KD gain of a student trained on ``preset``: what scripts/study_presets.py measured
+    beside this demo (its ``preset_study.json`` under the same --root); None when it has not run."""
+    results = None if demo_dir is None else demo_dir.parent / "preset_study.json"
+    if results is None or not results.exists():
+        return None
+    return json.loads(results.read_text()).get(preset, {}).get("share_of_full_kd_gain")
 
 
 # --- one cache per preset ---------------------------------------------------------------------

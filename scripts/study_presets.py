@@ -103,8 +103,10 @@ def main() -> None:
     print(text, flush=True)
     if args.out:
         Path(args.out).write_text(text)
-    print(json.dumps({name: {"kl_to_teacher": round(r["kl_to_teacher"], 5), "bytes_per_token": round(r["bytes_per_token"], 2),
-                             "share_of_full_kd_gain": round(r["share"], 4)} for name, r in rows.items()}))
+    headline = {name: {"kl_to_teacher": round(r["kl_to_teacher"], 5), "bytes_per_token": round(r["bytes_per_token"], 2),
+                       "share_of_full_kd_gain": round(r["share"], 4)} for name, r in rows.items()}
+    (root / "preset_study.json").write_text(json.dumps(headline, indent=1))  # scripts/bench_storage.py's quality column
+    print(json.dumps(headline))
 
 
 if __name__ == "__main__":
