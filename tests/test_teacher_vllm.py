@@ -61,9 +61,8 @@ def caches(tmp_path_factory, text_jsonl, moe_hd32):
 
 def read_all(cache_dir) -> dict[str, np.ndarray]:
     reader = CacheReader(cache_dir)
-    parts = [reader.read_shard(s.name) for s in reader.shards]
-    keys = [k for k, v in parts[0].__dict__.items() if v is not None]
-    return {k: np.concatenate([getattr(p, k) for p in parts]) for k in keys}
+    parts = [reader.read_shard(s.name).arrays() for s in reader.shards]  # the sequences' and the teacher's arrays
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def assert_same_topk_ids(ids_h: np.ndarray, ids_v: np.ndarray, lp_h: np.ndarray) -> None:
