@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,3 +20,13 @@ def torchrun(command: str, *overrides: str, nproc: int = 2, timeout: int = 300) 
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, ckpt_root: Path, timeout: float = 240) -> None:
+    """Return once a complete checkpoint (step-*/COMPLETE) exists under ckpt_root; fail if the run
+    ends first or none appears within timeout seconds."""
+    deadline = time.time() + timeout
+    while not any((p / "COMPLETE").exists() for p in ckpt_root.glob("step-*")):
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.005)

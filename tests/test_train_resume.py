@@ -8,10 +8,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from launch_helpers import wait_for_checkpoint
 import torch
 from safetensors.torch import load_file
 
@@ -38,11 +38,7 @@ def kill_after_first_checkpoint(overrides: list[str], ckpt_root: Path) -> None:
     proc = subprocess.Popen(train_cmd(overrides), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 240
-        while not any((p / "COMPLETE").exists() for p in ckpt_root.glob("step-*")):
-            assert proc.poll() is None, "the run ended before its first checkpoint"
-            assert time.time() < deadline, "no checkpoint appeared"
-            time.sleep(0.005)
+        wait_for_checkpoint(proc, ckpt_root)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
