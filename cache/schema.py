@@ -176,10 +176,13 @@ class TeacherRecord:
     reader (phase two) to the loss. Its arrays are numpy in cache/ and the DataLoader workers and
     torch tensors in the trainer (``map``); optional parts are None when the cache lacks them.
     Draws are padded per token (unique ids, their counts, count 0 on padding); a shard stores them
-    ragged (``draw_n`` per token), the reader pads them again. Decoded from a v2 cache: ids int64,
-    values float32, counts int32; log-probs at tau = 1 in the gauge log Z_1 = 0 (``log_partition[:, 0]``
-    is 0, column j log sum_v p_v^(1/tau_j)); top-k and router entries by descending probability; a
-    token's draws in no particular order (ascending vocabulary rank), padding after them."""
+    ragged (``draw_n`` per token), the reader pads them again. Decoded from a v2 cache: vocabulary ids
+    int64, expert ids uint8 (int16 past 256 experts: 8x fewer bytes to the device, widened where they
+    index), values float32, counts int32; log-probs at tau = 1 in the gauge log Z_1 = 0
+    (``log_partition[:, 0]`` is 0, column j log sum_v p_v^(1/tau_j)); top-k entries by descending
+    probability, router entries in no particular order (a backend's by descending probability, the
+    reader's by ascending expert id); a token's draws in no particular order (ascending vocabulary
+    rank), padding after them."""
 
     log_partition: Any  # [T, P] float: log sum exp(z / tau) per cached tau
     target_logprob: Any = None  # [T] float: log-prob of the actual next token
@@ -190,8 +193,8 @@ class TeacherRecord:
     draw_counts: Any = None  # [T, D] int: how often each was drawn, 0 on padding
     draw_logprobs: Any = None  # [T, D] float: the teacher's tau = 1 log-prob at each stored draw (v2)
     draw_temperature: float = 1.0  # the temperature the draws were made at
-    router_ids: Any = None  # [T, L, R] int, L = the stored MoE layers (identity['moe_layers'])
-    router_probs: Any = None  # [T, L, R] float (absent for an ids-only router cache)
+    router_ids: Any = None  # [T, L, R] int, L = the stored MoE layers (identity['moe_layers']), any order
+    router_probs: Any = None  # [T, L, R] float, in router_ids' order (absent for an ids-only router cache)
 
     def arrays(self) -> dict[str, Any]:
         """The arrays present, by field name."""

@@ -84,14 +84,15 @@ def expert_load(router_ids_TLR: np.ndarray, router_probs_TLR: np.ndarray | None,
                 routed_k: int = 0) -> np.ndarray:
     """Per layer, the (unnormalised) load each expert receives: [L, E].
 
-    routed_k > 0: each token counts once for each of its first routed_k stored experts (the
-    experts it is routed to; entries are stored by descending probability). Otherwise, with
-    probabilities stored: each stored entry weighs its router probability (the soft load).
-    Without probabilities (an ids-only cache holds exactly the routed experts): counts.
+    routed_k > 0: each token counts once for each of its routed_k most probable stored experts (the
+    experts it is routed to; ties: the first stored). Otherwise, with probabilities stored: each
+    stored entry weighs its router probability (the soft load). Without probabilities (an ids-only
+    cache holds exactly the routed experts): counts.
     """
     ids_TLR = router_ids_TLR.astype(np.int64)
-    if routed_k > 0:
-        ids_TLR = ids_TLR[:, :, :routed_k]
+    if 0 < routed_k < ids_TLR.shape[-1]:
+        routed_TLR = np.argsort(-np.asarray(router_probs_TLR), axis=-1, kind="stable")[..., :routed_k]
+        ids_TLR = np.take_along_axis(ids_TLR, routed_TLR, -1)
     use_probs = routed_k <= 0 and router_probs_TLR is not None
     weights_TLR = router_probs_TLR.astype(np.float64) if use_probs else np.ones(ids_TLR.shape)
     n_layers = ids_TLR.shape[1]

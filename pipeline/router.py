@@ -126,7 +126,7 @@ def teacher_router_dense(ids_TR: torch.Tensor, probs_TR: torch.Tensor | None, nu
     """
     if probs_TR is None:
         probs_TR = torch.full(ids_TR.shape, 1.0 / ids_TR.shape[1], device=ids_TR.device)
-    probs_TR = probs_TR.float()
+    probs_TR, ids_TR = probs_TR.float(), ids_TR.long()  # the reader's expert ids are uint8/int16
     dense_TE = torch.zeros(ids_TR.shape[0], num_experts, device=ids_TR.device).scatter_(1, ids_TR, probs_TR)
     uncached = num_experts - ids_TR.shape[1]
     if uncached > 0:

@@ -165,8 +165,9 @@ def test_router_statistics_all_experts(full):
     for layer in range(ids.shape[1]):
         routed_k = ident.get("experts_per_token", 0)  # recorded: hard load of the routed experts
         load = np.zeros(ident["num_experts"])
-        for t in range(ids.shape[0]):
-            for r in range(routed_k or ids.shape[2]):
+        for t in range(ids.shape[0]):  # routed: the routed_k most probable entries (stored in any order)
+            by_prob = sorted(range(ids.shape[2]), key=lambda r: -probs[t, layer, r])
+            for r in by_prob[:routed_k or ids.shape[2]]:
                 load[ids[t, layer, r]] += 1.0 if routed_k else probs[t, layer, r]
         np.testing.assert_allclose(shares[layer], load / load.sum(), rtol=1e-9)
         assert router["load_cv"][layer] == pytest.approx(np.std(shares[layer]) / np.mean(shares[layer]))
