@@ -11,6 +11,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from cache.schema import chunk_rows
+
 SUFFIX = ".h5"
 COMPRESSIONS = ("gzip", "lzf", "none")
 
@@ -23,15 +25,16 @@ def _filters(compression: str, level: int) -> dict:
     return {"compression": "gzip", "compression_opts": level, "shuffle": True}
 
 
-def write_shard(path: Path, arrays: dict[str, np.ndarray], chunk_rows: int, compression: str, level: int) -> None:
+def write_shard(path: Path, arrays: dict[str, np.ndarray], chunk_tokens: int, compression: str, level: int) -> None:
     """Build the file in memory (HDF5's core driver), then write its image with plain file I/O: a full
     disk is then an OSError (ENOSPC) the writer turns into one line, never a crash inside libhdf5."""
+    rows = chunk_rows(arrays, chunk_tokens)
     with h5py.File(Path(path).name, "w", driver="core", backing_store=False) as f:
         for name, data in arrays.items():
             if len(data) == 0:
                 f.create_dataset(name, data=data)
                 continue
-            chunks = (max(1, min(chunk_rows, len(data))),) + data.shape[1:]
+            chunks = (rows[name],) + data.shape[1:]
             f.create_dataset(name, data=data, chunks=chunks, **_filters(compression, level))
         f.flush()
         image = f.id.get_file_image()

@@ -61,6 +61,20 @@ FIELDS: dict[str, FieldSpec] = {
     ]
 }
 
+def chunk_rows(arrays: dict, chunk_tokens: int) -> dict[str, int]:
+    """Rows per chunk of each stored array: ``chunk_tokens`` for the token arrays; a draw array's chunk spans
+    about as many tokens (its mean entries per token × chunk_tokens), so a reader fetches as few chunk
+    files for a shard's draws as for its head (at 50 draws per token, 4,096-entry chunks made 50x the files).
+    Per-sequence arrays: as many rows as the token arrays (they are small)."""
+    tokens = max(1, len(arrays.get("input_ids", ())))
+
+    def rows(name: str, data) -> int:
+        per_token = -(-len(data) // tokens) if FIELDS[name].axis == "draw" else 1
+        return max(1, min(chunk_tokens * per_token, len(data)))
+
+    return {name: rows(name, data) for name, data in arrays.items()}
+
+
 class CacheError(ValueError):
     """A cache that cannot be used as asked (wrong version, other teacher, corrupt shard)."""
 

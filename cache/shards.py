@@ -44,11 +44,11 @@ def checksum(path: Path) -> str:
 
 
 def commit_shard(cache_dir: Location | Path, store: str, name: str, rank: int, arrays: dict[str, np.ndarray],
-                 chunk_rows: int, compression: str, level: int) -> ShardInfo:
+                 chunk_tokens: int, compression: str, level: int) -> ShardInfo:
     """Write a shard whole (renamed into place locally, uploaded object by object on an object store):
     it becomes data only once the journal that names it is written (cache/writer.py)."""
     module = get_store(store)
-    write = lambda target: module.write_shard(target, arrays, chunk_rows, compression, level)  # noqa: E731
+    write = lambda target: module.write_shard(target, arrays, chunk_tokens, compression, level)  # noqa: E731
     nbytes, digest = Location.of(cache_dir).put_shard(name, write)
     return ShardInfo(name=name, rank=rank, n_tokens=len(arrays["input_ids"]), n_seqs=len(arrays["sample_ids"]),
                      nbytes=nbytes, checksum=digest)

@@ -115,13 +115,13 @@ class CacheWriter:
     """
 
     def __init__(self, cache_dir: Location | Path, *, rank: int, identity: dict, store: str, codec: Codec,
-                 shard_tokens: int, chunk_rows: int, compression: str, level: int, num_experts: int = 0,
+                 shard_tokens: int, chunk_tokens: int, compression: str, level: int, num_experts: int = 0,
                  shard_bytes: int = 1 << 30, skip: set[int] = frozenset(), world_size: int = 1):
         self.location, self.rank, self.identity, self.store = Location.of(cache_dir), rank, identity, store
         self.cache_dir = self.location.url  # for messages
         self.codec, self.num_experts = codec, num_experts
         self._skip = np.array(sorted(skip), dtype=np.int64)
-        self.shard_tokens, self.chunk_rows, self.compression, self.level = shard_tokens, chunk_rows, compression, level
+        self.shard_tokens, self.chunk_tokens, self.compression, self.level = shard_tokens, chunk_tokens, compression, level
         self.shard_bytes = shard_bytes
         self.world_size = world_size  # in the journal: a follower (cache/follow.py) knows which ranks to wait for
         self._buffer: list[Sequences] = []
@@ -178,7 +178,7 @@ class CacheWriter:
             raise disk_full(self.cache_dir, name, needed, free)
         try:
             info = commit_shard(self.location, self.store, name, self.rank, arrays,
-                                self.chunk_rows, self.compression, self.level)
+                                self.chunk_tokens, self.compression, self.level)
             journal = {"identity": self.identity, "world_size": self.world_size,
                        "shards": [asdict(s) for s in self._shards + [info]]}
             # the commit point: the shard is data from this object on (written whole: rename, or one PUT)

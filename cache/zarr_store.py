@@ -14,6 +14,8 @@ import zarr
 from zarr.core.buffer.cpu import Buffer
 from zarr.storage import MemoryStore
 
+from cache.schema import chunk_rows
+
 try:  # zarr 3.1 ships numcodecs' codecs here; later releases moved them to numcodecs.zarr3
     from zarr.codecs.numcodecs import GZip, Shuffle, Zstd
 except ImportError:  # pragma: no cover - depends on the installed zarr
@@ -33,11 +35,12 @@ def _compressors(compression: str, level: int, itemsize: int) -> list:
     return [Shuffle(elementsize=itemsize), codec] if itemsize > 1 else [codec]
 
 
-def write_shard(target, arrays: dict[str, np.ndarray], chunk_rows: int, compression: str, level: int) -> None:
+def write_shard(target, arrays: dict[str, np.ndarray], chunk_tokens: int, compression: str, level: int) -> None:
     """``target``: a path or a zarr store."""
     group = zarr.open_group(_store(target), mode="w", zarr_format=3)
+    rows = chunk_rows(arrays, chunk_tokens)
     for name, data in arrays.items():
-        chunks = (max(1, min(chunk_rows, len(data))),) + data.shape[1:]
+        chunks = (rows[name],) + data.shape[1:]
         group.create_array(  # write_empty_chunks: skip zarr's compare of every chunk with the fill value
             name, data=data, chunks=chunks, compressors=_compressors(compression, level, data.dtype.itemsize),
             config={"write_empty_chunks": True},

@@ -210,7 +210,7 @@ def triton_teacher(teacher):
 
 def new_writer(out_dir: Path, args, teacher) -> CacheWriter:
     return CacheWriter(out_dir, rank=0, identity={"bench": True, "codec": CODEC.to_dict()}, store=args.store, codec=CODEC,
-                       shard_tokens=args.shard_batches * args.batch_size * args.seq_len, chunk_rows=4096,
+                       shard_tokens=args.shard_batches * args.batch_size * args.seq_len, chunk_tokens=4096,
                        compression=resolve_compression(args.store, "auto"), level=3,
                        num_experts=teacher.num_experts)
 

@@ -76,7 +76,7 @@ def build(cache_dir: Path, store: str, n_seqs: int, base: list[dict], preset: st
     identity = {"codec": codec.to_dict(), "k": PRESETS[preset].k}
     compression = "zstd" if store == "zarr" else "gzip"
     with CacheWriter(cache_dir, rank=0, identity=identity, store=store, codec=codec, shard_tokens=262_144,
-                     chunk_rows=4096, compression=compression, level=3, num_experts=EXPERTS) as writer:
+                     chunk_tokens=4096, compression=compression, level=3, num_experts=EXPERTS) as writer:
         for i in range(n_seqs):
             rec = {k: v.copy() for k, v in base[i % len(base)].items()}
             rec["sample_ids"] = np.array([i], np.int64)

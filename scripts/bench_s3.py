@@ -61,7 +61,7 @@ def write(location: Location, n_seqs: int, shard_seqs: int) -> float:
     records = [sequences_from_flat(record(rng, first, 8)) for first in range(0, n_seqs, 8)]
     start = time.perf_counter()
     with CacheWriter(location, rank=0, identity=identity, store="zarr", codec=Codec(), shard_tokens=shard_seqs * 2048,
-                     chunk_rows=4096, compression="zstd", level=3, num_experts=EXPERTS) as writer:
+                     chunk_tokens=4096, compression="zstd", level=3, num_experts=EXPERTS) as writer:
         for batch in records:
             writer.add(batch)
     finalize(location, identity, "zarr", list(record(np.random.default_rng(1), 0, 1)))

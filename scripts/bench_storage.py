@@ -96,7 +96,7 @@ def restrict(record: dict, shape: dict) -> dict:
 def write_cache(cache_dir: Path, records: list[dict], codec: Codec, experts: int) -> None:
     identity = {"codec": codec.to_dict(), "k": int(records[0].get("topk_ids", np.zeros((0, 0))).shape[1])}
     with CacheWriter(cache_dir, rank=0, identity=identity, store="zarr", codec=codec, shard_tokens=1 << 20,
-                     chunk_rows=4096, compression="zstd", level=3, num_experts=experts) as writer:
+                     chunk_tokens=4096, compression="zstd", level=3, num_experts=experts) as writer:
         for rec in records:
             writer.add(sequences_from_flat({k: v.copy() for k, v in rec.items()}))
     finalize(cache_dir, identity, "zarr", sorted(records[0]))

@@ -216,7 +216,7 @@ def cache_split(cfg, teacher, spec: ExtractSpec, split: str, dist: Dist) -> Mani
     mine = plan_batches(sample_ids, c.batch_size)[dist.rank::dist.world_size]
     todo = [rows for rows in mine if not all(int(s) in done for s in sample_ids[rows])]
     writer = CacheWriter(out_dir, rank=dist.rank, identity=ident, store=c.store, codec=codec,
-                         shard_tokens=c.shard_tokens, shard_bytes=c.shard_bytes, chunk_rows=c.chunk_tokens,
+                         shard_tokens=c.shard_tokens, shard_bytes=c.shard_bytes, chunk_tokens=c.chunk_tokens,
                          compression=resolve_compression(c.store, c.compression), level=c.compression_level,
                          num_experts=teacher.num_experts, skip=done, world_size=dist.world_size)
     run_batches(teacher, ds, todo, writer, dist, split)

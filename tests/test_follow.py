@@ -49,7 +49,7 @@ def test_steps_taken_while_the_cache_grows_are_the_finished_caches_steps(tmp_pat
         location = Location(tmp_path / f"c{len(kw)}")
         taken, stream = [], None
         with CacheWriter(location, rank=0, identity=IDENTITY, store="zarr", codec=Codec(), shard_tokens=60,
-                         chunk_rows=16, compression="zstd", level=1) as writer:
+                         chunk_tokens=16, compression="zstd", level=1) as writer:
             for i, batch in enumerate(batches()):
                 writer.add(sequences_from_flat(batch))
                 writer._wait()
@@ -77,7 +77,7 @@ def test_a_follower_resumed_from_its_state_takes_the_same_next_steps(tmp_path):
     location = Location(tmp_path / "c")
     data = batches()
     with CacheWriter(location, rank=0, identity=IDENTITY, store="zarr", codec=Codec(), shard_tokens=60,
-                     chunk_rows=16, compression="zstd", level=1) as writer:
+                     chunk_tokens=16, compression="zstd", level=1) as writer:
         for batch in data[:6]:
             writer.add(sequences_from_flat(batch))
         writer._wait()

@@ -52,7 +52,7 @@ def cache(tmp_path, request):
     codec = Codec.for_preset(preset, 1000, list(range(999, -1, -3)))
     identity = {"codec": codec.to_dict(), "k": K, "temperatures": [1.0, 2.0]}
     with CacheWriter(tmp_path, rank=0, identity=identity, store=store, codec=codec, shard_tokens=120,
-                     chunk_rows=8, compression="gzip", level=1, num_experts=EXPERTS) as writer:
+                     chunk_tokens=8, compression="gzip", level=1, num_experts=EXPERTS) as writer:
         for rec in records:
             writer.add(sequences_from_flat({k: v.copy() for k, v in rec.items()}, (1.0, 2.0)))
     finalize(tmp_path, identity, store, list(records[0]))

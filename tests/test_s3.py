@@ -31,9 +31,9 @@ from cache.writer import CacheWriter, committed_shards, finalize, read_journals
 IDENTITY = {"codec": Codec().to_dict(), "k": 64}
 
 
-def commit(location: Location, arrays: dict, index: int = 0, chunk_rows: int = 8):
+def commit(location: Location, arrays: dict, index: int = 0, chunk_tokens: int = 8):
     name = shard_name("zarr", 0, index)
-    return name, commit_shard(location, "zarr", name, 0, arrays, chunk_rows=chunk_rows,
+    return name, commit_shard(location, "zarr", name, 0, arrays, chunk_tokens=chunk_tokens,
                               compression=resolve_compression("zarr", "auto"), level=3)
 
 
@@ -107,7 +107,7 @@ def write(location: Location, batches: list[dict], stop_after: int | None = None
     """One rank's writer on zarr; ``stop_after`` shards: stop as a killed run would (no flush)."""
     done = {int(i) for s in committed_shards(location)
             for i in open_shard(location, "zarr", s.name)["sample_ids"][:]}
-    with CacheWriter(location, rank=0, identity=IDENTITY, store="zarr", codec=Codec(), chunk_rows=64,
+    with CacheWriter(location, rank=0, identity=IDENTITY, store="zarr", codec=Codec(), chunk_tokens=64,
                      compression="zstd", level=3, skip=done, shard_tokens=10_000,
                      shard_bytes=70 * (64 * 8 + 40)) as writer:
         for batch in batches:

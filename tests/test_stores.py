@@ -47,9 +47,9 @@ def shard_arrays(rng: np.random.Generator, n_tokens: int = 37, k: int = 5, layer
     }
 
 
-def commit(tmp_path: Path, store: str, arrays: dict, index: int = 0, chunk_rows: int = 8):
+def commit(tmp_path: Path, store: str, arrays: dict, index: int = 0, chunk_tokens: int = 8):
     name = shard_name(store, 0, index)
-    info = commit_shard(tmp_path, store, name, 0, arrays, chunk_rows=chunk_rows,
+    info = commit_shard(tmp_path, store, name, 0, arrays, chunk_tokens=chunk_tokens,
                         compression=resolve_compression(store, "auto"), level=3)
     return name, info
 
@@ -86,7 +86,7 @@ def test_every_field_round_trips_exactly(tmp_path, store, with_draws):
 @pytest.mark.parametrize("store", STORES)
 def test_partial_slices_cross_chunk_bounds(tmp_path, store):
     arrays = shard_arrays(np.random.default_rng(2))
-    name, _ = commit(tmp_path, store, arrays, chunk_rows=4)
+    name, _ = commit(tmp_path, store, arrays, chunk_tokens=4)
     shard = open_shard(tmp_path, store, name)
     for a, b in [(0, 1), (3, 9), (13, 37), (36, 37), (5, 5)]:
         for field in ("input_ids", "topk_ids", "topk_logprobs", "log_partition", "router_ids", "router_probs"):
@@ -156,7 +156,7 @@ def test_writer_cleans_its_stale_tmp_files_and_journals_commits(tmp_path, store)
                  log_partition=np.zeros((37, 1), np.float32))
     identity = {"codec": Codec().to_dict(), "k": 0}
     with CacheWriter(tmp_path, rank=0, identity=identity, store=store, codec=Codec(), shard_tokens=30,
-                     chunk_rows=16, compression="none", level=0) as writer:
+                     chunk_tokens=16, compression="none", level=0) as writer:
         writer.add(sequences_from_flat(batch))
         writer.add(sequences_from_flat({**batch, "sample_ids": batch["sample_ids"] + 100}))
     assert not stale.exists(), "a rank's writer removes its own leftovers"
@@ -188,7 +188,7 @@ def write_batches(cache_dir: Path, batches: list[dict], stop_after: int | None =
     """Write ``batches`` on one rank; ``stop_after`` shards: stop there as a killed run would (no flush)."""
     identity = {"codec": Codec().to_dict(), "k": int(batches[0]["topk_ids"].shape[1])}
     done = {int(i) for i in committed_sample_ids(cache_dir, "hdf5")} if (cache_dir / "journal").exists() else set()
-    writer = CacheWriter(cache_dir, rank=0, identity=identity, store="hdf5", codec=Codec(), chunk_rows=64,
+    writer = CacheWriter(cache_dir, rank=0, identity=identity, store="hdf5", codec=Codec(), chunk_tokens=64,
                          compression="none", level=0, skip=done, **limits)
     with writer:
         for batch in batches:
@@ -276,3 +276,19 @@ def test_a_v1_cache_is_refused_with_how_to_recreate_it(tmp_path):
     message = str(err.value)
     assert "version 1 is not supported" in message and "version 2 only" in message
     assert "run_pipeline.py cache --force" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_a_draw_chunk_spans_as_many_tokens_as_a_token_chunk(tmp_path, store):
+    """1–3 draws per token: a draw array's chunk holds chunk_tokens × ceil(D / T) entries (not chunk_tokens:
+    a reader would open ~D / T times more chunk files for the draws than for the head), read back exactly."""
+    arrays = shard_arrays(np.random.default_rng(3), n_tokens=400)
+    per_token = -(-len(arrays["draw_ids"]) // 400)
+    assert per_token >= 2
+    name, _ = commit(tmp_path, store, arrays, chunk_tokens=16)
+    shard = open_shard(tmp_path, store, name)
+    assert shard["topk_ids"].chunks[0] == 16 and shard["router_probs"].chunks[0] == 16
+    assert all(shard[f].chunks[0] == 16 * per_token for f in ("draw_ids", "draw_counts", "draw_logprobs"))
+    for field in ("draw_ids", "draw_counts", "draw_logprobs"):
+        assert_same(shard[field][:], arrays[field], field)
+    shard.close()
