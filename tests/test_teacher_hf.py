@@ -159,3 +159,29 @@ def test_run_device_cuda_without_cuda_is_one_line(make_config):
     cfg = make_config("run.device=cuda")
     with pytest.raises(ConfigError, match="run.device=cuda but no CUDA device"):
         cache_teacher.run(cfg)
+
+
+def test_head_apart_only_where_the_logits_are_the_head_of_the_last_hidden_state(make_config):
+    """The teacher runs the body alone and the LM head per extraction chunk for the families listed in
+    HEAD_APART_FAMILIES (the tests above check those caches against the model's own logits); a family
+    with a transform after the head (Gemma 2's logit soft-capping) keeps the model's forward."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    from pipeline.teachers.extract import HeadRows
+    from pipeline.teachers.hf import head_apart
+
+    cfg = make_config()
+    qwen = AutoModelForCausalLM.from_pretrained(cfg.teacher.path, dtype=torch.float32).eval()
+    ids = torch.arange(1, 17)[None]
+    with torch.no_grad():
+        rows = HeadRows(qwen.base_model(input_ids=ids).last_hidden_state[0], qwen.get_output_embeddings())
+        torch.testing.assert_close(torch.cat([rows[0:5], rows[5:16]]), qwen(input_ids=ids).logits[0])
+    assert head_apart(qwen)
+    gemma = AutoModelForCausalLM.from_config(Gemma2Config(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, final_logit_softcapping=0.5)).eval()
+    with torch.no_grad():
+        hidden = gemma.base_model(input_ids=ids % 64).last_hidden_state[0]
+        apart = gemma.get_output_embeddings()(hidden)
+        assert not torch.allclose(apart, gemma(input_ids=ids % 64).logits[0], atol=1e-3), "soft-capped"
+    assert not head_apart(gemma)

@@ -142,18 +142,32 @@ def to_unit_gauge(log_z_CP: torch.Tensor, temperatures: tuple[float, ...]) -> to
     return log_z_CP - log_z_CP[:, :1] * inv_P
 
 
-def extract_sequence(z_LV: torch.Tensor, targets_L: torch.Tensor, u_LN: torch.Tensor | None,
+@dataclass(frozen=True)
+class HeadRows:
+    """One sequence's logits made on demand, a row range at a time: the LM head over its last hidden states
+    (pipeline/teachers/hf.py ``head_apart``). Phase one then never holds the [L, V] logits, and each chunk
+    is read by the extraction right after the matmul wrote it."""
+
+    hidden_LH: torch.Tensor
+    head: torch.nn.Module
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return self.head(self.hidden_LH[rows])
+
+
+def extract_sequence(z_LV: torch.Tensor | HeadRows, targets_L: torch.Tensor, u_LN: torch.Tensor | None,
                      spec: ExtractSpec) -> dict[str, torch.Tensor]:
-    """All cache fields for one sequence's L positions, computed chunk by chunk."""
-    if spec.vocab_limit:
-        z_LV = z_LV[:, : spec.vocab_limit]
+    """All cache fields for the first L = len(targets_L) positions of a sequence, computed chunk by chunk from
+    its logits (a tensor of at least L rows, or ``HeadRows`` that make each chunk's)."""
     parts: dict[str, list[torch.Tensor]] = {}
     chunk = triton_chunk if spec.kernel == "triton" else torch_chunk
-    for start in range(0, z_LV.shape[0], spec.chunk_tokens):
-        stop = min(start + spec.chunk_tokens, z_LV.shape[0])
-        out = chunk(z_LV[start:stop], targets_L[start:stop], None if u_LN is None else u_LN[start:stop], spec)
+    n = len(targets_L)
+    for start in range(0, n, spec.chunk_tokens):
+        stop = min(start + spec.chunk_tokens, n)
+        z_CV = z_LV[start:stop][:, : spec.vocab_limit] if spec.vocab_limit else z_LV[start:stop]
+        out = chunk(z_CV, targets_L[start:stop], None if u_LN is None else u_LN[start:stop], spec)
         if "draw_ids" in out:  # the teacher's tau = 1 log-prob at each stored draw (0 on padding), any kernel
-            lp_CD = z_LV[start:stop].gather(1, out["draw_ids"].long()).float() - out["log_partition"][:, :1]
+            lp_CD = z_CV.gather(1, out["draw_ids"].long()).float() - out["log_partition"][:, :1]
             out["draw_logprobs"] = torch.where(out["draw_counts"] > 0, lp_CD, 0.0)
         out["log_partition"] = to_unit_gauge(out["log_partition"], spec.temperatures)
         for key, value in out.items():

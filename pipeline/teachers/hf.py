@@ -19,7 +19,7 @@ from pipeline.models import load_causal_lm, own_tokenizer_fingerprint, teacher_i
 from pipeline.router import RouterCapture, check_raw_logits, num_experts, router_family
 from pipeline.seeding import sequence_generator
 from pipeline.teachers.base import TeacherBatch, TeacherConfig, resolve_dtype, router_layers
-from pipeline.teachers.extract import ExtractSpec, extract_sequence
+from pipeline.teachers.extract import ExtractSpec, HeadRows, extract_sequence
 from pipeline.teachers.native import resolve_kernel
 
 
@@ -35,6 +35,19 @@ def resolve_router_topk(setting: str, experts: int, routed: int) -> int:
     if not setting.isdigit() or not 0 < int(setting) <= experts:
         raise ConfigError(f"cache.router_topk={setting!r} must be 'all', 'routed', 'none' or 1..{experts}")
     return int(setting)
+
+
+# Families whose causal-LM forward is exactly ``lm_head(base_model(...).last_hidden_state)``: no logit
+# soft-capping (Gemma 2/3), scaling (Granite, Cohere) or other transform after the head. Others keep the
+# model's own forward; tests/test_teacher_hf.py checks both paths against the model's logits.
+HEAD_APART_FAMILIES = ("qwen3_moe", "qwen2_moe", "qwen3", "qwen2", "llama", "mistral", "mixtral", "olmoe")
+
+
+def head_apart(model) -> bool:
+    """Whether phase one runs the body alone and the LM head per extraction chunk (``HeadRows``)."""
+    head = model.get_output_embeddings()
+    return (model.config.model_type in HEAD_APART_FAMILIES and model.base_model is not model
+            and type(head) is torch.nn.Linear)
 
 
 def to_host(fields: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -67,6 +80,7 @@ class HFTeacher:
             self.capture = RouterCapture(self.model, self.family, router_layers(spec.router_layers, self.moe_layers))
         self.tokenizer_fingerprint = own_tokenizer_fingerprint(cfg.path)
         self.router_has_probs = True
+        self.head_apart = head_apart(self.model)
         self._checked = False
 
     def close(self) -> None:
@@ -89,10 +103,20 @@ class HFTeacher:
         positions = torch.arange(input_ids.shape[1], device=self.device)
         attention_mask = (positions[None, :] < batch.lengths.to(self.device)[:, None]).long()
         with self.capture or contextlib.nullcontext():
-            logits_BLV = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            logits_BLV = self._logits(input_ids, attention_mask)
         router = self._router(self.capture.pop(), attention_mask) if self.capture else {}
         per_seq = [self._sequence(logits_BLV[b], input_ids[b], batch, b) for b in range(len(batch.lengths))]
         return self._output(batch, per_seq, router)
+
+    def _logits(self, input_ids, attention_mask) -> torch.Tensor | list[HeadRows]:
+        """The batch's logits [B, L, V], or with ``head_apart`` each sequence's ``HeadRows`` (the body's hidden
+        states; the head runs per extraction chunk: no [B, L, V] tensor, 5 GB in bf16 at 8 × 2,048 × 151,936)."""
+        if not self.head_apart:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        hidden_BLH = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                           use_cache=False).last_hidden_state
+        head = self.model.get_output_embeddings()
+        return [HeadRows(hidden_LH, head) for hidden_LH in hidden_BLH]
 
     def _sequence(self, logits_LV, ids_L, batch: TeacherBatch, b: int) -> dict[str, torch.Tensor]:
         n = int(batch.lengths[b])
@@ -101,7 +125,7 @@ class HFTeacher:
         u_LN = None
         if self.spec.wants_draws:
             u_LN = torch.rand(n, self.spec.num_draws, generator=sequence_generator(self.spec.seed, int(batch.sample_ids[b])))
-        return extract_sequence(logits_LV[:n], targets_L, u_LN, self.spec)
+        return extract_sequence(logits_LV, targets_L, u_LN, self.spec)  # its first n rows
 
     def _router(self, logits: list[torch.Tensor], attention_mask_BL: torch.Tensor) -> dict[str, torch.Tensor]:
         if not self._checked:
