@@ -179,7 +179,7 @@ def measure(step, batches: list, warmup: int, device) -> tuple[float, float, int
     return (time.perf_counter() - t0) / n, peak, tokens, (time.process_time() - cpu0) / n
 
 
-def worker_cpu(variant: str, overrides: list[str], steps: int, warmup: int) -> dict:
+def worker_cpu(variant: str, overrides: list[str], steps: int, warmup: int, loader_workers: int) -> dict:
     import torch
 
     from pipeline.batches import collate
@@ -199,9 +199,24 @@ def worker_cpu(variant: str, overrides: list[str], steps: int, warmup: int) -> d
     batches = [[collate(stream.load(mb)) for mb in stream.rank_micro_batches(s)] for s in plan]
     data_s = (time.perf_counter() - t0) / len(plan)
     model.train()
-    sec, peak, tokens, cpu = measure(step_fn(model, optimizer, cfg, accelerator), batches, warmup, accelerator.device)
+    step = step_fn(model, optimizer, cfg, accelerator)
+    sec, peak, tokens, cpu = measure(step, batches, warmup, accelerator.device)
     return {"variant": variant, "data_s": data_s, "step_s": sec, "cpu_s": cpu, "peak_bytes": peak, "tokens": tokens,
-            "rss_peak": peak_rss_bytes()}
+            "rss_peak": peak_rss_bytes(), "loader_s": loader_step_s(step, stream, steps, warmup, loader_workers)}
+
+
+def loader_step_s(step, stream, steps: int, warmup: int, workers: int) -> float:
+    """Seconds per step fed by the trainer's own loader (pipeline/batches.train_batches: ``workers``
+    DataLoader processes reading ahead, as train.num_workers), the waits for a micro-batch included."""
+    from pipeline.batches import train_batches
+
+    batches = train_batches(stream, num_workers=workers)
+    for _ in range(warmup):  # the workers start and open their shards
+        step(next(batches)[2])
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(next(batches)[2])
+    return (time.perf_counter() - t0) / steps
 
 
 # --- the synthetic workload (CPU default, --gpu) ---------------------------------------------------
@@ -303,7 +318,8 @@ def run_worker(args, variant: str, overrides: list[str]) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--threads", str(args.threads), "--chunk-tokens", str(args.chunk_tokens)]
     cmd += ["--gpu"] if args.gpu else []
-    cmd += ["--cache", "--overrides", json.dumps(overrides)] if args.cache else []
+    if args.cache:
+        cmd += ["--cache", "--overrides", json.dumps(overrides), "--loader-workers", str(args.loader_workers)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     if done.returncode:  # reported, and the variant left out of the table: one broken variant spoils no run
@@ -313,23 +329,29 @@ def run_worker(args, variant: str, overrides: list[str]) -> dict:
 
 
 def medians(results: dict[str, list[dict]]) -> dict[str, dict]:
-    return {v: {k: statistics.median(r[k] for r in rs) for k in ("data_s", "step_s", "cpu_s", "peak_bytes", "rss_peak")}
+    keys = ("data_s", "step_s", "cpu_s", "peak_bytes", "rss_peak", "loader_s")  # loader_s: --cache only
+    return {v: {k: statistics.median(r[k] for r in rs) for k in keys if k in rs[0]}
             | {"tokens": rs[0]["tokens"]} for v, rs in results.items()}
 
 
 def table(med: dict[str, dict], gib: bool, baseline: str) -> str:
     """Medians; "tok per CPU-s" divides by the process's CPU seconds (all threads): on a shared
-    machine it is steadier than wall time. "end-to-end" (--cache) adds the synchronous read."""
+    machine it is steadier than wall time. "end-to-end" (--cache) adds the synchronous read; "loader-fed /
+    compute" (--cache) is the same steps fed by the trainer's DataLoader with --loader-workers workers."""
     base = med[baseline]
     unit, name = (2**30, "GiB") if gib else (2**20, "MiB")
-    lines = [(f"| variant | tok/s | ratio | tok per CPU-s | ratio | end-to-end tok/s | ratio | end-to-end / compute | ms/step | "
-              f"peak growth {name} | ratio | peak {'allocated' if gib else 'RSS'} {name} |"), "|" + "---|" * 12]
+    lines = [(f"| variant | tok/s | ratio | tok per CPU-s | ratio | end-to-end tok/s | ratio | end-to-end / compute | "
+              f"ms/step | loader-fed / compute | peak growth {name} | ratio | "
+              f"peak {'allocated' if gib else 'RSS'} {name} |"),
+             "|" + "---|" * 13]
     for v, m in med.items():
         r = ratios(m, base)
         lines.append(f"| {v} | {m['tokens'] / m['step_s']:,.0f} | {r['tok_s_ratio']:.2f} | "
                      f"{m['tokens'] / max(m['cpu_s'], 1e-9):,.0f} | {r['cpu_ratio']:.2f} | "
-                     f"{m['tokens'] / (m['step_s'] + m['data_s']):,.0f} | {r['e2e_ratio']:.2f} | {r['e2e_of_compute']:.3f} | "
-                     f"{m['step_s'] * 1e3:,.0f} | {m['peak_bytes'] / unit:,.2f} | {r['peak_ratio']:.2f} | "
+                     f"{m['tokens'] / (m['step_s'] + m['data_s']):,.0f} | {r['e2e_ratio']:.2f} | "
+                     f"{r['e2e_of_compute']:.3f} | "
+                     f"{m['step_s'] * 1e3:,.0f} | {r.get('loader_of_compute', float('nan')):.3f} | "
+                     f"{m['peak_bytes'] / unit:,.2f} | {r['peak_ratio']:.2f} | "
                      f"{m['rss_peak'] / unit:,.2f} |")
     return "\n".join(lines)
 
@@ -337,9 +359,10 @@ def table(med: dict[str, dict], gib: bool, baseline: str) -> str:
 def ratios(m: dict, base: dict) -> dict:
     per = lambda x, key: x["tokens"] / max(x[key], 1e-9)
     e2e = lambda x: x["tokens"] / (x["step_s"] + x["data_s"])
-    return {"tok_s_ratio": per(m, "step_s") / per(base, "step_s"), "cpu_ratio": per(m, "cpu_s") / per(base, "cpu_s"),
-            "e2e_ratio": e2e(m) / e2e(base), "peak_ratio": m["peak_bytes"] / base["peak_bytes"],
-            "e2e_of_compute": m["step_s"] / (m["step_s"] + m["data_s"])}  # the variant's own read cost
+    out = {"tok_s_ratio": per(m, "step_s") / per(base, "step_s"), "cpu_ratio": per(m, "cpu_s") / per(base, "cpu_s"),
+           "e2e_ratio": e2e(m) / e2e(base), "peak_ratio": m["peak_bytes"] / base["peak_bytes"],
+           "e2e_of_compute": m["step_s"] / (m["step_s"] + m["data_s"])}  # the variant's own read cost
+    return out | ({"loader_of_compute": m["step_s"] / m["loader_s"]} if "loader_s" in m else {})
 
 
 def headline(med: dict[str, dict], baseline: str, args) -> dict:
@@ -369,6 +392,8 @@ def main() -> None:
     p.add_argument("--gpu", action="store_true", help="BENCHMARKS.md's phase-two reference workload")
     p.add_argument("--cache", action="store_true", help="the demo cache through the real reader (baseline: ce)")
     p.add_argument("--hidden", type=int, default=256, help="--cache: student hidden size")
+    p.add_argument("--loader-workers", type=int, default=1,
+                   help="--cache: DataLoader workers of the loader-fed run (train.num_workers)")
     p.add_argument("--root", default="runs/bench_train", help="--cache: where the demo assets go")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     p.add_argument("--overrides", default="[]", help=argparse.SUPPRESS)
@@ -377,7 +402,8 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        out = (worker_cpu(args.worker, json.loads(args.overrides), args.steps, args.warmup) if args.cache
+        out = (worker_cpu(args.worker, json.loads(args.overrides), args.steps, args.warmup, args.loader_workers)
+               if args.cache
                else worker_synthetic(args.worker, args))
         print(json.dumps(out))
         return
