@@ -64,8 +64,8 @@ FIELDS: dict[str, FieldSpec] = {
 def chunk_rows(arrays: dict, chunk_tokens: int) -> dict[str, int]:
     """Rows per chunk of each stored array: ``chunk_tokens`` for the token arrays; a draw array's chunk spans
     about as many tokens (its mean entries per token × chunk_tokens), so a reader fetches as few chunk
-    files for a shard's draws as for its head (at 50 draws per token, 4,096-entry chunks made 50x the files).
-    Per-sequence arrays: as many rows as the token arrays (they are small)."""
+    files for a shard's draws as for its head (at ~63 unique draws per token, 4,096-entry chunks made
+    ~63x the files). Per-sequence arrays: as many rows as the token arrays (they are small)."""
     tokens = max(1, len(arrays.get("input_ids", ())))
 
     def rows(name: str, data) -> int:
