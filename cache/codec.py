@@ -203,7 +203,7 @@ def decode_draw_ids(draw_n_T: np.ndarray, delta_D: np.ndarray, codec: Codec) -> 
     return codec.ids(running_D - np.repeat(before_T, n_T))
 
 
-# --- router: sorted by expert id + delta, probabilities in that order; decoded by descending probability ---
+# --- router: sorted by expert id + delta, probabilities in that order; decoded in that order ---
 
 
 def router_id_dtype(num_experts: int) -> str:

@@ -61,6 +61,7 @@ FIELDS: dict[str, FieldSpec] = {
     ]
 }
 
+
 def chunk_rows(arrays: dict, chunk_tokens: int) -> dict[str, int]:
     """Rows per chunk of each stored array: ``chunk_tokens`` for the token arrays; a draw array's chunk spans
     about as many tokens (its mean entries per token × chunk_tokens), so a reader fetches as few chunk
@@ -292,6 +293,7 @@ def sequences_from_flat(flat: dict[str, Any], temperatures: tuple[float, ...] = 
     teacher = {k: v for k, v in flat.items() if k not in SEQUENCE_FIELDS}
     return Sequences(**{k: flat[k] for k in SEQUENCE_FIELDS},
                      teacher=TeacherRecord(temperatures=temperatures, **teacher) if teacher else None)
+
 
 def ragged_arange(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """Concatenated aranges [starts[i], ends[i]), int64, without a Python loop."""

@@ -50,15 +50,15 @@ class PreparedSource:
                          input_ids=np.concatenate(ids), loss_mask=np.concatenate([np.asarray(m) for m in rows["loss_mask"]]))
 
 
-TENSOR_DTYPES = {"topk_ids": np.int64, "draw_ids": np.int64, "draw_counts": np.int32}
-NARROW = ("router_ids",)  # expert ids stay uint8/int16 to the device; pipeline/router.py widens them where they index
+# None: as stored (expert ids stay uint8/int16 to the device; pipeline/router.py widens them where they index)
+TENSOR_DTYPES = {"topk_ids": np.int64, "draw_ids": np.int64, "draw_counts": np.int32, "router_ids": None}
 
 
 def to_tensors(teacher: TeacherRecord) -> TeacherRecord:
     """The record's arrays as CPU tensors: vocabulary ids int64 (what gather takes), values float32, expert
     ids as stored."""
-    dtype = lambda k: None if k in NARROW else TENSOR_DTYPES.get(k, np.float32)  # noqa: E731
-    return replace(teacher, **{k: torch.from_numpy(np.asarray(v, dtype(k))) for k, v in teacher.arrays().items()})
+    return replace(teacher, **{k: torch.from_numpy(np.asarray(v, TENSOR_DTYPES.get(k, np.float32)))
+                               for k, v in teacher.arrays().items()})
 
 
 def collate(seqs: Sequences, pad_id: int = 0) -> dict:

@@ -14,7 +14,6 @@ Running it again skips finished stages and resumes interrupted ones.
 from __future__ import annotations
 
 import argparse
-
 import os
 import platform
 import subprocess

@@ -16,7 +16,7 @@ import torch
 from cache.schema import Sequences, TeacherRecord
 from pipeline.config import ConfigError
 from pipeline.models import load_causal_lm, own_tokenizer_fingerprint, teacher_identity
-from pipeline.router import RouterCapture, check_raw_logits, num_experts, router_family
+from pipeline.router import RouterCapture, check_raw_logits, find_routers, num_experts, router_family
 from pipeline.seeding import sequence_generator
 from pipeline.teachers.base import TeacherBatch, TeacherConfig, resolve_dtype, router_layers
 from pipeline.teachers.extract import ExtractSpec, HeadRows, extract_sequence
@@ -76,7 +76,7 @@ class HFTeacher:
         self.router_topk = resolve_router_topk(spec.router_topk, self.num_experts, self.experts_per_token)
         self.capture, self.moe_layers = None, []
         if self.router_topk:
-            self.moe_layers = RouterCapture(self.model, self.family).layers
+            self.moe_layers = [i for i, _ in find_routers(self.model, self.family)]
             self.capture = RouterCapture(self.model, self.family, router_layers(spec.router_layers, self.moe_layers))
         self.tokenizer_fingerprint = own_tokenizer_fingerprint(cfg.path)
         self.router_has_probs = True
