@@ -15,12 +15,10 @@ import sys
 from pathlib import Path
 
 from pipeline.openmp import short_spin
+from pipeline.quiet import quiet_progress_bars
 
 short_spin()  # before anything imports torch
-# Third-party progress bars (transformers' "Loading weights", datasets' map) stay quiet: the stages
-# print their own progress lines. Both libraries read these once, at import; a value already set wins.
-for _key in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
-    os.environ.setdefault(_key, "1")
+quiet_progress_bars()  # before anything imports transformers or datasets
 
 STAGE_COMMANDS = ("run", "prepare", "init", "cache", "train", "eval")
 

@@ -13,7 +13,7 @@ the GPU for them (docs/training.md, "Host syncs").
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -134,18 +134,64 @@ def planned_steps(stream: ShardStream):
         epoch, start = epoch + 1, 0
 
 
-def loader(stream: ShardStream, micro, num_workers: int, pin_memory: bool = False) -> DataLoader:
+def loader(stream: ShardStream, micro, num_workers: int, pin_memory: bool = False):
     """Micro-batches in the order of ``micro`` (an iterable of sequence-index arrays), read ahead by
     ``num_workers`` processes (each opens its own shard handles) and pinned for asynchronous copies.
+    A worker's micro-batch crosses as one shared buffer (``PackedBatch``).
 
     The workers' seeds come from a generator seeded by run.seed, not from torch's global RNG, so
     starting a loader (at the run's start or at a resume) leaves the training RNG untouched."""
     seeds = torch.Generator().manual_seed(stream.plan.seed)
-    return DataLoader(MicroBatches(stream), sampler=micro, batch_size=None, num_workers=num_workers,
-                      pin_memory=pin_memory, prefetch_factor=PREFETCH if num_workers else None, generator=seeds)
+    workers = dict(num_workers=num_workers, prefetch_factor=PREFETCH, collate_fn=PackedBatch.of) if num_workers else {}
+    data = DataLoader(MicroBatches(stream), sampler=micro, batch_size=None, pin_memory=pin_memory, generator=seeds,
+                      **workers)
+    return map(PackedBatch.unpack, data) if num_workers else data
 
 
 PREFETCH = 4  # micro-batches each worker reads ahead
+ALIGN = 64  # bytes: every tensor of a packed micro-batch starts on a cache line
+
+
+@dataclass
+class PackedBatch:
+    """A micro-batch as ONE byte buffer and where each tensor lies in it, for the trip from a DataLoader
+    worker. torch shares every tensor's storage on its own, each a file-descriptor round trip to the
+    worker that the worker answers only between its own decoding: with the ~15 tensors of a KD
+    micro-batch that cost the step ~35 ms of waiting on 2 cores, with a core free for the worker
+    (docs/training.md, "DataLoader workers"). One buffer is one round trip, and one pinned copy on GPU."""
+
+    buffer: torch.Tensor  # uint8
+    layout: list  # (name, dtype, shape, byte offset); teacher fields as "teacher.<field>"
+    teacher: TeacherRecord | None  # the record's metadata, its arrays None
+
+    @classmethod
+    def of(cls, batch: dict) -> "PackedBatch":
+        teacher = batch["teacher"]
+        tensors = {k: v for k, v in batch.items() if k != "teacher"}
+        tensors |= {f"teacher.{k}": v for k, v in (teacher.arrays() if teacher is not None else {}).items()}
+        layout, size = [], 0
+        for name, t in tensors.items():
+            layout.append((name, t.dtype, tuple(t.shape), size))
+            size += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+        buffer = torch.empty(size, dtype=torch.uint8)
+        packed = cls(buffer, layout, None if teacher is None else teacher.map(lambda _: None))
+        for (name, *_), view in zip(layout, packed.views()):
+            view.copy_(tensors[name])
+        return packed
+
+    def views(self) -> list[torch.Tensor]:
+        return [self.buffer[o:o + int(np.prod(shape)) * dtype.itemsize].view(dtype).view(shape)
+                for _, dtype, shape, o in self.layout]
+
+    def unpack(self) -> dict:
+        """The micro-batch, its tensors views of the buffer."""
+        tensors = {name: view for (name, *_), view in zip(self.layout, self.views())}
+        fields = {k.removeprefix("teacher."): v for k, v in tensors.items() if k.startswith("teacher.")}
+        teacher = None if self.teacher is None else replace(self.teacher, **fields)
+        return {k: v for k, v in tensors.items() if not k.startswith("teacher.")} | {"teacher": teacher}
+
+    def pin_memory(self) -> "PackedBatch":  # the DataLoader's pinning thread calls this
+        return replace(self, buffer=self.buffer.pin_memory())
 
 
 def train_batches(stream: ShardStream, num_workers: int = 0, pin_memory: bool = False):

@@ -40,8 +40,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.openmp import short_spin  # noqa: E402
+from pipeline.quiet import quiet_progress_bars  # noqa: E402
 
 short_spin()  # as run_pipeline.py does, before torch loads
+quiet_progress_bars()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

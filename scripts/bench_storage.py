@@ -44,6 +44,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.quiet import quiet_progress_bars  # noqa: E402
+
+quiet_progress_bars()
+
 import numpy as np  # noqa: E402
 
 from cache.codec import PRESETS, Codec, frequency_order  # noqa: E402

@@ -46,10 +46,14 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("GOMP_SPINCOUNT", "1000")  # as run_pipeline.py: idle OpenMP workers do not spin for long
-os.environ.setdefault("KMP_BLOCKTIME", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from pipeline.openmp import short_spin  # noqa: E402
+from pipeline.quiet import quiet_progress_bars  # noqa: E402
+
+short_spin()  # as run_pipeline.py: idle OpenMP workers do not spin for long (before torch loads)
+quiet_progress_bars()
 
 # name: (kd_loss or None for CE only; train.fused_loss); "hf_ce" is the model's own labels= loss
 VARIANTS = {

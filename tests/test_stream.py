@@ -9,7 +9,7 @@ import torch
 
 from cache.schema import CacheError, TeacherRecord
 from cache.stream import CacheSource, SequenceIndex, ShardStream, StreamPlan
-from pipeline.batches import epoch_steps
+from pipeline.batches import PackedBatch, epoch_steps
 from pipeline.run_paths import cache_dir
 
 STORES = ("zarr", "hdf5")
@@ -44,10 +44,12 @@ def assert_same_batch(a, b) -> None:
         if isinstance(a[key], dict):
             assert_same_batch(a[key], b[key])
         elif isinstance(a[key], TeacherRecord):
-            assert a[key].temperatures == b[key].temperatures
+            assert (a[key].temperatures, a[key].draw_temperature) == (b[key].temperatures, b[key].draw_temperature)
             assert_same_batch(a[key].arrays(), b[key].arrays())
+        elif a[key] is None:
+            assert b[key] is None, key
         else:
-            assert torch.equal(a[key], b[key]), key
+            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
 
 
 def test_plan_is_a_function_of_seed_and_epoch():
@@ -136,6 +138,19 @@ def test_workers_yield_the_same_batches_in_order(source_of, store):
         np.testing.assert_array_equal(seqs_a, seqs_b)
         for a, b in zip(micro_a, micro_b):
             assert_same_batch(a, b)
+
+
+def test_a_packed_micro_batch_unpacks_to_the_batch_it_was(source_of):
+    """What a worker sends is one buffer; unpacked, it is the batch read: every tensor with its dtype and shape
+    (an empty one too), the teacher's metadata, no teacher as None."""
+    stream = ShardStream(source_of(), StreamPlan(seed=2, batch_size=4, shuffle_window=8))
+    _, (mb,) = next(epoch_steps(stream, 0))
+    mb["empty"] = torch.zeros(0, 3, dtype=torch.int16)
+    unpacked = PackedBatch.of(mb).unpack()
+    assert_same_batch(unpacked, mb)
+    tensors = [v for v in unpacked.values() if torch.is_tensor(v)] + list(unpacked["teacher"].arrays().values())
+    assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1
+    assert PackedBatch.of({**mb, "teacher": None}).unpack()["teacher"] is None
 
 
 def test_batches_hold_what_the_cache_holds(source_of):
