@@ -206,21 +206,32 @@ def worker_cpu(variant: str, overrides: list[str], steps: int, warmup: int, load
     step = step_fn(model, optimizer, cfg, accelerator)
     sec, peak, tokens, cpu = measure(step, batches, warmup, accelerator.device)
     return {"variant": variant, "data_s": data_s, "step_s": sec, "cpu_s": cpu, "peak_bytes": peak, "tokens": tokens,
-            "rss_peak": peak_rss_bytes(), "loader_s": loader_step_s(step, stream, steps, warmup, loader_workers)}
+            "rss_peak": peak_rss_bytes(), "loader_ratio": loader_of_compute(step, batches, stream, warmup, loader_workers)}
 
 
-def loader_step_s(step, stream, steps: int, warmup: int, workers: int) -> float:
-    """Seconds per step fed by the trainer's own loader (pipeline/batches.train_batches: ``workers``
-    DataLoader processes reading ahead, as train.num_workers), the waits for a micro-batch included."""
+def loader_of_compute(step, batches: list, stream, warmup: int, workers: int, block: int = 5) -> float:
+    """Throughput fed by the trainer's own loader (pipeline/batches.train_batches: ``workers`` DataLoader
+    processes reading ahead, as train.num_workers), the waits for a micro-batch included, over the
+    throughput on the same steps read beforehand (``batches``). Timed in alternating blocks of ``block``
+    steps, so the machine's drift falls on both alike; during a pre-read block the workers sit idle with
+    their read-ahead full. The first reads of every shard fall in these steps, as in the synchronous column."""
     from pipeline.batches import train_batches
 
-    batches = train_batches(stream, num_workers=workers)
+    stream.source.reader.close()  # no decoded chunk to inherit: the workers start cold, as a run's do
+    fed = train_batches(stream, num_workers=workers)  # the plan from the start: the same steps as ``batches``
     for _ in range(warmup):  # the workers start and open their shards
-        step(next(batches)[2])
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step(next(batches)[2])
-    return (time.perf_counter() - t0) / steps
+        step(next(fed)[2])
+    pre_s = fed_s = 0.0
+    timed = batches[warmup:]
+    for i in range(0, len(timed), block):
+        t0 = time.perf_counter()
+        for micro in timed[i:i + block]:
+            step(micro)
+        t1 = time.perf_counter()
+        for _ in timed[i:i + block]:
+            step(next(fed)[2])
+        pre_s, fed_s = pre_s + t1 - t0, fed_s + time.perf_counter() - t1
+    return pre_s / fed_s
 
 
 # --- the synthetic workload (CPU default, --gpu) ---------------------------------------------------
@@ -333,7 +344,7 @@ def run_worker(args, variant: str, overrides: list[str]) -> dict:
 
 
 def medians(results: dict[str, list[dict]]) -> dict[str, dict]:
-    keys = ("data_s", "step_s", "cpu_s", "peak_bytes", "rss_peak", "loader_s")  # loader_s: --cache only
+    keys = ("data_s", "step_s", "cpu_s", "peak_bytes", "rss_peak", "loader_ratio")  # loader_ratio: --cache only
     return {v: {k: statistics.median(r[k] for r in rs) for k in keys if k in rs[0]}
             | {"tokens": rs[0]["tokens"]} for v, rs in results.items()}
 
@@ -341,7 +352,8 @@ def medians(results: dict[str, list[dict]]) -> dict[str, dict]:
 def table(med: dict[str, dict], gib: bool, baseline: str) -> str:
     """Medians; "tok per CPU-s" divides by the process's CPU seconds (all threads): on a shared
     machine it is steadier than wall time. "end-to-end" (--cache) adds the synchronous read; "loader-fed /
-    compute" (--cache) is the same steps fed by the trainer's DataLoader with --loader-workers workers."""
+    compute" (--cache) is the same steps fed by the trainer's DataLoader with --loader-workers workers, timed
+    in blocks alternating with the pre-read ones."""
     base = med[baseline]
     unit, name = (2**30, "GiB") if gib else (2**20, "MiB")
     lines = [(f"| variant | tok/s | ratio | tok per CPU-s | ratio | end-to-end tok/s | ratio | end-to-end / compute | "
@@ -366,7 +378,7 @@ def ratios(m: dict, base: dict) -> dict:
     out = {"tok_s_ratio": per(m, "step_s") / per(base, "step_s"), "cpu_ratio": per(m, "cpu_s") / per(base, "cpu_s"),
            "e2e_ratio": e2e(m) / e2e(base), "peak_ratio": m["peak_bytes"] / base["peak_bytes"],
            "e2e_of_compute": m["step_s"] / (m["step_s"] + m["data_s"])}  # the variant's own read cost
-    return out | ({"loader_of_compute": m["step_s"] / m["loader_s"]} if "loader_s" in m else {})
+    return out | ({"loader_of_compute": m["loader_ratio"]} if "loader_ratio" in m else {})
 
 
 def headline(med: dict[str, dict], baseline: str, args) -> dict:
