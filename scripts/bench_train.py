@@ -351,24 +351,28 @@ def medians(results: dict[str, list[dict]]) -> dict[str, dict]:
 
 def table(med: dict[str, dict], gib: bool, baseline: str) -> str:
     """Medians; "tok per CPU-s" divides by the process's CPU seconds (all threads): on a shared
-    machine it is steadier than wall time. "end-to-end" (--cache) adds the synchronous read; "loader-fed /
-    compute" (--cache) is the same steps fed by the trainer's DataLoader with --loader-workers workers, timed
-    in blocks alternating with the pre-read ones."""
+    machine it is steadier than wall time. With --cache only: "end-to-end" adds the synchronous read;
+    "loader-fed / compute" is the same steps fed by the trainer's DataLoader with --loader-workers workers,
+    timed in blocks alternating with the pre-read ones."""
     base = med[baseline]
     unit, name = (2**30, "GiB") if gib else (2**20, "MiB")
-    lines = [(f"| variant | tok/s | ratio | tok per CPU-s | ratio | end-to-end tok/s | ratio | end-to-end / compute | "
-              f"ms/step | loader-fed / compute | peak growth {name} | ratio | "
-              f"peak {'allocated' if gib else 'RSS'} {name} |"),
-             "|" + "---|" * 13]
+    columns = [("tok/s", lambda m, r: f"{m['tokens'] / m['step_s']:,.0f}"),
+               ("ratio", lambda m, r: f"{r['tok_s_ratio']:.2f}"),
+               ("tok per CPU-s", lambda m, r: f"{m['tokens'] / max(m['cpu_s'], 1e-9):,.0f}"),
+               ("ratio", lambda m, r: f"{r['cpu_ratio']:.2f}")]
+    if "loader_ratio" in base:  # --cache: the reader's columns
+        columns += [("end-to-end tok/s", lambda m, r: f"{m['tokens'] / (m['step_s'] + m['data_s']):,.0f}"),
+                    ("ratio", lambda m, r: f"{r['e2e_ratio']:.2f}"),
+                    ("end-to-end / compute", lambda m, r: f"{r['e2e_of_compute']:.3f}"),
+                    ("loader-fed / compute", lambda m, r: f"{r['loader_of_compute']:.3f}")]
+    columns += [("ms/step", lambda m, r: f"{m['step_s'] * 1e3:,.0f}"),
+                (f"peak growth {name}", lambda m, r: f"{m['peak_bytes'] / unit:,.2f}"),
+                ("ratio", lambda m, r: f"{r['peak_ratio']:.2f}"),
+                (f"peak {'allocated' if gib else 'RSS'} {name}", lambda m, r: f"{m['rss_peak'] / unit:,.2f}")]
+    lines = ["| variant | " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * (len(columns) + 1)]
     for v, m in med.items():
         r = ratios(m, base)
-        lines.append(f"| {v} | {m['tokens'] / m['step_s']:,.0f} | {r['tok_s_ratio']:.2f} | "
-                     f"{m['tokens'] / max(m['cpu_s'], 1e-9):,.0f} | {r['cpu_ratio']:.2f} | "
-                     f"{m['tokens'] / (m['step_s'] + m['data_s']):,.0f} | {r['e2e_ratio']:.2f} | "
-                     f"{r['e2e_of_compute']:.3f} | "
-                     f"{m['step_s'] * 1e3:,.0f} | {r.get('loader_of_compute', float('nan')):.3f} | "
-                     f"{m['peak_bytes'] / unit:,.2f} | {r['peak_ratio']:.2f} | "
-                     f"{m['rss_peak'] / unit:,.2f} |")
+        lines.append(f"| {v} | " + " | ".join(cell(m, r) for _, cell in columns) + " |")
     return "\n".join(lines)
 
 
@@ -376,9 +380,11 @@ def ratios(m: dict, base: dict) -> dict:
     per = lambda x, key: x["tokens"] / max(x[key], 1e-9)
     e2e = lambda x: x["tokens"] / (x["step_s"] + x["data_s"])
     out = {"tok_s_ratio": per(m, "step_s") / per(base, "step_s"), "cpu_ratio": per(m, "cpu_s") / per(base, "cpu_s"),
-           "e2e_ratio": e2e(m) / e2e(base), "peak_ratio": m["peak_bytes"] / base["peak_bytes"],
-           "e2e_of_compute": m["step_s"] / (m["step_s"] + m["data_s"])}  # the variant's own read cost
-    return out | ({"loader_of_compute": m["loader_ratio"]} if "loader_ratio" in m else {})
+           "peak_ratio": m["peak_bytes"] / base["peak_bytes"]}
+    if "loader_ratio" not in m:  # the synthetic workloads read nothing
+        return out
+    return out | {"e2e_ratio": e2e(m) / e2e(base), "e2e_of_compute": m["step_s"] / (m["step_s"] + m["data_s"]),
+                  "loader_of_compute": m["loader_ratio"]}  # the variant's own read cost, synchronous and loader-fed
 
 
 def headline(med: dict[str, dict], baseline: str, args) -> dict:
