@@ -157,8 +157,8 @@ class PackedBatch:
     """A micro-batch as ONE byte buffer and where each tensor lies in it, for the trip from a DataLoader
     worker. torch shares every tensor's storage on its own, each a file-descriptor round trip to the
     worker that the worker answers only between its own decoding: with the ~15 tensors of a KD
-    micro-batch that cost the step ~35 ms of waiting on 2 cores, with a core free for the worker
-    (docs/training.md, "DataLoader workers"). One buffer is one round trip, and one pinned copy on GPU."""
+    micro-batch that cost the step ~41 ms of waiting on 2 cores, with a core free for the worker
+    (docs/training.md, "Data stream"). One buffer is one round trip, and one pinned copy on GPU."""
 
     buffer: torch.Tensor  # uint8
     layout: list  # (name, dtype, shape, byte offset); teacher fields as "teacher.<field>"
